@@ -1,0 +1,162 @@
+"""Reading diffusers/transformers checkpoints into our MindSpore models.
+
+A model's attribute paths equal the checkpoint keys, so loading is the identity map:
+`model.parameters_and_names()` gives `down_blocks.0.resnets.1.conv1.weight`, exactly the
+safetensors key. Loading is strict: every checkpoint key is used, every parameter is
+filled, shapes are equal, and an error names the key and the file.
+
+Memory: safetensors files are memory-mapped; each tensor is copied once into its
+Parameter and the mapping is dropped, so loading peaks near the size of the weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+# Checkpoint keys that are not parameters of our models, dropped on purpose.
+# transformers' CLIP text model keeps a `position_ids` buffer in older checkpoints.
+IGNORED_KEY_SUFFIXES = ("position_ids",)
+
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+
+_NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16}
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint could not be read or does not fit the model; the message names the file."""
+
+
+def dtype_from_name(dtype) -> ms.dtype:
+    if dtype is None:
+        return ms.float32
+    if isinstance(dtype, str):
+        table = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16,
+                 "fp16": ms.float16, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
+        if dtype.lower() not in table:
+            raise ValueError(f"dtype must be one of {sorted(table)}; got {dtype!r}")
+        return table[dtype.lower()]
+    return dtype
+
+
+def read_config(directory: str | os.PathLike, name: str = "config.json") -> dict:
+    path = Path(directory) / name
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as error:
+        raise WeightsError(f"missing config file: {path}") from error
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"config file is not valid JSON: {path}: {error}") from error
+
+
+def find_weight_files(directory: str | os.PathLike, variant: str | None = None) -> list[Path]:
+    """The safetensors files of one component folder (sharded or not, fp16 variant or not)."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if variant:
+        wanted = [f for f in files if f.name.endswith(f".{variant}.safetensors")
+                  or f".{variant}-" in f.name]
+        if wanted:
+            return wanted
+    plain = [f for f in files if not any(f.name.endswith(f".{v}.safetensors") or f".{v}-" in f.name
+                                         for v in ("fp16", "bf16"))]
+    if plain:
+        return plain
+    if files:  # only a variant is present (e.g. a repo that ships fp16 weights alone)
+        return files
+    raise WeightsError(f"no *.safetensors weights in {directory}")
+
+
+def iter_safetensors(path: Path) -> Iterable[tuple[str, np.ndarray]]:
+    """Yield (key, array) one tensor at a time from a memory-mapped file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except (OSError, ValueError, RuntimeError) as error:
+        # safetensors raises SafetensorError (a subclass of Exception) on bad headers
+        raise WeightsError(f"cannot read weights file {path}: {error}") from error
+    except Exception as error:
+        if type(error).__name__ == "SafetensorError":
+            raise WeightsError(f"cannot read weights file {path}: {error}") from error
+        raise
+
+
+def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]],
+                    dtype=ms.float32, source: str = "state dict",
+                    on_tensor: Callable[[int, int], None] | None = None) -> None:
+    """Fill every parameter of `model` from (key, array) pairs; strict.
+
+    `on_tensor(bytes_done, bytes_total)` is called after each tensor (load progress).
+    """
+    dtype = dtype_from_name(dtype)
+    params = dict(model.parameters_and_names())
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    total = sum(int(np.prod(p.shape)) * _itemsize(dtype) for p in params.values())
+    done = 0
+    for key, array in tensors:
+        param = params.get(key)
+        if param is None:
+            if not key.endswith(IGNORED_KEY_SUFFIXES):
+                unexpected.append(key)
+            continue
+        if tuple(array.shape) != tuple(param.shape):
+            raise WeightsError(f"{source}: tensor {key!r} has shape {tuple(array.shape)}, "
+                               f"the model expects {tuple(param.shape)}")
+        if array.dtype != np.float32 and array.dtype != np.float16 and array.dtype.kind == "f":
+            array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise WeightsError(f"{source}: tensor {key!r} contains NaN or infinite values")
+        target = _NP_DTYPES.get(dtype, np.float32)
+        if dtype == ms.bfloat16:
+            tensor = Tensor(array.astype(np.float32)).astype(ms.bfloat16)
+        else:
+            tensor = Tensor(np.ascontiguousarray(array, dtype=target))
+        if param.dtype != dtype:
+            param.set_dtype(dtype)
+        param.set_data(tensor)
+        filled.add(key)
+        done += int(np.prod(param.shape)) * _itemsize(dtype)
+        if on_tensor is not None:
+            on_tensor(done, total)
+    if unexpected:
+        raise WeightsError(f"{source}: {len(unexpected)} key(s) the model does not have, "
+                           f"e.g. {unexpected[:5]}")
+    missing = [k for k in params if k not in filled]
+    if missing:
+        raise WeightsError(f"{source}: {len(missing)} parameter(s) missing from the checkpoint, "
+                           f"e.g. {missing[:5]}")
+
+
+def _itemsize(dtype) -> int:
+    return 2 if dtype in (ms.float16, ms.bfloat16) else 4
+
+
+def load_model(model_cls, directory: str | os.PathLike, dtype=ms.float32, variant: str | None = None,
+               on_tensor: Callable[[int, int], None] | None = None):
+    """Build `model_cls` from `directory/config.json` and fill it from the folder's safetensors.
+
+    `model_cls` has `from_config(dict)`; returns the model in inference mode.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    model = model_cls.from_config(config)
+    files = find_weight_files(directory, variant)
+    source = ", ".join(str(f) for f in files)
+
+    def all_tensors():
+        for path in files:
+            yield from iter_safetensors(path)
+
+    load_state_dict(model, all_tensors(), dtype=dtype, source=source, on_tensor=on_tensor)
+    model.set_train(False)
+    return model
