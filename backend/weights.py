@@ -160,3 +160,79 @@ def load_model(model_cls, directory: str | os.PathLike, dtype=ms.float32, varian
     load_state_dict(model, all_tensors(), dtype=dtype, source=source, on_tensor=on_tensor)
     model.set_train(False)
     return model
+
+
+# --------------------------------------------------------------------------- hub resolution
+
+# Files a pipeline folder needs besides weights: configs, tokenizer and processor files.
+CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/scheduler_config.json",
+                   "*/preprocessor_config.json", "*/tokenizer_config.json", "*/vocab.json",
+                   "*/merges.txt", "*/special_tokens_map.json", "*/tokenizer.json",
+                   "*/sentencepiece.bpe.model", "*/spiece.model", "*/added_tokens.json"]
+
+OFFLINE_HELP = (
+    "To use the weights offline, download the repository on a machine with internet access "
+    "(`huggingface-cli download {repo} --include {include}`) and either copy the Hugging Face cache "
+    "(~/.cache/huggingface/hub) here or pass the downloaded folder instead of the repo id."
+)
+
+
+def resolve_pretrained(repo_id_or_dir: str | os.PathLike, *, variant: str | None = None,
+                       subfolders: Iterable[str] | None = None, local_files_only: bool | None = None,
+                       cache_dir: str | os.PathLike | None = None, revision: str | None = None,
+                       on_download: Callable[[str, int, int], None] | None = None) -> Path:
+    """A local folder for a pipeline: the folder itself, or a Hub snapshot in the standard cache.
+
+    Only what a pipeline reads is fetched: configs, tokenizer files and one weights format
+    (safetensors; the `variant` ones when asked). `local_files_only` defaults to HF_HUB_OFFLINE.
+    `on_download(filename, bytes_done, bytes_total)` reports download progress.
+    """
+    path = Path(os.path.expanduser(str(repo_id_or_dir)))
+    if path.is_dir():
+        return path
+    repo = str(repo_id_or_dir)
+    if repo.count("/") != 1 or repo.startswith((".", "/")):
+        raise WeightsError(f"{repo!r} is neither a local folder nor a Hugging Face repo id (owner/name)")
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    folders = list(subfolders) if subfolders else ["*"]
+    weights = [f"{sub}/*.{variant}.safetensors" if variant else f"{sub}/*.safetensors" for sub in folders]
+    weights += [f"{sub}/*.safetensors.index.json" if not variant else f"{sub}/*.safetensors.index.{variant}.json"
+                for sub in folders]
+    ignore = None if variant else ["*.fp16.safetensors", "*.bf16.safetensors", "*.fp16-*", "*.bf16-*"]
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(repo, allow_patterns=CONFIG_PATTERNS + weights, ignore_patterns=ignore,
+                                  local_files_only=local_files_only, cache_dir=cache_dir,
+                                  revision=revision, tqdm_class=_progress_class(on_download))
+    except LocalEntryNotFoundError as error:
+        include = "'*.json' '*.txt' '*.safetensors'"
+        raise WeightsError(f"the weights of {repo} are not in the local Hugging Face cache and the Hub "
+                           f"cannot be reached (offline mode or no network). "
+                           + OFFLINE_HELP.format(repo=repo, include=include)) from error
+    except Exception as error:  # network errors come in many types (requests, httpx, OSError)
+        include = "'*.json' '*.txt' '*.safetensors'"
+        raise WeightsError(f"could not download {repo} from the Hugging Face Hub: {error}. "
+                           + OFFLINE_HELP.format(repo=repo, include=include)) from error
+    return Path(local)
+
+
+def _progress_class(on_download):
+    """A tqdm subclass that forwards byte progress to `on_download`, or None for the default bar."""
+    if on_download is None:
+        return None
+    from tqdm.auto import tqdm
+
+    class _Progress(tqdm):
+        def update(self, n=1):
+            result = super().update(n)
+            try:
+                on_download(str(self.desc or ""), int(self.n), int(self.total or 0))
+            except Exception:  # progress reporting must never break a download
+                pass
+            return result
+
+    return _Progress

@@ -1,0 +1,15 @@
+"""Pipelines with diffusers' names and arguments (numpy generator, numpy/PIL outputs)."""
+from backend.pipelines.kandinsky2_2 import (
+    KandinskyV22ControlnetImg2ImgPipeline,
+    KandinskyV22ControlnetPipeline,
+    KandinskyV22Img2ImgPipeline,
+    KandinskyV22InpaintPipeline,
+    KandinskyV22Pipeline,
+    KandinskyV22PriorEmb2EmbPipeline,
+    KandinskyV22PriorPipeline,
+)
+from backend.pipelines.kandinsky2_2_combined import (
+    KandinskyV22CombinedPipeline,
+    KandinskyV22Img2ImgCombinedPipeline,
+    KandinskyV22InpaintCombinedPipeline,
+)

@@ -1,0 +1,129 @@
+"""What every pipeline shares: loading from a diffusers-layout folder or Hub repo, the step
+callback contract, and tensor <-> numpy moves.
+
+A pipeline folder holds `model_index.json` naming each component's library and class, and one
+subfolder per component (config + weights, or tokenizer / scheduler / processor files). Our
+classes load those folders directly; see backend/weights.py for the strict weight loading.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+from backend import weights
+
+# model_index.json class name -> (module, class) of our port.
+MODEL_CLASSES = {
+    "UNet2DConditionModel": ("backend.models.unet_2d_condition", "UNet2DConditionModel"),
+    "VQModel": ("backend.models.vq_model", "VQModel"),
+    "PriorTransformer": ("backend.models.prior_transformer", "PriorTransformer"),
+    "CLIPTextModelWithProjection": ("backend.models.clip", "CLIPTextModelWithProjection"),
+    "CLIPVisionModelWithProjection": ("backend.models.clip", "CLIPVisionModelWithProjection"),
+}
+SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "UnCLIPScheduler")
+
+# Step callback: (step index, total steps, current latents, predicted clean latents x0).
+# Raising from it stops the run; the exception reaches the caller unchanged.
+StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
+# Load progress: (component name, bytes done, bytes total).
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def load_component(folder: Path, library: str, class_name: str, dtype, variant=None,
+                   on_progress: ProgressCallback | None = None, name: str = ""):
+    """One component of a pipeline folder, built with our classes."""
+    if class_name in MODEL_CLASSES:
+        module, attr = MODEL_CLASSES[class_name]
+        cls = getattr(importlib.import_module(module), attr)
+        report = None
+        if on_progress is not None:
+            report = lambda done, total: on_progress(name, done, total)  # noqa: E731
+        return weights.load_model(cls, folder, dtype=dtype, variant=variant, on_tensor=report)
+    if class_name in SCHEDULER_CLASSES:
+        from backend.schedulers import scheduler_from_config
+        return scheduler_from_config(class_name, weights.read_config(folder, "scheduler_config.json"))
+    if class_name in ("CLIPTokenizer", "CLIPTokenizerFast"):
+        return load_clip_tokenizer(folder)
+    if class_name in ("CLIPImageProcessor", "CLIPFeatureExtractor"):
+        from backend.image_processing import CLIPImageProcessor
+        return CLIPImageProcessor.from_config(weights.read_config(folder, "preprocessor_config.json"))
+    raise weights.WeightsError(f"{folder}: component class {library}.{class_name} is not supported")
+
+
+def load_clip_tokenizer(folder: Path):
+    """transformers' CLIPTokenizer from local files only (the model classes are ours, the vocabulary is theirs)."""
+    try:
+        from transformers import CLIPTokenizer
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:
+        raise weights.WeightsError(f"cannot load the CLIP tokenizer from {folder}: {error}") from error
+
+
+class DiffusionPipeline:
+    """Base: `from_pretrained`, `components`, dtype handling."""
+
+    # Component names in model_index.json that this pipeline needs.
+    component_names: tuple[str, ...] = ()
+
+    def __init__(self, dtype=ms.float32, **components):
+        missing = [n for n in self.component_names if components.get(n) is None]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs the components {missing}")
+        self.dtype = weights.dtype_from_name(dtype)
+        for name in self.component_names:
+            setattr(self, name, components[name])
+
+    @property
+    def components(self) -> dict:
+        return {name: getattr(self, name) for name in self.component_names}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, dtype="float32",
+                        variant: str | None = None, on_progress: ProgressCallback | None = None,
+                        local_files_only: bool | None = None, cache_dir=None, revision=None,
+                        **overrides):
+        """Load from a local diffusers-layout folder or a Hub repo id.
+
+        `dtype`: "float32" | "float16" | "bfloat16" (or a MindSpore dtype); `variant="fp16"` reads
+        `*.fp16.safetensors`. Components passed as keyword arguments (e.g. `scheduler=...`) are
+        used instead of loading them.
+        """
+        dtype = weights.dtype_from_name(dtype)
+        download = None
+        if on_progress is not None:
+            download = lambda filename, done, total: on_progress(f"download {filename}", done, total)  # noqa: E731
+        folder = weights.resolve_pretrained(pretrained_model_name_or_path, variant=variant,
+                                            subfolders=None, local_files_only=local_files_only,
+                                            cache_dir=cache_dir, revision=revision, on_download=download)
+        index = weights.read_config(folder, "model_index.json")
+        components = {}
+        for name in cls.component_names:
+            if name in overrides:
+                components[name] = overrides.pop(name)
+                continue
+            entry = index.get(name)
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise weights.WeightsError(f"{folder / 'model_index.json'} has no component {name!r} "
+                                           f"needed by {cls.__name__}")
+            components[name] = load_component(folder / name, entry[0], entry[1], dtype, variant,
+                                              on_progress, name)
+        if overrides:
+            raise ValueError(f"unknown components for {cls.__name__}: {sorted(overrides)}")
+        return cls(dtype=dtype, **components)
+
+    # -- tensor moves: MindSpore for the models, numpy float32 for schedulers and outputs
+    def to_tensor(self, array: np.ndarray) -> Tensor:
+        return Tensor(np.ascontiguousarray(array, dtype=np.float32)).astype(self.dtype) \
+            if self.dtype != ms.float32 else Tensor(np.ascontiguousarray(array, dtype=np.float32))
+
+    @staticmethod
+    def to_numpy(tensor) -> np.ndarray:
+        if tensor.dtype != ms.float32:
+            tensor = tensor.astype(ms.float32)
+        return tensor.asnumpy()
