@@ -1,0 +1,204 @@
+"""JobRunner: order, positions, stop, failures, the single engine thread, request checks.
+
+The engine here is a stand-in that "steps" with sleeps (the real pipelines are covered in
+tests/test_tasks.py and the browser tests); what is tested is the runner's queueing logic.
+"""
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from backend.jobs import (Cancelled, ControlNetRequest, Failed, Image2ImageRequest, InpaintRequest,
+                          InterpolateRequest, JobRunner, Loading, Queued, Result, Step, Text2ImageRequest)
+
+
+class SteppingEngine:
+    """Emits `steps` Step events `delay` s apart, checking for stop after each, like the callback."""
+
+    def __init__(self, steps=5, delay=0.01):
+        self.steps, self.delay = steps, delay
+        self.threads = set()
+        self.order = []
+        self.started = threading.Event()
+
+    def __call__(self, job):
+        self.threads.add(threading.get_ident())
+        self.order.append(job.request.prompt)
+        self.started.set()
+        if job.request.prompt == "fail":
+            raise RuntimeError("out of memory")
+        if job.request.prompt == "bad":
+            raise ValueError("width 999 is not allowed")
+        job.emit(Loading("unet", 10, 20))
+        for i in range(self.steps):
+            time.sleep(self.delay)
+            job.emit(Step("decoder", i + 1, self.steps))
+            job.check_cancelled()
+        job.emit(Result(images=[], seeds=[1]))
+
+
+def request(prompt="a cat", **kw):
+    return Text2ImageRequest(prompt=prompt, width=64, height=64, **kw)
+
+
+@pytest.fixture
+def runner():
+    engine = SteppingEngine()
+    runner = JobRunner(engine).start()
+    runner.engine = engine
+    yield runner
+    runner.shutdown()
+
+
+def test_events_in_order_and_one_terminal(runner):
+    job = runner.submit(request())
+    events = list(job.events(timeout=10, coalesce=False))
+    assert isinstance(events[0], Queued)
+    assert isinstance(events[-1], Result)
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [s.step for s in steps] == [1, 2, 3, 4, 5]
+    assert any(isinstance(e, Loading) for e in events)
+    assert job.done and isinstance(job.terminal, Result)
+
+
+def test_jobs_run_in_submission_order_on_one_thread(runner):
+    runner.engine.delay = 0.02
+    jobs = [runner.submit(request(f"job {i}")) for i in range(4)]
+    for job in jobs:
+        assert isinstance(job.wait(timeout=10), Result)
+    assert runner.engine.order == [f"job {i}" for i in range(4)]
+    assert len(runner.engine.threads) == 1
+    assert runner.engine.threads != {threading.get_ident()}
+
+
+def test_waiting_jobs_see_their_position_go_down(runner):
+    runner.engine.delay = 0.03
+    first = runner.submit(request("first"))
+    runner.engine.started.wait(5)
+    second = runner.submit(request("second"))
+    third = runner.submit(request("third"))
+    positions = [e.position for e in third.events(timeout=10) if isinstance(e, Queued)]
+    # the latest status first (2 ahead: first running, second waiting), then 1, then 0
+    assert positions == [2, 1, 0]
+    assert isinstance(first.wait(10), Result) and isinstance(second.wait(10), Result)
+
+
+def test_stop_ends_a_running_job_within_one_step(runner):
+    runner.engine.steps, runner.engine.delay = 200, 0.02
+    job = runner.submit(request())
+    for event in job.events(timeout=10):
+        if isinstance(event, Step) and event.step == 3:
+            job.cancel()
+            break
+    end = job.wait(timeout=10)
+    assert isinstance(end, Cancelled)
+    assert end.latency_s is not None and end.latency_s < 0.5  # one step is 0.02 s
+    # the engine moved on to the next job
+    runner.engine.steps = 3
+    assert isinstance(runner.submit(request("next")).wait(10), Result)
+
+
+def test_stop_of_a_waiting_job_removes_it_from_the_queue(runner):
+    runner.engine.steps, runner.engine.delay = 20, 0.02
+    first = runner.submit(request("first"))
+    second = runner.submit(request("second"))
+    third = runner.submit(request("third"))
+    second.cancel()
+    assert isinstance(second.wait(5), Cancelled)
+    assert isinstance(first.wait(10), Result) and isinstance(third.wait(10), Result)
+    assert "second" not in runner.engine.order
+
+
+def test_failures_are_reported_and_the_engine_survives(runner):
+    assert runner.submit(request("fail")).wait(10) == Failed("RuntimeError: out of memory")
+    assert runner.submit(request("bad")).wait(10) == Failed("width 999 is not allowed")
+    assert isinstance(runner.submit(request()).wait(10), Result)
+
+
+def test_engine_that_forgets_the_result_still_ends_the_job():
+    runner = JobRunner(lambda job: None).start()
+    try:
+        assert runner.submit(request()).wait(5) == Failed("the job ended without a result")
+    finally:
+        runner.shutdown()
+
+
+def test_call_runs_on_the_engine_thread_between_jobs(runner):
+    runner.submit(request()).wait(10)
+    engine_thread = next(iter(runner.engine.threads))
+    assert runner.call(threading.get_ident) == engine_thread
+    with pytest.raises(KeyError):
+        runner.call(lambda: {}["missing"])
+
+
+def test_a_late_reader_gets_the_latest_status_and_then_the_rest(runner):
+    runner.engine.steps, runner.engine.delay = 30, 0.02
+    job = runner.submit(request())
+    for event in job.events(timeout=10):
+        if isinstance(event, Step) and event.step >= 5:
+            break
+    late = job.events(timeout=10)
+    first = next(late)
+    assert isinstance(first, Step) and first.step >= 5
+    rest = list(late)
+    assert isinstance(rest[-1], Result)
+    # after the end, a reader gets the terminal event at once
+    assert list(job.events(timeout=1))[-1] == job.terminal
+
+
+def test_a_slow_reader_gets_only_fresh_steps(runner):
+    runner.engine.steps, runner.engine.delay = 20, 0.001
+    job = runner.submit(request())
+    reader = job.events(timeout=10)
+    next(reader)  # Queued
+    time.sleep(0.3)  # everything happened meanwhile
+    rest = list(reader)
+    steps = [e for e in rest if isinstance(e, Step)]
+    assert len(steps) <= 1 and isinstance(rest[-1], Result)
+
+
+def test_owner_jobs_and_cancel_owner(runner):
+    runner.engine.steps, runner.engine.delay = 20, 0.02
+    a1 = runner.submit(request("a1"), owner="alice")
+    b1 = runner.submit(request("b1"), owner="bob")
+    a2 = runner.submit(request("a2"), owner="alice")
+    assert [j.id for j in runner.jobs_of("alice")] == [a1.id, a2.id]
+    assert runner.cancel_owner("alice") == 2
+    assert isinstance(a1.wait(10), Cancelled) and isinstance(a2.wait(10), Cancelled)
+    assert isinstance(b1.wait(10), Result)
+
+
+def test_bad_requests_are_refused_at_submit(runner):
+    cases = [
+        (request(num_inference_steps=0), "num_inference_steps must be between 1 and 1000"),
+        (Text2ImageRequest(width=100, height=64), "width must be a multiple of 64"),
+        (request(guidance_scale=float("nan")), "guidance_scale"),
+        (request(seed=2**40), "seed must be between"),
+        (request(preview="sometimes"), "preview must be one of"),
+        (Image2ImageRequest(width=64, height=64), "image is required"),
+        (InpaintRequest(width=64, height=64, image=Image.new("RGB", (8, 8))), "mask is required"),
+        (InterpolateRequest(width=64, height=64, inputs=["a"], weights=[1]), "2 to 6"),
+        (InterpolateRequest(width=64, height=64, inputs=["a", "b"], weights=[0, 0]), "all be zero"),
+        (InterpolateRequest(width=64, height=64, inputs=["a", " "], weights=[1, 1]), "inputs[1] is an empty"),
+        (ControlNetRequest(width=64, height=64), "hint is required"),
+        (ControlNetRequest(width=64, height=64, hint=Image.new("RGB", (8, 8)), mode="img2img"),
+         "image is required"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            runner.submit(bad)
+
+
+def test_request_settings_are_json_ready():
+    image = Image.new("RGB", (8, 8))
+    req = InterpolateRequest(inputs=["a cat", image], weights=[1, 3], seed=5)
+    req.validate()
+    settings = req.settings()
+    assert settings["task"] == "interpolate" and settings["seed"] == 5
+    assert settings["inputs"] == ["a cat", None]
+    assert settings["normalized_weights"] == [0.25, 0.75]
+    assert list(req.image_fields()) == ["inputs[1]"]
+    req = Text2ImageRequest(seed=-7)
+    req.validate()
+    assert req.seed == -1
