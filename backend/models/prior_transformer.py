@@ -1,0 +1,314 @@
+"""The unCLIP prior: predicts a CLIP image embedding from a CLIP text embedding.
+
+Port of diffusers 0.35.2 `PriorTransformer`
+(diffusers/models/transformers/prior_transformer.py) together with the pieces of
+models/attention.py (`BasicTransformerBlock`, `FeedForward`), activations.py (`GELU`),
+attention_processor.py (`Attention` + `AttnProcessor2_0`) and embeddings.py
+(`Timesteps`, `TimestepEmbedding`) that it uses. Attribute paths equal the diffusers
+checkpoint keys (`transformer_blocks.0.attn1.to_q.weight`, `clip_mean`, ...), so
+`backend.weights.load_model(PriorTransformer, folder)` is the identity map.
+
+The token sequence the transformer sees is, in order:
+    [text tokens (encoder_hidden_states) ..., proj_embedding, time embedding, hidden_states, prd]
+and the prediction is read from the last (`prd`) token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from backend.nn.layers import LayerNorm, Linear, gelu, scaled_dot_product_attention, zeros_parameter
+
+
+@dataclass
+class PriorTransformerConfig:
+    """Fields of diffusers' `PriorTransformer` config.json (defaults are diffusers')."""
+
+    num_attention_heads: int = 32  # heads of every self-attention
+    attention_head_dim: int = 64  # channels per head; width = heads * head_dim
+    num_layers: int = 20  # transformer blocks
+    embedding_dim: int = 768  # CLIP embedding size of `hidden_states` and of the text tokens
+    num_embeddings: int = 77  # text tokens (the CLIP text encoder's sequence length)
+    additional_embeddings: int = 4  # tokens after the text: proj, time, hidden, prd
+    dropout: float = 0.0  # training only; ignored at inference
+    time_embed_act_fn: str = "silu"  # activation between the two time-embedding linears
+    norm_in_type: str | None = None  # None | "layer": LayerNorm before the blocks
+    embedding_proj_norm_type: str | None = None  # None | "layer": LayerNorm on `proj_embedding`
+    encoder_hid_proj_type: str | None = "linear"  # None | "linear": projection of the text tokens
+    added_emb_type: str | None = "prd"  # None | "prd": learned last token the output is read from
+    time_embed_dim: int | None = None  # hidden size of the time MLP; None = width
+    embedding_proj_dim: int | None = None  # size of `proj_embedding`; None = embedding_dim
+    clip_embed_dim: int | None = None  # output size; None = embedding_dim
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "PriorTransformerConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in config.items() if k in known and not k.startswith("_")}
+        result = cls(**values)
+        result.validate()
+        return result
+
+    def validate(self) -> None:
+        for name in ("num_attention_heads", "attention_head_dim", "num_layers", "embedding_dim",
+                     "num_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PriorTransformer config: {name} must be a positive integer; got {value!r}")
+        if not isinstance(self.additional_embeddings, int) or self.additional_embeddings < 0:
+            raise ValueError("PriorTransformer config: additional_embeddings must be an integer >= 0; "
+                             f"got {self.additional_embeddings!r}")
+        if self.time_embed_act_fn not in _ACTIVATIONS:
+            raise ValueError(f"PriorTransformer config: time_embed_act_fn must be one of {sorted(_ACTIVATIONS)}; "
+                             f"got {self.time_embed_act_fn!r}")
+        allowed = {"norm_in_type": (None, "layer"), "embedding_proj_norm_type": (None, "layer"),
+                   "encoder_hid_proj_type": (None, "linear"), "added_emb_type": (None, "prd")}
+        for name, choices in allowed.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"PriorTransformer config: {name} must be one of {choices}; "
+                                 f"got {getattr(self, name)!r}")
+
+
+def _mish(x):
+    return x * ops.tanh(ops.softplus(x))
+
+
+# diffusers' get_activation table (activations.py), restricted to what has a CPU kernel.
+_ACTIVATIONS = {"silu": ops.silu, "swish": ops.silu, "gelu": gelu, "relu": ops.relu, "mish": _mish}
+
+
+def timestep_embedding(timesteps: np.ndarray, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, max_period: int = 10000) -> np.ndarray:
+    """diffusers' `get_timestep_embedding` (scale 1) in numpy: (N,) -> (N, dim) float32.
+
+    The exponent is built in float32 as torch does; the exponential is taken in float64
+    and rounded, which agrees with torch's float32 `exp` on all but a few frequencies
+    (there torch is 1 ulp off; at t = 999 that moves a sine by at most ~6e-5).
+    """
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - downscale_freq_shift)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    args = timesteps.astype(np.float32)[:, None] * freqs[None, :]  # (N, half), float32 like torch
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = np.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2 == 1:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
+class TimestepEmbedding(nn.Cell):
+    """diffusers `TimestepEmbedding`: linear_1 -> act -> linear_2."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str, out_dim: int):
+        super().__init__()
+        self.linear_1 = Linear(in_channels, time_embed_dim)
+        self.act_fn = act_fn
+        self.linear_2 = Linear(time_embed_dim, out_dim)
+
+    def construct(self, sample):
+        return self.linear_2(_ACTIVATIONS[self.act_fn](self.linear_1(sample)))
+
+
+class Attention(nn.Cell):
+    """diffusers `Attention` as a self-attention with biased q/k/v (AttnProcessor2_0)."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.dim_head = dim_head
+        self.to_q = Linear(query_dim, inner_dim)
+        self.to_k = Linear(query_dim, inner_dim)
+        self.to_v = Linear(query_dim, inner_dim)
+        # to_out.1 is a Dropout in diffusers; an identity at inference keeps the key "to_out.0".
+        self.to_out = nn.CellList([Linear(inner_dim, query_dim), nn.Identity()])
+
+    def construct(self, hidden_states, attention_mask=None):
+        b, n, _ = hidden_states.shape  # (B, N, C)
+        q = self.to_q(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)  # (B, h, N, d)
+        k = self.to_k(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)
+        v = self.to_v(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)
+        out = scaled_dot_product_attention(q, k, v, attention_mask)  # mask (B, 1, N, N) additive
+        out = out.swapaxes(1, 2).reshape(b, n, self.heads * self.dim_head)
+        return self.to_out[0](out)
+
+
+class GELUProjection(nn.Cell):
+    """diffusers `GELU` (activations.py): a linear `proj`, then exact gelu."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out)
+
+    def construct(self, x):
+        return gelu(self.proj(x))
+
+
+class FeedForward(nn.Cell):
+    """diffusers `FeedForward` with activation_fn="gelu", mult 4: net.0 (GELU proj), net.1 (dropout), net.2."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner_dim = int(dim * mult)
+        self.net = nn.CellList([GELUProjection(dim, inner_dim), nn.Identity(), Linear(inner_dim, dim)])
+
+    def construct(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Cell):
+    """diffusers `BasicTransformerBlock`, norm_type "layer_norm", no cross-attention (attn2/norm2 absent)."""
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, num_attention_heads, attention_head_dim)
+        self.norm3 = LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def construct(self, hidden_states, attention_mask=None):
+        hidden_states = self.attn1(self.norm1(hidden_states), attention_mask) + hidden_states
+        return self.ff(self.norm3(hidden_states)) + hidden_states
+
+
+class PriorTransformer(nn.Cell):
+    """diffusers `PriorTransformer` (inference)."""
+
+    def __init__(self, config: PriorTransformerConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        inner_dim = config.num_attention_heads * config.attention_head_dim
+        self.inner_dim = inner_dim
+        self.additional_embeddings = config.additional_embeddings
+        time_embed_dim = config.time_embed_dim or inner_dim
+        embedding_proj_dim = config.embedding_proj_dim or config.embedding_dim
+        clip_embed_dim = config.clip_embed_dim or config.embedding_dim
+
+        # `time_proj` (diffusers `Timesteps(inner_dim, flip_sin_to_cos=True, shift=0)`) has no weights:
+        # see `timestep_embedding`.
+        self.time_embedding = TimestepEmbedding(inner_dim, time_embed_dim, config.time_embed_act_fn, inner_dim)
+        self.proj_in = Linear(config.embedding_dim, inner_dim)
+        self.embedding_proj_norm = (LayerNorm(embedding_proj_dim)
+                                    if config.embedding_proj_norm_type == "layer" else None)
+        self.embedding_proj = Linear(embedding_proj_dim, inner_dim)
+        self.encoder_hidden_states_proj = (Linear(config.embedding_dim, inner_dim)
+                                           if config.encoder_hid_proj_type == "linear" else None)
+        seq_len = config.num_embeddings + config.additional_embeddings
+        self.positional_embedding = zeros_parameter((1, seq_len, inner_dim))
+        self.prd_embedding = zeros_parameter((1, 1, inner_dim)) if config.added_emb_type == "prd" else None
+        self.transformer_blocks = nn.CellList([
+            BasicTransformerBlock(inner_dim, config.num_attention_heads, config.attention_head_dim)
+            for _ in range(config.num_layers)
+        ])
+        self.norm_in = LayerNorm(inner_dim) if config.norm_in_type == "layer" else None
+        self.norm_out = LayerNorm(inner_dim)
+        self.proj_to_clip_embeddings = Linear(inner_dim, clip_embed_dim)
+        # A buffer in diffusers (not in the checkpoint): -10000 above the diagonal.
+        self.causal_attention_mask = np.triu(np.full((seq_len, seq_len), -10000.0, np.float32), 1)[None]
+        # Statistics of the CLIP image embeddings the prior was trained on (un-normalise its output).
+        self.clip_mean = zeros_parameter((1, clip_embed_dim))
+        self.clip_std = zeros_parameter((1, clip_embed_dim))
+
+    @classmethod
+    def from_config(cls, config: dict) -> "PriorTransformer":
+        return cls(PriorTransformerConfig.from_dict(config))
+
+    @property
+    def dtype(self):
+        return self.proj_in.weight.dtype
+
+    def _timesteps(self, timestep, batch_size: int) -> np.ndarray:
+        """(B,) float32 timesteps, broadcast as diffusers does (a Python number becomes a long)."""
+        if isinstance(timestep, Tensor):
+            values = timestep.asnumpy()
+        elif isinstance(timestep, np.ndarray):  # taken like a tensor (diffusers has no numpy path)
+            values = timestep
+        else:
+            values = np.array([int(timestep)], dtype=np.int64)  # torch.tensor([t], dtype=torch.long)
+        values = values.reshape(-1)
+        if values.shape[0] not in (1, batch_size):
+            raise ValueError(f"timestep must hold 1 or batch_size={batch_size} values; got {values.shape[0]}")
+        return np.broadcast_to(values, (batch_size,)).astype(np.float32)
+
+    def construct(self, hidden_states, timestep, proj_embedding, encoder_hidden_states=None,
+                  attention_mask=None):
+        """hidden_states (B, embedding_dim) noisy image embedding; timestep int | (B,) | ();
+        proj_embedding (B, embedding_proj_dim) pooled text embedding; encoder_hidden_states
+        (B, num_embeddings, embedding_dim) text tokens; attention_mask (B, num_embeddings) 1 = keep.
+        Returns the predicted image embedding (B, clip_embed_dim)."""
+        batch_size = hidden_states.shape[0]
+        dtype = self.dtype
+
+        timesteps_projected = Tensor(timestep_embedding(self._timesteps(timestep, batch_size), self.inner_dim,
+                                                        flip_sin_to_cos=True, downscale_freq_shift=0))
+        time_embeddings = self.time_embedding(timesteps_projected.astype(dtype))  # (B, W)
+
+        if self.embedding_proj_norm is not None:
+            proj_embedding = self.embedding_proj_norm(proj_embedding)
+        proj_embeddings = self.embedding_proj(proj_embedding)  # (B, W)
+        if self.encoder_hidden_states_proj is not None:
+            if encoder_hidden_states is None:
+                raise ValueError("`encoder_hidden_states_proj` requires `encoder_hidden_states` to be set")
+            encoder_hidden_states = self.encoder_hidden_states_proj(encoder_hidden_states)  # (B, T, W)
+
+        hidden_states = self.proj_in(hidden_states)
+        positional_embeddings = self.positional_embedding.astype(hidden_states.dtype)
+
+        tokens = []
+        additional_embeddings_len = 0
+        if encoder_hidden_states is not None:
+            tokens.append(encoder_hidden_states)
+            additional_embeddings_len += encoder_hidden_states.shape[1]
+        if proj_embeddings.ndim == 2:
+            proj_embeddings = proj_embeddings[:, None, :]
+        if hidden_states.ndim == 2:
+            hidden_states = hidden_states[:, None, :]
+        tokens += [proj_embeddings, time_embeddings[:, None, :], hidden_states]
+        if self.prd_embedding is not None:
+            tokens.append(ops.broadcast_to(self.prd_embedding.astype(hidden_states.dtype),
+                                           (batch_size, 1, self.inner_dim)))
+        hidden_states = ops.cat(tokens, axis=1)  # (B, N, W)
+
+        # diffusers lets the positional table leave out the extra tokens and pads it with zeros.
+        additional_embeddings_len = additional_embeddings_len + proj_embeddings.shape[1] + 1
+        if positional_embeddings.shape[1] < hidden_states.shape[1]:
+            after = 1 if self.prd_embedding is not None else 0
+            positional_embeddings = ops.cat([
+                ops.zeros((1, additional_embeddings_len, self.inner_dim), positional_embeddings.dtype),
+                positional_embeddings,
+                ops.zeros((1, after, self.inner_dim), positional_embeddings.dtype),
+            ], axis=1)
+        hidden_states = hidden_states + positional_embeddings
+
+        mask = None
+        if attention_mask is not None:
+            # The causal mask applies only together with a text mask, as in diffusers.
+            text_mask = attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask)
+            text_mask = (1 - text_mask.astype(np.float32)) * np.float32(-10000.0)  # (B, T)
+            text_mask = np.pad(text_mask, ((0, 0), (0, self.additional_embeddings)))  # (B, N)
+            mask = text_mask[:, None, :] + self.causal_attention_mask  # (B, N, N)
+            mask = Tensor(mask[:, None]).astype(hidden_states.dtype)  # (B, 1, N, N), broadcast over heads
+
+        if self.norm_in is not None:
+            hidden_states = self.norm_in(hidden_states)
+        for block in self.transformer_blocks:
+            hidden_states = block(hidden_states, mask)
+        hidden_states = self.norm_out(hidden_states)
+
+        if self.prd_embedding is not None:
+            hidden_states = hidden_states[:, -1]  # (B, W)
+        else:
+            hidden_states = hidden_states[:, additional_embeddings_len:]
+        return self.proj_to_clip_embeddings(hidden_states)
+
+    def post_process_latents(self, prior_latents):
+        """Un-normalise a predicted embedding: latents * clip_std + clip_mean."""
+        return prior_latents * self.clip_std + self.clip_mean
