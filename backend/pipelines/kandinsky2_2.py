@@ -65,8 +65,8 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
         self._warn_truncation(prompt)
         text_mask = text_inputs["attention_mask"].astype(bool)
         output = self.text_encoder(Tensor(text_inputs["input_ids"].astype(np.int32)))
-        prompt_embeds = self.to_numpy(output["text_embeds"]).repeat(num_images_per_prompt, axis=0)
-        hidden = self.to_numpy(output["last_hidden_state"]).repeat(num_images_per_prompt, axis=0)
+        prompt_embeds = self.to_numpy(output.text_embeds).repeat(num_images_per_prompt, axis=0)
+        hidden = self.to_numpy(output.last_hidden_state).repeat(num_images_per_prompt, axis=0)
         text_mask = text_mask.repeat(num_images_per_prompt, axis=0)
 
         if do_cfg:
@@ -84,8 +84,8 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
                                     return_tensors="np")
             uncond_mask = uncond["attention_mask"].astype(bool)
             output = self.text_encoder(Tensor(uncond["input_ids"].astype(np.int32)))
-            negative_embeds = self.to_numpy(output["text_embeds"])
-            uncond_hidden = self.to_numpy(output["last_hidden_state"])
+            negative_embeds = self.to_numpy(output.text_embeds)
+            uncond_hidden = self.to_numpy(output.last_hidden_state)
             # diffusers repeats the negative batch with repeat (tile), not repeat_interleave
             negative_embeds = np.tile(negative_embeds, (1, num_images_per_prompt)).reshape(
                 len(uncond_tokens) * num_images_per_prompt, -1)
@@ -112,14 +112,14 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
                                limit, self.truncated_text)
 
     def _encode_image(self, images: list, num_images_per_prompt: int) -> np.ndarray:
-        pixel_values = self.image_processor([inputs.to_rgb(i, "image") for i in images])
-        embeds = self.to_numpy(self.image_encoder(self.to_tensor(pixel_values))["image_embeds"])
+        pixel_values = self.image_processor.preprocess([inputs.to_rgb(i, "image") for i in images])
+        embeds = self.to_numpy(self.image_encoder(self.to_tensor(pixel_values)).image_embeds)
         return embeds.repeat(num_images_per_prompt, axis=0)
 
     def get_zero_embed(self, batch_size: int = 1) -> np.ndarray:
         size = int(self.image_encoder.config.image_size)
         zero_img = np.zeros((1, 3, size, size), np.float32)
-        embeds = self.to_numpy(self.image_encoder(self.to_tensor(zero_img))["image_embeds"])
+        embeds = self.to_numpy(self.image_encoder(self.to_tensor(zero_img)).image_embeds)
         return np.tile(embeds, (batch_size, 1))
 
     def _denoise(self, latents, prompt_embeds, hidden, text_mask, timesteps, guidance_scale, generator,

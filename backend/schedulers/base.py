@@ -277,15 +277,21 @@ class ConfigMixin:
         merged = dict(config or {})
         merged.update(overrides)
         keys = set(cls.config_keys())
-        return cls(**{key: value for key, value in merged.items() if key in keys and not key.startswith("_")})
+        scheduler = cls(**{key: value for key, value in merged.items() if key in keys and not key.startswith("_")})
+        # Like diffusers, keep the keys this class does not use in `.config`: a DDPM config carried
+        # into DDIM and back keeps e.g. `set_alpha_to_one` and `variance_type`.
+        scheduler._unused_config = {key: value for key, value in merged.items()
+                                    if key not in keys and not key.startswith("_")}
+        return scheduler
 
     def _register_config(self, values: dict):
         self._config = {key: values[key] for key in self.config_keys()}
+        self._unused_config = {}
 
     @property
     def config(self) -> dict:
-        """The effective settings (defaults filled in), as a fresh dict."""
-        return dict(self._config)
+        """The effective settings (defaults filled in) plus unused keys it was built from, as a fresh dict."""
+        return {**self._unused_config, **self._config}
 
     def __len__(self):
         return self._config["num_train_timesteps"]
