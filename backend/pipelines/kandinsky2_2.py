@@ -193,22 +193,26 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
             raise ValueError(f"`images_and_prompts` contains {len(images_and_prompts)} items and `weights` "
                              f"contains {len(weights) if isinstance(weights, (list, tuple)) else weights} "
                              f"- they should be lists of same length")
-        weights = [float(w) for w in weights]
+        try:
+            weights = [float(w) for w in weights]
+        except (TypeError, ValueError):
+            raise ValueError(f"`weights` must be numbers; got {weights}") from None
         if not all(np.isfinite(w) for w in weights):
             raise ValueError(f"`weights` must be finite numbers; got {weights}")
+        for index, cond in enumerate(images_and_prompts):  # check everything before any work starts
+            if not isinstance(cond, (str, Image.Image)):
+                raise ValueError(f"`images_and_prompts[{index}]` must be a string or a PIL image; "
+                                 f"got {type(cond).__name__}")
 
         total = np.zeros((num_images_per_prompt, self.embedding_dim), np.float32)
-        for index, (cond, weight) in enumerate(zip(images_and_prompts, weights)):
+        for cond, weight in zip(images_and_prompts, weights):
             if isinstance(cond, str):
                 emb = self(cond, num_inference_steps=num_inference_steps,
                            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
                            negative_prompt=negative_prior_prompt, guidance_scale=guidance_scale,
                            callback=callback)[0]
-            elif isinstance(cond, Image.Image):
-                emb = self._encode_image([cond], num_images_per_prompt)
             else:
-                raise ValueError(f"`images_and_prompts[{index}]` must be a string or a PIL image; "
-                                 f"got {type(cond).__name__}")
+                emb = self._encode_image([cond], num_images_per_prompt)
             total = total + emb * np.float32(weight)
 
         out_zero = self(negative_prompt, num_inference_steps=num_inference_steps,
