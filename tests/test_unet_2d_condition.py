@@ -51,17 +51,33 @@ def case_inputs(ref, case: str):
     return Tensor(ref[f"{case}_sample"]), timestep, ehs, added
 
 
+@pytest.mark.parametrize("numpy_path", [True, False], ids=["cpu-numpy-path", "mindspore-ops-path"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_matches_diffusers(variant):
+def test_matches_diffusers(variant, numpy_path):
+    """Both the CPU numpy path and the mindspore.ops path (what GPU / Ascend run) match."""
     model = tiny_model(variant)
     ref = np.load(FIXTURES / f"unet_tiny_{variant}" / "reference.npz")
-    for case in CASES:
-        sample, timestep, ehs, added = case_inputs(ref, case)
-        out = model(sample, timestep, encoder_hidden_states=ehs, added_cond_kwargs=added)
-        expected = ref[f"{case}_out"]
-        assert out.shape == expected.shape, case
-        diff = float(np.abs(out.asnumpy() - expected).max())
-        assert diff <= TOLERANCE, f"{variant}/{case}: max abs diff {diff:.2e}"
+    model.cpu_numpy_path = numpy_path
+    try:
+        for case in CASES:
+            sample, timestep, ehs, added = case_inputs(ref, case)
+            out = model(sample, timestep, encoder_hidden_states=ehs, added_cond_kwargs=added)
+            expected = ref[f"{case}_out"]
+            assert isinstance(out, Tensor) and out.shape == expected.shape, case
+            diff = float(np.abs(out.asnumpy() - expected).max())
+            assert diff <= TOLERANCE, f"{variant}/{case}: max abs diff {diff:.2e}"
+    finally:
+        model.cpu_numpy_path = True
+
+
+def test_numpy_inputs_accepted():
+    """Pipelines may pass the conditioning as numpy arrays."""
+    model = tiny_model("hint")
+    ref = np.load(FIXTURES / "unet_tiny_hint" / "reference.npz")
+    sample, timestep, _, added = case_inputs(ref, "square")
+    added = {k: v.asnumpy() for k, v in added.items()}
+    out = model(sample, timestep, added_cond_kwargs=added).asnumpy()
+    assert np.abs(out - ref["square_out"]).max() <= TOLERANCE
 
 
 def test_timestep_forms_agree():

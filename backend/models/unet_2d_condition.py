@@ -19,13 +19,15 @@ Attribute paths equal the diffusers checkpoint keys (`down_blocks.1.attentions.0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from backend.nn.layers import Conv2d, GroupNorm, LayerNorm, Linear, group_norm, silu
+from backend.device import on_cpu
+from backend.nn import layers
+from backend.nn.conv import conv2d_numpy
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +147,160 @@ def _per_block(value, n: int, name: str) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------
+# Two execution paths
+# --------------------------------------------------------------------------------------------
+# Why: on CPU, MindSpore 2.10's PyNative kernels are slow and erratic on this model's large
+# activations. Measured here on (2, 384, 64, 64) float32 with other work on the machine:
+# group norm 90-2000 ms (numpy 15 ms, torch 12 ms), add 7 ms (numpy 0.7 ms), silu 4-660 ms.
+# So on CPU the activations are numpy arrays from the input to the output ("host path"): every
+# layer below takes a numpy array or a Tensor and returns the same kind. Numpy arrays go through
+# numpy + BLAS (the convolution through backend.nn.conv's im2col + sgemm); Tensors go through
+# mindspore.ops, which is what runs on GPU and Ascend. Parameters stay MindSpore Parameters; the
+# host path reads them with asnumpy(), a view of the same memory on CPU, not a copy.
+
+def _host(x) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def _np(param) -> np.ndarray:
+    """float32 numpy view of a parameter (a converted copy for half-precision weights)."""
+    array = param.asnumpy()
+    return array if array.dtype == np.float32 else array.astype(np.float32)
+
+
+def silu(x):
+    if not _host(x):
+        return layers.silu(x)
+    with np.errstate(over="ignore"):  # exp(-x) -> inf for x << 0 gives x / inf = -0, as torch
+        denominator = np.exp(-x)
+    denominator += 1
+    return np.divide(x, denominator, out=denominator)
+
+
+def _silu_inplace(x: np.ndarray) -> np.ndarray:
+    denominator = np.negative(x)
+    with np.errstate(over="ignore"):
+        np.exp(denominator, out=denominator)
+    denominator += 1
+    return np.divide(x, denominator, out=x)
+
+
+def concat(tensors, axis: int):
+    if _host(tensors[0]):
+        return np.concatenate(tensors, axis=axis)
+    return ops.concat(tensors, axis=axis)
+
+
+def upsample_nearest_2x(x):
+    """F.interpolate(x, scale_factor=2, mode="nearest"): each pixel repeated 2x2. (B, C, 2H, 2W)."""
+    b, c, h, w = x.shape
+    if _host(x):
+        return np.broadcast_to(x[:, :, :, None, :, None], (b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
+    x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
+    return x.reshape(b, c, 2 * h, 2 * w)
+
+
+def avg_pool_2x(x):
+    """F.avg_pool2d(x, 2, 2) (floor mode: a trailing odd row/column is dropped). (B, C, H/2, W/2)."""
+    b, c, h, w = x.shape
+    h2, w2 = h // 2, w // 2
+    if _host(x):
+        # the window summed in torch's order, then divided by 4
+        out = x[:, :, 0:2 * h2:2, 0:2 * w2:2] + x[:, :, 0:2 * h2:2, 1:2 * w2:2]
+        out += x[:, :, 1:2 * h2:2, 0:2 * w2:2]
+        out += x[:, :, 1:2 * h2:2, 1:2 * w2:2]
+        out *= np.float32(0.25)
+        return out
+    if h != 2 * h2 or w != 2 * w2:
+        x = x[:, :, : 2 * h2, : 2 * w2]
+    return x.reshape(b, c, h2, 2, w2, 2).mean(axis=(3, 5))
+
+
+# --------------------------------------------------------------------------------------------
+# Layers: backend.nn.layers ones (same parameter names) that also take numpy arrays
+# --------------------------------------------------------------------------------------------
+
+class Linear(layers.Linear):
+    def construct(self, x):
+        if not _host(x):
+            return super().construct(x)
+        y = np.matmul(x.reshape(-1, x.shape[-1]), _np(self.weight).T)
+        if self.bias is not None:
+            y += _np(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def channels_first(self, x: np.ndarray) -> np.ndarray:
+        """Host path: (B, in, N) -> (B, out, N), i.e. a 1x1 convolution, so no transposes."""
+        y = np.matmul(_np(self.weight), x)
+        if self.bias is not None:
+            y += _np(self.bias)[:, None]
+        return y
+
+
+class Conv2d(layers.Conv2d):
+    def construct(self, x):
+        if not _host(x):
+            return super().construct(x)
+        bias = None if self.bias is None else _np(self.bias)
+        return conv2d_numpy(x, _np(self.weight), bias, self.stride, self.padding)
+
+
+class LayerNorm(layers.LayerNorm):
+    def construct(self, x):
+        if not _host(x):
+            return super().construct(x)
+        centered = x - x.mean(axis=-1, keepdims=True)
+        var = (centered * centered).mean(axis=-1, keepdims=True)
+        y = centered / np.sqrt(var + np.float32(self.eps))
+        if self.weight is not None:
+            y = y * _np(self.weight)
+            if self.bias is not None:
+                y += _np(self.bias)
+        return y
+
+
+class GroupNorm(layers.GroupNorm):
+    """torch GroupNorm, optionally followed by `* (1 + scale) + shift` (per sample and channel,
+    the resnet's "scale_shift" time conditioning) and SiLU, fused on the host path."""
+
+    def construct(self, x, scale=None, shift=None, act: bool = False):
+        if _host(x):
+            return self._host_forward(x, scale, shift, act)
+        y = super().construct(x)
+        if scale is not None:
+            bshape = scale.shape + (1,) * (len(x.shape) - 2)
+            y = y * (1 + scale.reshape(bshape)) + shift.reshape(bshape)
+        return layers.silu(y) if act else y
+
+    def _host_forward(self, x, scale, shift, act):
+        b, c = x.shape[0], x.shape[1]
+        g = self.num_groups
+        centered = x.reshape(b, g, -1) - x.reshape(b, g, -1).mean(axis=-1, keepdims=True)
+        var = np.einsum("bgi,bgi->bg", centered, centered) / np.float32(centered.shape[-1])
+        inv_std = 1 / np.sqrt(var + np.float32(self.eps))  # (B, G)
+        # the normalization and the affine (and scale/shift) as one multiply-add per channel
+        weight = _np(self.weight) if self.affine else np.ones((c,), np.float32)
+        bias = _np(self.bias) if self.affine else np.zeros((c,), np.float32)
+        mul = (inv_std[:, :, None] * weight.reshape(1, g, -1)).reshape(b, c)
+        add = np.broadcast_to(bias, (b, c))
+        if scale is not None:
+            # torch: (y * w + b) * (1 + scale) + shift
+            mul = mul * (1 + scale)
+            add = add * (1 + scale) + shift
+        y = centered.reshape(b, c, -1)
+        y *= mul[:, :, None]
+        y += add[:, :, None]
+        if act:
+            _silu_inplace(y)
+        return y.reshape(x.shape)
+
+
+class SiLU(nn.Cell):
+    def construct(self, x):
+        return silu(x)
+
+
+# --------------------------------------------------------------------------------------------
 # Embeddings (models/embeddings.py)
 # --------------------------------------------------------------------------------------------
 
@@ -173,7 +329,7 @@ def get_timestep_embedding(timesteps: np.ndarray, embedding_dim: int, flip_sin_t
 
 
 class Timesteps(nn.Cell):
-    """No parameters: (N,) timesteps -> (N, num_channels) float32 sinusoidal embedding."""
+    """No parameters: (N,) timesteps (numpy) -> (N, num_channels) float32 sinusoidal embedding."""
 
     def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float):
         super().__init__()
@@ -181,10 +337,9 @@ class Timesteps(nn.Cell):
         self.flip_sin_to_cos = flip_sin_to_cos
         self.downscale_freq_shift = downscale_freq_shift
 
-    def construct(self, timesteps: np.ndarray):
-        emb = get_timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos,
-                                     self.downscale_freq_shift)
-        return Tensor(emb)
+    def construct(self, timesteps: np.ndarray) -> np.ndarray:
+        return get_timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos,
+                                      self.downscale_freq_shift)
 
 
 def _activation(name: str | None):
@@ -223,7 +378,7 @@ class ImageProjection(nn.Cell):
 
     def construct(self, image_embeds):
         batch = image_embeds.shape[0]
-        tokens = self.image_embeds(image_embeds.astype(self.image_embeds.weight.dtype))
+        tokens = self.image_embeds(image_embeds)
         tokens = tokens.reshape(batch, self.num_image_text_embeds, -1)  # (B, 32, cross_dim)
         return self.norm(tokens)
 
@@ -242,7 +397,7 @@ class TextImageProjection(nn.Cell):
         batch = text_embeds.shape[0]
         image_tokens = self.image_embeds(image_embeds).reshape(batch, self.num_image_text_embeds, -1)
         text_tokens = self.text_proj(text_embeds)  # (B, L, cross_dim)
-        return ops.concat([image_tokens, text_tokens], axis=1)  # (B, 10 + L, cross_dim)
+        return concat([image_tokens, text_tokens], axis=1)  # (B, 10 + L, cross_dim)
 
 
 class ImageTimeEmbedding(nn.Cell):
@@ -270,7 +425,7 @@ class ImageHintTimeEmbedding(nn.Cell):
         for i, (cin, cout, stride) in enumerate(specs):
             cells.append(Conv2d(cin, cout, 3, stride=stride, padding=1))
             if i < len(specs) - 1:
-                cells.append(nn.SiLU())
+                cells.append(SiLU())
         self.input_hint_block = nn.SequentialCell(cells)
 
     def construct(self, image_embeds, hint):
@@ -295,22 +450,6 @@ class TextImageTimeEmbedding(nn.Cell):
 # ResnetBlock2D (models/resnet.py) with nearest-upsample / average-pool inside
 # --------------------------------------------------------------------------------------------
 
-def upsample_nearest_2x(x):
-    """F.interpolate(x, scale_factor=2, mode="nearest"): each pixel repeated 2x2. (B, C, 2H, 2W)."""
-    b, c, h, w = x.shape
-    x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
-    return x.reshape(b, c, 2 * h, 2 * w)
-
-
-def avg_pool_2x(x):
-    """F.avg_pool2d(x, 2, 2) (floor mode: a trailing odd row/column is dropped). (B, C, H/2, W/2)."""
-    b, c, h, w = x.shape
-    h2, w2 = h // 2, w // 2
-    if h != 2 * h2 or w != 2 * w2:
-        x = x[:, :, : 2 * h2, : 2 * w2]
-    return x.reshape(b, c, h2, 2, w2, 2).mean(axis=(3, 5))
-
-
 class ResnetBlock2D(nn.Cell):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
                  time_embedding_norm: str = "scale_shift", output_scale_factor: float = 1.0,
@@ -319,6 +458,7 @@ class ResnetBlock2D(nn.Cell):
         if time_embedding_norm not in ("default", "scale_shift"):
             raise ValueError(f"resnet_time_scale_shift must be 'default' or 'scale_shift'; "
                              f"got {time_embedding_norm!r}")
+        self.out_channels = out_channels
         self.time_embedding_norm = time_embedding_norm
         self.output_scale_factor = output_scale_factor
         self.skip_time_act = skip_time_act
@@ -333,7 +473,7 @@ class ResnetBlock2D(nn.Cell):
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def construct(self, input_tensor, temb):
-        hidden = silu(self.norm1(input_tensor))
+        hidden = self.norm1(input_tensor, act=True)
         if self.up:
             input_tensor = upsample_nearest_2x(input_tensor)
             hidden = upsample_nearest_2x(hidden)
@@ -344,17 +484,21 @@ class ResnetBlock2D(nn.Cell):
 
         if not self.skip_time_act:
             temb = silu(temb)
-        temb = self.time_emb_proj(temb)[:, :, None, None]  # (B, proj_out, 1, 1)
+        temb = self.time_emb_proj(temb)  # (B, proj_out)
         if self.time_embedding_norm == "default":
-            hidden = self.norm2(hidden + temb)
+            hidden = self.norm2(hidden + temb[:, :, None, None], act=True)
         else:
-            scale, shift = ops.chunk(temb, 2, axis=1)
-            hidden = self.norm2(hidden) * (1 + scale) + shift
-        hidden = self.conv2(silu(hidden))
+            scale, shift = temb[:, :self.out_channels], temb[:, self.out_channels:]
+            hidden = self.norm2(hidden, scale=scale, shift=shift, act=True)
+        hidden = self.conv2(hidden)
 
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-        out = input_tensor + hidden
+        if _host(hidden):
+            hidden += input_tensor
+            out = hidden
+        else:
+            out = input_tensor + hidden
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out
@@ -363,6 +507,11 @@ class ResnetBlock2D(nn.Cell):
 # --------------------------------------------------------------------------------------------
 # Attention with added key/value projections (attention_processor.py, AttnAddedKVProcessor2_0)
 # --------------------------------------------------------------------------------------------
+
+# Host path: the attention scores are computed for a few heads at a time, so that their buffer
+# stays near this size whatever the resolution.
+_SCORES_CHUNK_BYTES = 64 * 2**20
+
 
 class Attention(nn.Cell):
     """Self-attention over the pixels whose keys/values are prefixed by the encoder's tokens.
@@ -394,11 +543,9 @@ class Attention(nn.Cell):
         # torch ModuleList [Linear, Dropout]: only index 0 has parameters.
         self.to_out = nn.CellList([Linear(inner_dim, query_dim)])
 
-    def _split_heads(self, x):
-        b, n, _ = x.shape
-        return x.reshape(b, n, self.heads, self.dim_head).transpose(0, 2, 1, 3)  # (B, h, N, d)
-
     def construct(self, hidden_states, encoder_hidden_states=None):
+        if _host(hidden_states):
+            return self._host_forward(hidden_states, encoder_hidden_states)
         residual = hidden_states
         b, c, h, w = hidden_states.shape
         n = h * w
@@ -421,6 +568,47 @@ class Attention(nn.Cell):
         out = self.to_out[0](out)  # (B, N, C)
         out = out.swapaxes(1, 2).reshape(b, c, h, w)
         return out + residual
+
+    def _split_heads(self, x):
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.heads, self.dim_head).transpose(0, 2, 1, 3)  # (B, h, N, d)
+
+    def _host_forward(self, hidden_states, encoder_hidden_states):
+        """Channels-first throughout: projections are (out, in) @ (B, in, N) products and the
+        per-head matrices are strided views, so nothing is transposed in memory."""
+        b, c, h, w = hidden_states.shape
+        n = h * w
+        heads, d = self.heads, self.dim_head
+        x = hidden_states.reshape(b, c, n)
+        normed = self.group_norm(x)  # (B, C, N)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = x.transpose(0, 2, 1)
+        query = self.to_q.channels_first(normed)  # (B, h*d, N)
+        query *= np.float32(self.scale)
+        key = self.add_k_proj(encoder_hidden_states).transpose(0, 2, 1)  # (B, h*d, L)
+        value = self.add_v_proj(encoder_hidden_states).transpose(0, 2, 1)
+        if not self.only_cross_attention:
+            key = np.concatenate([key, self.to_k.channels_first(normed)], axis=2)  # (B, h*d, L+N)
+            value = np.concatenate([value, self.to_v.channels_first(normed)], axis=2)
+        m = key.shape[2]
+        query = query.reshape(b, heads, d, n)
+        key = key.reshape(b, heads, d, m)
+        value = value.reshape(b, heads, d, m)
+
+        out = np.empty((b, heads, d, n), np.float32)
+        step = max(1, min(heads, _SCORES_CHUNK_BYTES // (4 * n * m)))
+        for i in range(b):
+            for j in range(0, heads, step):
+                heads_slice = slice(j, j + step)
+                scores = np.matmul(query[i, heads_slice].transpose(0, 2, 1), key[i, heads_slice])  # (h', N, M)
+                scores -= scores.max(axis=-1, keepdims=True)
+                np.exp(scores, out=scores)
+                scores /= scores.sum(axis=-1, keepdims=True)
+                # (h', d, M) @ (h', M, N) -> (h', d, N)
+                np.matmul(value[i, heads_slice], scores.transpose(0, 2, 1), out=out[i, heads_slice])
+        out = self.to_out[0].channels_first(out.reshape(b, heads * d, n))  # (B, C, N)
+        out += x
+        return out.reshape(b, c, h, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,7 +711,7 @@ class ResnetUpsampleBlock2D(nn.Cell):
 
     def construct(self, hidden_states, res_hidden_states, temb, encoder_hidden_states=None):
         for resnet in self.resnets:
-            hidden_states = ops.concat([hidden_states, res_hidden_states.pop()], axis=1)
+            hidden_states = concat([hidden_states, res_hidden_states.pop()], axis=1)
             hidden_states = resnet(hidden_states, temb)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, temb)
@@ -555,7 +743,7 @@ class SimpleCrossAttnUpBlock2D(nn.Cell):
 
     def construct(self, hidden_states, res_hidden_states, temb, encoder_hidden_states=None):
         for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = ops.concat([hidden_states, res_hidden_states.pop()], axis=1)
+            hidden_states = concat([hidden_states, res_hidden_states.pop()], axis=1)
             hidden_states = resnet(hidden_states, temb)
             hidden_states = attn(hidden_states, encoder_hidden_states)
         if self.upsamplers is not None:
@@ -577,6 +765,8 @@ class UNet2DConditionModel(nn.Cell):
     def __init__(self, config: UNet2DConditionConfig):
         super().__init__()
         self.config = config
+        # On CPU, compute on numpy arrays (see "Two execution paths"); False forces mindspore.ops.
+        self.cpu_numpy_path = True
         n_blocks = len(config.down_block_types)
         if len(config.up_block_types) != n_blocks or len(config.block_out_channels) != n_blocks:
             raise ValueError("down_block_types, up_block_types and block_out_channels must have the "
@@ -739,16 +929,56 @@ class UNet2DConditionModel(nn.Cell):
             raise ValueError(f"added_cond_kwargs[{name!r}] is required: {why}")
         return added_cond_kwargs[name]
 
+    def _inputs_converter(self, host: bool):
+        """Tensor / numpy -> what the chosen path computes on (float32 numpy, or model-dtype Tensor)."""
+        dtype = self.conv_in.weight.dtype
+
+        def to_host(x):
+            if x is None:
+                return None
+            if isinstance(x, Tensor):
+                x = x.asnumpy()
+            # the host path writes into fresh arrays only, so a view of the caller's data is safe
+            return np.asarray(x, dtype=np.float32)
+
+        def to_tensor(x):
+            if x is None:
+                return None
+            if not isinstance(x, Tensor):
+                x = Tensor(np.asarray(x, dtype=np.float32))
+            return x.astype(dtype) if x.dtype != dtype else x
+
+        return to_host if host else to_tensor
+
     def construct(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None):
+        """sample (B, C, H, W), timestep (number or (B,) / scalar Tensor), optional (B, L, D)
+        encoder_hidden_states (Kandinsky 2.1 text states), added_cond_kwargs {"image_embeds" (B, D),
+        "hint" (B, 3, 8H, 8W), "text_embeds" (B, D)} (Tensors or numpy arrays)
+        -> (B, out_channels, H, W) Tensor."""
         b, _, h, w = sample.shape
         factor = 2 ** self.num_upsamplers
         if h % factor or w % factor:
             raise ValueError(f"sample height and width must be multiples of {factor}; got {h}x{w}")
+        timesteps = self._timestep_array(timestep, b)
+        host = self.cpu_numpy_path and on_cpu()
+        convert = self._inputs_converter(host)
+        sample = convert(sample)
+        encoder_hidden_states = convert(encoder_hidden_states)
+        added_cond_kwargs = {k: convert(v) for k, v in (added_cond_kwargs or {}).items()}
+        out = self._forward(sample, timesteps, encoder_hidden_states, added_cond_kwargs)
+        if host:
+            out = Tensor.from_numpy(np.ascontiguousarray(out))
+            dtype = self.conv_in.weight.dtype
+            return out.astype(dtype) if dtype != ms.float32 else out
+        return out
+
+    def _forward(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
         # 1. time (+ additional) embedding
-        t_emb = self.time_proj(self._timestep_array(timestep, b)).astype(sample.dtype)  # (B, C0)
+        t_emb = self.time_proj(timesteps)  # (B, C0) float32 numpy
+        t_emb = t_emb if _host(sample) else Tensor(t_emb).astype(sample.dtype)
         emb = self.time_embedding(t_emb)  # (B, T)
 
         add_type = self.config.addition_embed_type
@@ -760,7 +990,7 @@ class UNet2DConditionModel(nn.Cell):
             image_embeds = self._cond(added_cond_kwargs, "image_embeds", why)
             hint = self._cond(added_cond_kwargs, "hint", why)
             aug_emb, hint = self.add_embedding(image_embeds, hint)
-            sample = ops.concat([sample, hint.astype(sample.dtype)], axis=1)
+            sample = concat([sample, hint], axis=1)
             emb = emb + aug_emb
         elif add_type == "text_image":
             image_embeds = self._cond(added_cond_kwargs, "image_embeds", "addition_embed_type is 'text_image'")
@@ -805,5 +1035,5 @@ class UNet2DConditionModel(nn.Cell):
             sample = block(sample, block_skips, emb, encoder_hidden_states)
 
         # 6. post-process
-        sample = silu(self.conv_norm_out(sample))
+        sample = self.conv_norm_out(sample, act=True)
         return self.conv_out(sample)
