@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Optional, Union
 
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,27 @@ class InpaintRequest(GenerationRequest):
     def image_fields(self):
         return {"image": self.image, "mask": self.mask}
 
+    def repaint_mask(self, size: tuple[int, int]) -> Image.Image:
+        """The mask the pipeline gets, (width, height): white = repaint, inverted and grown as asked."""
+        mask = self.mask.convert("L").resize(size, Image.NEAREST)
+        mask = mask.point(lambda v: 255 if v >= 128 else 0)
+        if self.mask_invert:
+            mask = ImageOps.invert(mask)
+        for _ in range(self.mask_grow):  # a 3x3 max filter grows the region by one pixel a pass
+            mask = mask.filter(ImageFilter.MaxFilter(3))
+        return mask
+
+    def blend_mask(self, size: tuple[int, int]) -> Image.Image:
+        """How much of the generated image to keep at each pixel: the repaint mask, blurred.
+
+        The pipeline works with a hard mask (diffusers thresholds it at 0.5), so the blur acts
+        where it is visible: when pasting the result over the original, edges fade.
+        """
+        mask = self.repaint_mask(size)
+        if self.mask_blur:
+            mask = mask.filter(ImageFilter.GaussianBlur(self.mask_blur))
+        return mask
+
 
 @dataclass(kw_only=True)
 class InterpolateRequest(GenerationRequest):
@@ -306,10 +327,10 @@ class Failed:
 
 @dataclass(frozen=True)
 class Cancelled:
-    partial: Optional[GeneratedImage] = None   # the last preview of the stopped run
-    images: list = field(default_factory=list)  # runs of the batch that finished before the stop
+    partials: list = field(default_factory=list)  # GeneratedImage: last preview of each image of the stopped run
+    images: list = field(default_factory=list)    # runs of the batch that finished before the stop
     seeds: list = field(default_factory=list)
-    latency_s: Optional[float] = None           # from the stop request to the end of the job
+    latency_s: Optional[float] = None             # from the stop request to the end of the job
 
 
 Event = Union[Queued, Loading, Step, Result, Failed, Cancelled]

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
 # The depth map is grey only; the others cover the colour cube (assets/make_samples.py).
 FIT_SAMPLES = ("landscape", "hue_wheel", "blocks", "texture", "portrait")
-FIT_SIZE = 256          # pixels per side the samples are encoded at
+FIT_SIZE = 128          # pixels per side the samples are encoded at (16x16 latents: 1280 rows to fit 15 numbers)
 PREVIEW_SIDE = 256      # previews are upscaled so their long side is this many pixels
 FACTORS_VERSION = 1
 

@@ -1,0 +1,191 @@
+"""Kandinsky Studio: the Gradio app.
+
+    python app.py --demo          # tiny random-weight models built locally: offline, seconds per image
+    python app.py                 # the published kandinsky-community 2.2 models, downloaded on first use
+
+flags -> config -> JobRunner (one engine thread) -> ModelManager -> build_ui() -> launch.
+Extra flags can also come from the KANDINSKY_STUDIO_ARGS environment variable (e.g. on a
+Hugging Face Space, where the command line is fixed).
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import secrets
+import shlex
+import sys
+from pathlib import Path
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kandinsky-studio"
+
+logger = logging.getLogger("kandinsky_studio")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="Kandinsky Studio: Kandinsky 2.2 on MindSpore, "
+                                                                "in the browser.")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="also publish a temporary *.gradio.live link")
+    parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
+                        help="require this login (repeat for several users)")
+    parser.add_argument("--auth-file", help="file with one USER:PASSWORD per line ('#' starts a comment)")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="serve beyond this machine (--share or a non-loopback --host) without a login")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "ascend"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--offline", action="store_true",
+                        help="never download: use the Hugging Face cache and --models-dir only")
+    parser.add_argument("--models-dir", default=None,
+                        help="where weights are cached and looked up: a folder named like a repo "
+                             "(e.g. kandinsky-2-2-decoder/) is used as is; default: the Hugging Face cache")
+    parser.add_argument("--memory-budget", default="auto",
+                        help="memory for loaded models, e.g. 12GB; least recently used models are unloaded "
+                             "beyond it (default auto: 70%% of RAM)")
+    parser.add_argument("--outputs-dir", default="outputs", help="where images are saved (default ./outputs)")
+    parser.add_argument("--demo", action="store_true",
+                        help="run on tiny random-weight models built locally (offline; images are noise)")
+    parser.add_argument("--log-level", default="INFO")
+    extra = shlex.split(os.environ.get("KANDINSKY_STUDIO_ARGS", ""))
+    return parser.parse_args(extra + list(sys.argv[1:] if argv is None else argv))
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
+    pairs = list(args.auth)
+    if args.auth_file:
+        try:
+            lines = Path(args.auth_file).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise SystemExit(f"--auth-file: cannot read {args.auth_file}: {error}") from None
+        pairs += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    logins = []
+    for pair in pairs:
+        user, sep, password = pair.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"--auth/--auth-file: expected USER:PASSWORD, got {pair.split(':')[0]!r}:…")
+        logins.append((user, password))
+    return logins
+
+
+def check_exposure(args: argparse.Namespace, logins: list) -> None:
+    """Refuse to serve beyond this machine without a login unless told explicitly."""
+    exposed = args.share or not is_loopback(args.host)
+    if not exposed or logins:
+        return
+    if args.allow_unauthenticated:
+        logger.warning("serving on %s without a login (--allow-unauthenticated)",
+                       "a public share link" if args.share else args.host)
+        return
+    if os.environ.get("SPACE_ID"):
+        logger.info("running as the Hugging Face Space %s: the Space's visibility controls access",
+                    os.environ["SPACE_ID"])
+        return
+    where = "a public *.gradio.live link (--share)" if args.share else f"{args.host} (not loopback)"
+    raise SystemExit(f"refusing to serve on {where} without a login: anyone who can reach it could use "
+                     f"this machine. Add --auth USER:PASSWORD or --auth-file FILE, or pass "
+                     f"--allow-unauthenticated if that is what you want.")
+
+
+def browser_secret(outputs_dir: Path) -> str:
+    """The key Gradio encrypts the browser's owner id with; kept so a restart keeps galleries."""
+    path = outputs_dir / ".browser-secret"
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    secret = secrets.token_hex(16)
+    path.write_text(secret, encoding="utf-8")
+    path.chmod(0o600)
+    return secret
+
+
+def catalogue(args: argparse.Namespace, runner) -> dict:
+    from backend import demo
+    from backend.manager import KANDINSKY_2_2, ModelSpec
+
+    if args.demo:
+        root = Path(args.models_dir) if args.models_dir else DEFAULT_CACHE
+        spec = runner.call(demo.ensure_demo_models, root)
+        return {spec.key: spec}
+    repos = dict(KANDINSKY_2_2.repos)
+    if args.models_dir:
+        for role, repo in repos.items():
+            local = Path(args.models_dir) / repo.split("/")[-1]
+            if (local / "model_index.json").is_file():
+                repos[role] = str(local)
+    return {KANDINSKY_2_2.key: ModelSpec(KANDINSKY_2_2.key, KANDINSKY_2_2.label, repos)}
+
+
+def ui_config(args: argparse.Namespace, models: dict):
+    from backend.jobs import GenerationRequest
+    from kandinsky_ui import UIConfig
+
+    defaults = {f: getattr(GenerationRequest(), f) for f in (
+        "prompt", "width", "height", "num_inference_steps", "prior_num_inference_steps", "guidance_scale",
+        "prior_guidance_scale", "scheduler", "preview")}
+    defaults["model"] = next(iter(models))
+    presets = [("768x768 (square)", (768, 768)), ("512x512", (512, 512)), ("1024x1024", (1024, 1024)),
+               ("1024x576 (16:9)", (1024, 576)), ("576x1024 (9:16)", (576, 1024)), ("768x512 (3:2)", (768, 512)),
+               ("512x768 (2:3)", (512, 768))]
+    if args.demo:
+        # the tiny demo models: small images and few steps keep a run to seconds on a CPU
+        defaults.update(width=128, height=128, num_inference_steps=20, prior_num_inference_steps=10)
+        presets = [("64x64", (64, 64)), ("128x128", (128, 128)), ("256x256", (256, 256)),
+                   ("128x64", (128, 64))] + presets
+    return UIConfig(demo=args.demo, models=[(spec.label, key) for key, spec in models.items()],
+                    defaults=defaults, size_presets=presets)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logins = read_auth(args)
+    check_exposure(args, logins)
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+    from backend.device import select_device
+    from backend.jobs import JobRunner
+    from backend.manager import ModelManager, parse_memory
+    from backend.metadata import OutputStore
+    from backend.tasks import TaskExecutor
+    from kandinsky_ui import CSS, Studio, build_ui
+
+    outputs = Path(args.outputs_dir).resolve()
+    store = OutputStore(outputs)
+    executor: dict = {}
+    runner = JobRunner(lambda job: executor["run"](job)).start()
+    device = runner.call(select_device, args.device)   # MindSpore's context is set on the engine thread
+    models = catalogue(args, runner)
+    cache = Path(args.models_dir) if args.models_dir else DEFAULT_CACHE
+    manager = ModelManager(models, dtype=args.dtype, memory_budget=parse_memory(args.memory_budget),
+                           cache_dir=args.models_dir, offline=args.offline, device=device,
+                           factors_dir=cache / "preview-factors")
+    executor["run"] = TaskExecutor(manager, store)
+    studio = Studio(runner, manager, store, ui_config(args, models))
+    studio.browser_secret = browser_secret(outputs)
+    demo = build_ui(studio)
+    demo.queue(default_concurrency_limit=1)
+    logger.info("device %s, dtype %s, outputs in %s%s", device, args.dtype, outputs,
+                ", DEMO models" if args.demo else "")
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=logins or None,
+                    allowed_paths=[str(outputs)], css=CSS, show_error=True, max_file_size="50mb",
+                    footer_links=["api"])
+    finally:
+        runner.shutdown()
+
+
+if __name__ == "__main__":
+    main()

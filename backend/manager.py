@@ -1,0 +1,352 @@
+"""Models on demand: load on first use, keep while memory allows, evict least recently used.
+
+The unit of loading is one pipeline folder (a Hub repo or a local diffusers-layout folder):
+the prior, the decoder, the inpainting decoder, the ControlNet decoder. Pipelines that share a
+folder share its components (text-to-image and image-to-image are the same UNet + MoVQ), so a
+pipeline object is cheap and built per request; the scheduler is the only part that is swapped.
+
+Memory accounting counts parameter bytes (what dominates): before a folder is loaded its size is
+read from the safetensors headers, folders not in use are evicted least recently used first
+until it fits the budget (ComfyUI's model_management does the same), and a folder larger than
+the whole budget still loads, alone, with a warning in the status.
+
+Everything that builds or frees MindSpore objects runs on the JobRunner's engine thread;
+`status()` reads plain Python data and may be called from any thread.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from backend import previews
+
+logger = logging.getLogger(__name__)
+
+# Which pipeline class each task needs, and which folder of the model it reads.
+PIPELINE_KINDS = {
+    "prior": ("KandinskyV22PriorPipeline", "prior"),
+    "text2img": ("KandinskyV22Pipeline", "decoder"),
+    "img2img": ("KandinskyV22Img2ImgPipeline", "decoder"),
+    "inpaint": ("KandinskyV22InpaintPipeline", "inpaint"),
+    "controlnet": ("KandinskyV22ControlnetPipeline", "controlnet"),
+    "controlnet_img2img": ("KandinskyV22ControlnetImg2ImgPipeline", "controlnet"),
+}
+
+# Decoder schedulers a request may ask for ("default" keeps the folder's own).
+SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One selectable model: a label and the folder (repo id or path) of each role."""
+
+    key: str
+    label: str
+    repos: dict          # role -> "owner/name" or a local folder: prior, decoder, inpaint, controlnet
+    demo: bool = False   # tiny random weights (backend/demo.py)
+
+
+KANDINSKY_2_2 = ModelSpec(
+    key="kandinsky-2-2",
+    label="Kandinsky 2.2",
+    repos={
+        "prior": "kandinsky-community/kandinsky-2-2-prior",
+        "decoder": "kandinsky-community/kandinsky-2-2-decoder",
+        "inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
+        "controlnet": "kandinsky-community/kandinsky-2-2-controlnet-depth",
+    },
+)
+
+
+def parse_memory(text: str | int | float | None) -> int | None:
+    """"12GB", "1.5 GiB", "800MB", "auto" or a byte count -> bytes; "auto"/None -> None."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        if text <= 0:
+            raise ValueError(f"memory budget must be positive; got {text}")
+        return int(text)
+    value = str(text).strip().lower().replace(" ", "")
+    if value in ("", "auto"):
+        return None
+    units = {"tib": 2**40, "tb": 10**12, "gib": 2**30, "gb": 10**9, "g": 10**9, "mib": 2**20, "mb": 10**6,
+             "m": 10**6, "kib": 2**10, "kb": 10**3, "k": 10**3, "b": 1}
+    for unit, scale in units.items():
+        if value.endswith(unit):
+            number = value[: -len(unit)]
+            break
+    else:
+        number, scale = value, 1
+    try:
+        result = float(number) * scale
+    except ValueError:
+        raise ValueError(f"memory budget must look like 12GB, 800MB, auto or a byte count; got {text!r}") from None
+    if result <= 0:
+        raise ValueError(f"memory budget must be positive; got {text!r}")
+    return int(result)
+
+
+def default_memory_budget() -> int:
+    """70% of the machine's RAM: the weights live in host memory on CPU, and in pinned copies otherwise."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().total * 0.7)
+    except Exception:  # psutil missing or unsupported platform
+        return 16 * 10**9
+
+
+def format_bytes(count: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def safetensors_bytes(path: Path, target_itemsize: int | None = None) -> int:
+    """Bytes the tensors of one safetensors file take in memory, read from its header only."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    total = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        count = 1
+        for dim in entry["shape"]:
+            count *= int(dim)
+        itemsize = _DTYPE_BYTES.get(entry["dtype"], 4)
+        if target_itemsize is not None and entry["dtype"] in ("F64", "F32", "F16", "BF16"):
+            itemsize = target_itemsize
+        total += count * itemsize
+    return total
+
+
+def estimate_folder_bytes(folder: Path, itemsize: int) -> int:
+    """Parameter bytes of a pipeline folder once loaded at `itemsize` bytes per float."""
+    from backend import weights
+
+    total = 0
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not any(sub.glob("*.safetensors")):
+            continue
+        for path in weights.find_weight_files(sub):
+            total += safetensors_bytes(path, itemsize)
+    return total
+
+
+@dataclass
+class LoadedFolder:
+    source: str                      # repo id or folder as named in the ModelSpec
+    role: str
+    folder: Path
+    components: dict                 # name -> model / scheduler / tokenizer / processor
+    sizes: dict                      # model component name -> parameter bytes
+    loaded_at: float
+    last_used: float
+    pins: int = 0                    # > 0 while a job uses it: never evicted then
+    factors: object = None           # preview factors, once fitted
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
+@dataclass
+class LoadReport:
+    """What `ModelManager` tells its caller while loading (a Loading event each)."""
+
+    component: str
+    done: int
+    total: int
+
+
+class ModelManager:
+    def __init__(self, catalogue: dict[str, ModelSpec], *, dtype: str = "float32",
+                 memory_budget: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 offline: bool = False, device: str = "CPU", factors_dir: str | os.PathLike | None = None):
+        if not catalogue:
+            raise ValueError("the model catalogue is empty")
+        self.catalogue = dict(catalogue)
+        self.dtype = dtype
+        self.memory_budget = memory_budget or default_memory_budget()
+        self.cache_dir = str(cache_dir) if cache_dir else None
+        self.offline = offline
+        self.device = device
+        self._loaded: dict[str, LoadedFolder] = {}    # source -> folder
+        self._lock = threading.Lock()                 # guards _loaded for status() readers
+        self._factors = previews.PreviewFactorCache(factors_dir)
+        self.last_evicted: list[str] = []
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.catalogue))
+
+    def spec(self, model: str) -> ModelSpec:
+        if model not in self.catalogue:
+            raise ValueError(f"model must be one of {sorted(self.catalogue)}; got {model!r}")
+        return self.catalogue[model]
+
+    # ------------------------------------------------------------------ engine thread
+    def pipeline(self, kind: str, model: str, scheduler: str = "default",
+                 on_progress: Callable[[LoadReport], None] | None = None):
+        """A ready pipeline of `kind` for `model`, loading its folder if needed (engine thread)."""
+        entry = self._ensure(kind, model, on_progress)
+        return self._build(kind, entry, scheduler)
+
+    @contextmanager
+    def use(self, kind: str, model: str, scheduler: str = "default",
+            on_progress: Callable[[LoadReport], None] | None = None):
+        """Like `pipeline`, and the folder cannot be evicted until the block ends."""
+        entry = self._ensure(kind, model, on_progress)
+        entry.pins += 1
+        try:
+            yield self._build(kind, entry, scheduler)
+        finally:
+            entry.pins -= 1
+            entry.last_used = time.monotonic()
+
+    def preview_factors(self, kind: str, model: str, pipe) -> previews.LatentRGBFactors:
+        """Latent -> RGB factors for the MoVQ of `pipe` (fitted once per checkpoint; engine thread)."""
+        entry = self._ensure(kind, model, None)
+        if entry.factors is None:
+            key = previews.checkpoint_key(entry.folder / "movq")
+            entry.factors = self._factors.get(key, lambda: previews.fit_factors_from_pipeline(pipe))
+        return entry.factors
+
+    def has_preview_factors(self, kind: str, model: str) -> bool:
+        entry = self._loaded.get(str(self.spec(model).repos.get(PIPELINE_KINDS[kind][1])))
+        return entry is not None and entry.factors is not None
+
+    def unload(self, source: str | None = None) -> list[str]:
+        """Free one folder (by source) or every folder not in use; returns what was freed."""
+        with self._lock:
+            names = [s for s, e in self._loaded.items() if e.pins == 0 and (source is None or s == source)]
+            for name in names:
+                del self._loaded[name]
+        if source is not None and not names and source in self._loaded:
+            raise RuntimeError(f"{source} is in use by a running job; stop it first")
+        gc.collect()
+        return names
+
+    def set_memory_budget(self, budget: int) -> list[str]:
+        """Change the budget and evict what no longer fits; returns what was evicted."""
+        if budget <= 0:
+            raise ValueError(f"memory budget must be positive; got {budget}")
+        self.memory_budget = int(budget)
+        return self._evict_for(0)
+
+    def _ensure(self, kind: str, model: str, on_progress) -> LoadedFolder:
+        if kind not in PIPELINE_KINDS:
+            raise ValueError(f"kind must be one of {sorted(PIPELINE_KINDS)}; got {kind!r}")
+        spec = self.spec(model)
+        class_name, role = PIPELINE_KINDS[kind]
+        if role not in spec.repos:
+            raise ValueError(f"{spec.label} has no {role} model, so it cannot do {kind}")
+        source = str(spec.repos[role])
+        entry = self._loaded.get(source)
+        if entry is None:
+            entry = self._load(source, role, class_name, on_progress)
+        entry.last_used = time.monotonic()
+        return entry
+
+    def _load(self, source: str, role: str, class_name: str, on_progress) -> LoadedFolder:
+        from backend import pipelines, weights
+
+        def report(component: str, done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(LoadReport(f"{role} / {component}", int(done), int(total)))
+
+        folder = weights.resolve_pretrained(source, local_files_only=self.offline or None,
+                                            cache_dir=self.cache_dir,
+                                            on_download=lambda name, d, t: report(f"download {name}", d, t))
+        itemsize = 2 if self.dtype in ("float16", "bfloat16") else 4
+        needed = estimate_folder_bytes(folder, itemsize)
+        self._evict_for(needed)
+        started = time.monotonic()
+        pipe = getattr(pipelines, class_name).from_pretrained(str(folder), dtype=self.dtype, on_progress=report)
+        components = dict(pipe.components)
+        sizes = {name: _parameter_bytes(value) for name, value in components.items()
+                 if hasattr(value, "parameters_and_names")}
+        now = time.monotonic()
+        entry = LoadedFolder(source, role, folder, components, sizes, loaded_at=now, last_used=now)
+        with self._lock:
+            self._loaded[source] = entry
+        logger.info("loaded %s (%s) in %.1f s", source, format_bytes(entry.total), now - started)
+        return entry
+
+    def _evict_for(self, needed: int) -> list[str]:
+        """Evict unpinned folders, least recently used first, until `needed` more bytes fit."""
+        evicted = []
+        while self.used_bytes() + needed > self.memory_budget:
+            with self._lock:
+                candidates = [e for e in self._loaded.values() if e.pins == 0]
+                if not candidates:
+                    break
+                victim = min(candidates, key=lambda e: e.last_used)
+                del self._loaded[victim.source]
+            evicted.append(victim.source)
+            logger.info("evicted %s (%s) to stay within the memory budget of %s", victim.source,
+                        format_bytes(victim.total), format_bytes(self.memory_budget))
+            del victim
+            gc.collect()
+        if evicted:
+            self.last_evicted = evicted
+        return evicted
+
+    def _build(self, kind: str, entry: LoadedFolder, scheduler: str):
+        from backend import pipelines
+        from backend.schedulers import scheduler_from_config
+
+        class_name, _ = PIPELINE_KINDS[kind]
+        cls = getattr(pipelines, class_name)
+        components = {name: entry.components[name] for name in cls.component_names}
+        scheduler = (scheduler or "default").lower()
+        if kind != "prior" and scheduler != "default":
+            if scheduler not in SCHEDULERS:
+                raise ValueError(f"scheduler must be one of {['default', *SCHEDULERS]}; got {scheduler!r}")
+            components["scheduler"] = scheduler_from_config(SCHEDULERS[scheduler],
+                                                            dict(components["scheduler"].config))
+        return cls(dtype=self.dtype, **components)
+
+    # ------------------------------------------------------------------ any thread
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(e.total for e in self._loaded.values())
+
+    def is_loaded(self, model: str, role: str) -> bool:
+        spec = self.spec(model)
+        return str(spec.repos.get(role)) in self._loaded
+
+    def status(self) -> dict:
+        """Loaded folders with their components' sizes, device, dtype and budget (plain data)."""
+        with self._lock:
+            entries = sorted(self._loaded.values(), key=lambda e: e.last_used, reverse=True)
+            folders = [{"source": e.source, "role": e.role, "bytes": e.total, "in_use": e.pins > 0,
+                        "components": dict(sorted(e.sizes.items())),
+                        "idle_s": round(time.monotonic() - e.last_used, 1)} for e in entries]
+        used = sum(f["bytes"] for f in folders)
+        return {"device": self.device, "dtype": self.dtype, "budget": self.memory_budget, "used": used,
+                "over_budget": used > self.memory_budget, "folders": folders,
+                "models": {key: spec.label for key, spec in self.catalogue.items()}}
+
+
+def _parameter_bytes(model) -> int:
+    total = 0
+    for _, param in model.parameters_and_names():
+        count = 1
+        for dim in param.shape:
+            count *= int(dim)
+        total += count * param.itemsize
+    return total

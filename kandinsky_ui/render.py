@@ -1,0 +1,119 @@
+"""Events and status -> what the page shows (HTML, Markdown, gallery items). No Gradio here."""
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+from backend.jobs import Cancelled, Failed, Loading, Queued, Result, Step
+from backend.manager import format_bytes
+
+PHASE_NAMES = {"prior": "Prior (text → image embedding)", "decoder": "Denoising", "decode": "Decoding the image"}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating…"
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def progress_html(text: str, fraction: float | None = None, state: str = "running") -> str:
+    """A status line with an optional bar; `state` (idle|queued|loading|running|done|failed|stopped)
+    is exposed as data-state for styling and for the browser tests."""
+    bar = ""
+    if fraction is not None:
+        percent = max(0.0, min(1.0, fraction)) * 100
+        bar = f'<div class="ks-bar"><span style="width:{percent:.1f}%"></span></div>'
+    return f'<div class="ks-progress" data-state="{state}">{bar}<div class="ks-text">{html.escape(text)}</div></div>'
+
+
+def event_html(event) -> str:
+    if isinstance(event, Queued):
+        if event.position == 0:
+            return progress_html("Starting…", None, "queued")
+        jobs = "job" if event.position == 1 else "jobs"
+        return progress_html(f"Waiting in line: {event.position} {jobs} ahead of yours", None, "queued")
+    if isinstance(event, Loading):
+        if event.total > 0:
+            return progress_html(f"Loading {event.component}: {format_bytes(event.done)} of "
+                                 f"{format_bytes(event.total)}", event.done / event.total, "loading")
+        return progress_html(f"Loading {event.component}…", None, "loading")
+    if isinstance(event, Step):
+        run = f" · run {event.batch}/{event.batch_count}" if event.batch_count > 1 else ""
+        if event.phase == "decode":
+            text = f"{PHASE_NAMES['decode']}{run} · ETA {_duration(event.eta_s)}"
+            return progress_html(text, 1.0, "running")
+        text = (f"{PHASE_NAMES.get(event.phase, event.phase)}: step {event.step}/{event.total}{run}"
+                f" · ETA {_duration(event.eta_s)}")
+        return progress_html(text, event.step / max(1, event.total), "running")
+    if isinstance(event, Result):
+        count = len(event.images)
+        share = 100 * event.preview_s / event.elapsed_s if event.elapsed_s else 0.0
+        text = (f"Done: {count} image{'s' if count != 1 else ''} in {event.elapsed_s:.1f} s "
+                f"(previews {event.preview_s:.2f} s, {share:.1f}%)")
+        for note in event.notes:
+            text += f" · {note}"
+        return progress_html(text, 1.0, "done")
+    if isinstance(event, Failed):
+        return progress_html(f"Failed: {event.message}", None, "failed")
+    if isinstance(event, Cancelled):
+        latency = f" {event.latency_s:.2f} s after the click" if event.latency_s is not None else ""
+        if event.partials:
+            step = event.partials[0].settings.get("stopped_at_step")
+            total = event.partials[0].settings.get("steps_planned")
+            text = (f"Stopped{latency}, at step {step}/{total}. The last preview was kept as a partial image "
+                    f"(marked partial).")
+        else:
+            text = f"Stopped{latency}, before any preview."
+        if event.images:
+            text += f" {len(event.images)} finished image(s) kept."
+        return progress_html(text, None, "stopped")
+    raise TypeError(f"not an event: {event!r}")
+
+
+_NAME_RE = re.compile(r"-(\d+)(-partial)?\.png$")
+
+
+def caption(path: Path) -> str:
+    """Gallery caption from the file name (written by OutputStore.save): the seed, and partial."""
+    match = _NAME_RE.search(path.name)
+    if not match:
+        return path.name
+    text = f"seed {match.group(1)}"
+    return text + " · partial" if match.group(2) else text
+
+
+def gallery_items(paths: list[Path]) -> list[tuple[str, str]]:
+    return [(str(path), caption(path)) for path in paths]
+
+
+def status_markdown(status: dict, waiting: int = 0, running: str | None = None) -> str:
+    lines = [f"**Device** {status['device']} · **dtype** {status['dtype']} · "
+             f"**memory in use** {format_bytes(status['used'])} of a {format_bytes(status['budget'])} budget"]
+    if status["over_budget"]:
+        lines.append("\n⚠️ Over budget: one model folder is larger than the whole budget and was loaded alone.")
+    lines.append(f"\n**Jobs** running: {running or 'none'} · waiting: {waiting}")
+    if not status["folders"]:
+        lines.append("\nNo model loaded yet: models load on first use.")
+        return "\n".join(lines)
+    lines.append("\n| Folder | Role | Component | Memory | State |\n|---|---|---|---|---|")
+    for folder in status["folders"]:
+        state = "in use" if folder["in_use"] else f"idle {folder['idle_s']:.0f} s"
+        name = folder["source"].rstrip("/").split("/")[-1]
+        for index, (component, size) in enumerate(folder["components"].items()):
+            first = index == 0
+            lines.append(f"| {name if first else ''} | {folder['role'] if first else ''} | {component} | "
+                         f"{format_bytes(size)} | {state if first else ''} |")
+        lines.append(f"| | | **total** | **{format_bytes(folder['bytes'])}** | |")
+    return "\n".join(lines)
+
+
+def seeds_text(seeds: list[int]) -> str:
+    return ", ".join(str(s) for s in seeds)
