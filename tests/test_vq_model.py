@@ -1,0 +1,179 @@
+"""Parity of backend/models/vq_model.py (MoVQ) with diffusers 0.35.2 VQModel.
+
+Fixtures come from tools/fixtures/make_movq.py (tiny random-weight models saved by diffusers,
+with diffusers' outputs on fixed inputs).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor
+
+from backend.models import vq_model
+from backend.models.vq_model import VQModel, interpolate_nearest, torch_nearest_indices
+from backend.weights import load_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONFIGS = Path("/work/shared/reference-configs")
+if not CONFIGS.exists():
+    CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference-configs"
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def spatial():
+    return load_model(VQModel, FIXTURES / "movq_tiny"), np.load(FIXTURES / "movq_tiny" / "reference.npz")
+
+
+@pytest.fixture(scope="module")
+def group():
+    return (load_model(VQModel, FIXTURES / "movq_tiny_group"),
+            np.load(FIXTURES / "movq_tiny_group" / "reference.npz"))
+
+
+def assert_close(actual, expected, tolerance=TOLERANCE):
+    actual = actual.asnumpy() if isinstance(actual, Tensor) else np.asarray(actual)
+    assert actual.shape == expected.shape
+    diff = float(np.abs(actual - expected).max())
+    assert diff <= tolerance, f"max abs diff {diff:.3g} > {tolerance}"
+
+
+@pytest.mark.parametrize("name", ["spatial", "group"])
+def test_encode_matches_diffusers(name, request):
+    model, ref = request.getfixturevalue(name)
+    latents = model.encode(Tensor(ref["image"]))["latents"]
+    assert_close(latents, ref["encoded"])
+
+
+@pytest.mark.parametrize("name", ["spatial", "group"])
+def test_decode_not_quantized_matches_diffusers(name, request):
+    model, ref = request.getfixturevalue(name)
+    sample = model.decode(Tensor(ref["latents"]), force_not_quantize=True)["sample"]
+    assert sample.shape == (2, 3, 32, 48)
+    assert_close(sample, ref["decoded_not_quantized"])
+
+
+@pytest.mark.parametrize("name", ["spatial", "group"])
+def test_decode_quantized_matches_diffusers(name, request):
+    model, ref = request.getfixturevalue(name)
+    quantized, indices = model.quantize(Tensor(ref["latents"]))
+    np.testing.assert_array_equal(indices.asnumpy(), ref["quantized_indices"])
+    assert_close(quantized, ref["quantized"], 0.0)
+    # diffusers' default is force_not_quantize=False
+    assert_close(model.decode(Tensor(ref["latents"]))["sample"], ref["decoded_quantized"])
+    # quantizing changes the result, so the test above tests the quantizer
+    assert np.abs(ref["decoded_quantized"] - ref["decoded_not_quantized"]).max() > 1e-2
+
+
+def test_roundtrip_matches_diffusers(spatial):
+    model, ref = spatial
+    assert_close(model(Tensor(ref["image"])), ref["roundtrip"])
+
+
+def test_chunked_attention_and_quantizer_match(spatial, monkeypatch):
+    """The query-block and distance-block loops give the unchunked result."""
+    model, ref = spatial
+    monkeypatch.setattr(vq_model, "MAX_SCORE_ELEMENTS", 384 * 100)  # 16x24 latent: 4 query blocks
+    monkeypatch.setattr(vq_model, "MAX_DISTANCE_ELEMENTS", 48 * 300)  # 768 pixels: 3 blocks
+    assert_close(model.decode(Tensor(ref["latents"]))["sample"], ref["decoded_quantized"])
+
+
+def test_spatial_norm_fractional_ratio(spatial):
+    """SpatialNorm over a feature map 1.25x the latent size uses torch's nearest rule."""
+    model, ref = spatial
+    out = model.decoder.conv_norm_out(Tensor(ref["spatial_norm_f"]), Tensor(ref["spatial_norm_zq"]))
+    assert_close(out, ref["spatial_norm_out"])
+
+
+def test_interpolate_nearest_matches_torch(spatial):
+    _, ref = spatial
+    keys = [k for k in ref.files if k.startswith("nearest_in_")]
+    assert len(keys) == 6
+    for key in keys:
+        expected = ref[key.replace("nearest_in_", "nearest_out_")]
+        out = interpolate_nearest(Tensor(ref[key]), expected.shape[2:])
+        assert_close(out, expected, 0.0)
+
+
+def test_torch_nearest_indices_rule():
+    np.testing.assert_array_equal(torch_nearest_indices(4, 8), [0, 0, 1, 1, 2, 2, 3, 3])
+    np.testing.assert_array_equal(torch_nearest_indices(4, 4), [0, 1, 2, 3])
+    # floor(i * 5/12) in float32
+    np.testing.assert_array_equal(torch_nearest_indices(5, 12), [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4])
+
+
+def test_vae_scale_factor_and_config(spatial, group):
+    model, _ = spatial
+    assert model.vae_scale_factor == 2
+    assert model.config.block_out_channels == (32, 32)
+    assert model.config.norm_type == "spatial"
+    assert group[0].config.block_out_channels == (8, 16)
+
+
+@pytest.mark.parametrize("name", ["kandinsky-2-2-decoder", "kandinsky-2-1", "kandinsky-3"])
+def test_published_configs_build(name):
+    config = json.loads((CONFIGS / name / "movq.json").read_text())
+    start = time.perf_counter()
+    model = VQModel.from_config(config)
+    params = dict(model.parameters_and_names())
+    count = sum(int(np.prod(p.shape)) for p in params.values())
+    assert time.perf_counter() - start < 20
+    assert model.vae_scale_factor == 8
+    assert model.config.block_out_channels == tuple(config["block_out_channels"])
+    if name == "kandinsky-3":
+        # Kandinsky 3 doubles every width: all 431 tensors are there, each level 2x wider.
+        assert len(params) == 431
+        assert params["decoder.conv_in.weight"].shape == (1024, 4, 3, 3)
+    else:
+        # kandinsky-2-2-decoder movq/diffusion_pytorch_model.safetensors: 431 tensors, 67,832,495 values
+        assert len(params) == 431
+        assert count == 67_832_495
+    assert params["quantize.embedding.weight"].shape == (16384, 4)
+    assert params["decoder.up_blocks.0.attentions.2.spatial_norm.conv_y.weight"].shape[:2] == (
+        config["block_out_channels"][-1], 4)
+
+
+def test_published_checkpoint_key_names():
+    """A few keys exactly as they appear in the published MoVQ checkpoint."""
+    config = json.loads((CONFIGS / "kandinsky-2-2-decoder" / "movq.json").read_text())
+    names = {name for name, _ in VQModel.from_config(config).parameters_and_names()}
+    for key in ("encoder.down_blocks.0.downsamplers.0.conv.weight",
+                "encoder.down_blocks.3.attentions.1.group_norm.weight",
+                "encoder.mid_block.attentions.0.to_out.0.bias",
+                "quant_conv.weight", "post_quant_conv.bias",
+                "decoder.mid_block.resnets.0.norm1.norm_layer.weight",
+                "decoder.mid_block.resnets.0.norm1.conv_b.bias",
+                "decoder.up_blocks.0.upsamplers.0.conv.weight",
+                "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+                "decoder.conv_norm_out.conv_y.weight"):
+        assert key in names, key
+    assert "encoder.down_blocks.3.downsamplers.0.conv.weight" not in names
+    assert "decoder.up_blocks.3.upsamplers.0.conv.weight" not in names
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"norm_type": "ada"}, "norm_type"),
+    ({"act_fn": "gelu"}, "act_fn"),
+    ({"down_block_types": ["DownBlock2D", "AttnDownEncoderBlock2D"]}, "down_block_types"),
+    ({"up_block_types": ["AttnUpDecoderBlock2D"]}, "same length"),
+    ({"lookup_from_codebook": True}, "lookup_from_codebook"),
+    ({"block_out_channels": [32, 48]}, "multiples of 32"),
+])
+def test_unsupported_config_values_raise(change, message):
+    config = json.loads((FIXTURES / "movq_tiny" / "config.json").read_text())
+    config.update(change)
+    with pytest.raises(ValueError, match=message):
+        VQModel.from_config(config)
+
+
+def test_bad_input_shape_raises(spatial):
+    model, _ = spatial
+    with pytest.raises(ValueError, match="latents"):
+        model.decode(Tensor(np.zeros((1, 3, 8, 8), np.float32)))
+    with pytest.raises(ValueError, match="x must have shape"):
+        model.encode(Tensor(np.zeros((1, 4, 8, 8), np.float32)))
