@@ -127,16 +127,22 @@ def fit_factors_from_pipeline(pipe, size: int = FIT_SIZE) -> LatentRGBFactors:
 
 
 def checkpoint_key(movq_dir: str | os.PathLike) -> str:
-    """Identifies one MoVQ checkpoint: its config and the names, sizes and times of its weight files."""
-    folder = Path(movq_dir).resolve()
-    parts = [str(folder)]
+    """Identifies one MoVQ checkpoint by content: its config, and each weight file's size and first
+    and last MiB. The published decoder, inpainting and ControlNet repos ship the same MoVQ file,
+    so they share one fit; hashing whole files (271 MB) at every start would cost seconds."""
+    folder = Path(movq_dir)
+    digest = hashlib.sha256()
     config = folder / "config.json"
     if config.is_file():
-        parts.append(config.read_text(encoding="utf-8"))
+        digest.update(config.read_bytes())
     for path in sorted(folder.glob("*.safetensors")):
-        stat = path.stat()
-        parts.append(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(2**20))
+            f.seek(max(0, size - 2**20))
+            digest.update(f.read(2**20))
+    return digest.hexdigest()[:24]
 
 
 class PreviewFactorCache:
