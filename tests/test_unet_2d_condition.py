@@ -13,7 +13,7 @@ import pytest
 from mindspore import Tensor
 
 from backend.models.unet_2d_condition import (UNet2DConditionModel, avg_pool_2x, get_timestep_embedding,
-                                              upsample_nearest_2x)
+                                              host_matmul, upsample_nearest_2x)
 from backend.weights import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -146,3 +146,22 @@ def test_bad_inputs_raise():
         model(sample, Tensor(np.array([1, 2, 3])), added_cond_kwargs=added)
     with pytest.raises(ValueError, match="hint"):
         tiny_model("hint")(sample, timestep, added_cond_kwargs=added)
+
+
+def test_host_matmul_matches_numpy():
+    """The oneDNN sgemm wrapper: plain, transposed and strided views, broadcasting, split products."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((300, 200), dtype=np.float32)
+    b = rng.standard_normal((200, 500), dtype=np.float32)
+    bt = np.ascontiguousarray(b.T)
+    stack = rng.standard_normal((3, 200, 40), dtype=np.float32)
+    cases = [(a, b), (a, bt.T), (np.ascontiguousarray(a.T).T, b), (a[:, ::2], b[::2]), (a, stack),
+             (stack.transpose(0, 2, 1), a.T[None]), (a[:1], b[:, :1]), (a[:5, :0], b[:0, :3])]
+    for left, right in cases:
+        expected = np.matmul(left.astype(np.float64), right.astype(np.float64))
+        got = host_matmul(left, right)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    out = np.empty((2, 300, 500), np.float32)
+    host_matmul(a, np.stack([b, b]), out=out[:, :, :])
+    np.testing.assert_allclose(out[1], a.astype(np.float64) @ b, rtol=0, atol=1e-4)

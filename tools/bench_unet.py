@@ -1,0 +1,199 @@
+"""One decoder UNet step, ours vs diffusers, on the real kandinsky-2-2-decoder config.
+
+    python3 tools/bench_unet.py [--steps 3] [--size 64] [--profile]
+
+Builds the real config (1.25 B parameters, 5 GB in float32) with random weights drawn from
+numpy generators seeded by each parameter's name, so both sides hold identical weights; runs
+batch 2 (classifier-free guidance) at a 64x64 latent (512x512 images); prints our step time,
+torch's step time (diffusers in /work/refenv, in a subprocess started after our model is freed,
+so only one 5 GB model is in memory at a time), their ratio, and how far the outputs differ.
+--profile adds our time per layer kind (exclusive of the layers inside it).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT.parent / "shared" / "reference-configs" / "kandinsky-2-2-decoder" / "unet.json"
+if not CONFIG.exists():
+    CONFIG = Path("/work/shared/reference-configs/kandinsky-2-2-decoder/unet.json")
+REFERENCE_PYTHON = "/work/refenv/bin/python"
+TIMESTEP = 500
+
+
+def weight(name: str, shape) -> np.ndarray:
+    """Deterministic random values per parameter name; 1/sqrt(fan_in) scale keeps activations O(1)."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    values = rng.standard_normal(tuple(shape), dtype=np.float32)
+    owner = name.split(".")[-2]
+    if "norm" in owner and name.endswith("weight"):
+        return 1 + np.float32(0.1) * values
+    if name.endswith("bias"):
+        return np.float32(0.02) * values
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+    return values / np.float32(np.sqrt(fan_in))
+
+
+def inputs(size: int):
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 4, size, size), dtype=np.float32)
+    image_embeds = rng.standard_normal((2, 1280), dtype=np.float32)
+    return sample, image_embeds
+
+
+def run_ours(steps: int, size: int, profile: bool, out_path: Path) -> list[float]:
+    sys.path.insert(0, str(ROOT))
+    from mindspore import Tensor
+
+    from backend.models.unet_2d_condition import UNet2DConditionModel
+
+    config = json.loads(CONFIG.read_text())
+    model = UNet2DConditionModel.from_config(config)
+    for name, param in model.parameters_and_names():
+        param.set_data(Tensor.from_numpy(weight(name, param.shape)))
+    model.set_train(False)
+    sample, image_embeds = inputs(size)
+    sample, image_embeds = Tensor(sample), Tensor(image_embeds)
+    times = []
+    for _ in range(steps + 1):  # the first call warms up
+        start = time.perf_counter()
+        out = model(sample, TIMESTEP, added_cond_kwargs={"image_embeds": image_embeds}).asnumpy()
+        times.append(time.perf_counter() - start)
+    np.save(out_path, out)
+    if profile:
+        profile_ours(model, sample, image_embeds)
+    return times[1:]
+
+
+def profile_ours(model, sample, image_embeds) -> None:
+    """Exclusive time per layer class for one step (wraps construct on the classes, tool only)."""
+    import collections
+
+    import backend.models.unet_2d_condition as unet
+
+    totals, counts, stack = collections.Counter(), collections.Counter(), []
+    classes = [unet.Conv2d, unet.GroupNorm, unet.Linear, unet.LayerNorm, unet.Attention, unet.ResnetBlock2D,
+               unet.SimpleCrossAttnDownBlock2D, unet.SimpleCrossAttnUpBlock2D, unet.ResnetDownsampleBlock2D,
+               unet.ResnetUpsampleBlock2D, unet.UNetMidBlock2DSimpleCrossAttn, unet.UNet2DConditionModel]
+    originals = {cls: cls.construct for cls in classes}
+
+    def timed(cls):
+        original = originals[cls]
+
+        def construct(self, *args, **kwargs):
+            start = time.perf_counter()
+            stack.append(0.0)
+            result = original(self, *args, **kwargs)
+            elapsed = time.perf_counter() - start
+            inner = stack.pop()
+            totals[cls.__name__] += elapsed - inner
+            counts[cls.__name__] += 1
+            if stack:
+                stack[-1] += elapsed
+            return result
+        return construct
+
+    for cls in classes:
+        cls.construct = timed(cls)
+    # Attention's host path calls Linear.channels_first directly: time it as Linear too
+    original_cf = unet.Linear.channels_first
+
+    def channels_first(self, x):
+        start = time.perf_counter()
+        result = original_cf(self, x)
+        elapsed = time.perf_counter() - start
+        totals["Linear"] += elapsed
+        counts["Linear"] += 1
+        stack[-1] += elapsed
+        return result
+
+    unet.Linear.channels_first = channels_first
+    try:
+        start = time.perf_counter()
+        model(sample, TIMESTEP, added_cond_kwargs={"image_embeds": image_embeds}).asnumpy()
+        total = time.perf_counter() - start
+    finally:
+        for cls, original in originals.items():
+            cls.construct = original
+        unet.Linear.channels_first = original_cf
+    print(f"profile of one step ({total:.2f} s), exclusive seconds per layer kind:")
+    for name, seconds in totals.most_common():
+        print(f"  {name:32s} {seconds:7.2f} s  {100 * seconds / total:5.1f} %  calls {counts[name]}")
+
+
+def run_torch(steps: int, size: int, out_path: Path, threads: int) -> list[float]:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.set_num_threads(threads)
+    config = json.loads(CONFIG.read_text())
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(config)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.from_numpy(weight(name, param.shape)))
+    sample, image_embeds = inputs(size)
+    sample, image_embeds = torch.from_numpy(sample), torch.from_numpy(image_embeds)
+    times = []
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            out = model(sample, TIMESTEP, encoder_hidden_states=None,
+                        added_cond_kwargs={"image_embeds": image_embeds}, return_dict=False)[0]
+            times.append(time.perf_counter() - start)
+    np.save(out_path, out.numpy())
+    return times[1:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up)")
+    parser.add_argument("--size", type=int, default=64, help="latent height and width (64 = 512x512 images)")
+    parser.add_argument("--profile", action="store_true", help="also print our time per layer kind")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    parser.add_argument("--side", choices=["both", "ours", "torch"], default="both")
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.side == "torch":  # the subprocess
+        times = run_torch(args.steps, args.size, args.out, args.torch_threads)
+        print(json.dumps(times))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="bench_unet_"))
+    ours_out, torch_out = work / "ours.npy", work / "torch.npy"
+    print(f"kandinsky-2-2-decoder UNet, batch 2, latent {args.size}x{args.size}, "
+          f"{args.steps} timed steps per side, {os.cpu_count()} CPU cores")
+    ours = run_ours(args.steps, args.size, args.profile, ours_out)
+    print(f"ours:  {min(ours):.2f} s/step (best), {np.median(ours):.2f} median; all {[round(t, 2) for t in ours]}")
+    if args.side == "ours":
+        return 0
+    gc.collect()
+    result = subprocess.run([REFERENCE_PYTHON, __file__, "--side", "torch", "--steps", str(args.steps),
+                             "--size", str(args.size), "--out", str(torch_out),
+                             "--torch-threads", str(args.torch_threads)],
+                            check=True, capture_output=True, text=True)
+    theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"torch: {min(theirs):.2f} s/step (best), {np.median(theirs):.2f} median; all "
+          f"{[round(t, 2) for t in theirs]} ({args.torch_threads} threads)")
+    print(f"ratio ours/torch: {min(ours) / min(theirs):.2f} (best), {np.median(ours) / np.median(theirs):.2f} (median)")
+    a, b = np.load(ours_out), np.load(torch_out)
+    print(f"outputs: max abs diff {np.abs(a - b).max():.2e}, max |torch| {np.abs(b).max():.2f}, "
+          f"rms diff {np.sqrt(np.mean((a - b) ** 2)):.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
