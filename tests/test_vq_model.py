@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor
 
 from backend.models import vq_model
@@ -81,6 +80,19 @@ def test_chunked_attention_and_quantizer_match(spatial, monkeypatch):
     monkeypatch.setattr(vq_model, "MAX_SCORE_ELEMENTS", 384 * 100)  # 16x24 latent: 4 query blocks
     monkeypatch.setattr(vq_model, "MAX_DISTANCE_ELEMENTS", 48 * 300)  # 768 pixels: 3 blocks
     assert_close(model.decode(Tensor(ref["latents"]))["sample"], ref["decoded_quantized"])
+
+
+def test_accelerator_code_path_matches(spatial, monkeypatch):
+    """The GPU/Ascend branches (ops.conv2d, ops.pad, gather upsampling), run on CPU kernels."""
+    import backend.nn.conv
+
+    model, ref = spatial
+    monkeypatch.setattr(vq_model, "on_cpu", lambda: False)
+    monkeypatch.setattr(backend.nn.conv, "on_cpu", lambda: False)
+    image = Tensor(ref["image"][:1])
+    assert_close(model.encode(image)["latents"], ref["encoded"][:1])
+    latents = Tensor(ref["latents"][:1])
+    assert_close(model.decode(latents, force_not_quantize=True)["sample"], ref["decoded_not_quantized"][:1])
 
 
 def test_spatial_norm_fractional_ratio(spatial):

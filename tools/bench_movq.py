@@ -5,7 +5,8 @@
 Writes random weights for the real config (kandinsky-2-2-decoder/movq.json by default) to a
 temporary diffusers folder, runs diffusers' VQModel.decode(force_not_quantize=True) in the
 reference environment (/work/refenv, a subprocess), then ours on the same weights and latent,
-and prints both times, the ratio ours/theirs and the largest output difference.
+and prints both times (wall and process CPU), the ratios ours/theirs and the largest output
+difference.
 `--profile` also prints where our time goes (cProfile, top functions by own time).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,17 +31,20 @@ DEFAULT_CONFIG = Path("/work/shared/reference-configs/kandinsky-2-2-decoder/movq
 CLEAN_ENVIRONMENT = dict(os.environ)
 
 TORCH_SIDE = r"""
-import sys, time, numpy as np, torch
+import resource, sys, time, numpy as np, torch
 from diffusers import VQModel
 folder, size = sys.argv[1], int(sys.argv[2])
 model = VQModel.from_pretrained(folder).eval()
 latents = torch.from_numpy(np.load(folder + "/latents.npy"))
+usage = resource.getrusage(resource.RUSAGE_SELF)
 with torch.no_grad():
     start = time.perf_counter()
     sample = model.decode(latents, force_not_quantize=True).sample
     seconds = time.perf_counter() - start
+after = resource.getrusage(resource.RUSAGE_SELF)
+cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
 np.save(folder + "/torch_sample.npy", sample.numpy())
-print(f"TORCH_SECONDS {seconds:.3f} threads={torch.get_num_threads()}")
+print(f"TORCH_SECONDS {seconds:.3f} {cpu:.3f} {torch.get_num_threads()}")
 """
 
 
@@ -93,11 +98,13 @@ def main() -> None:
         lines = [line for line in result.stdout.splitlines() if line.startswith("TORCH_SECONDS")]
         if result.returncode != 0 or not lines:
             raise SystemExit(f"reference run failed:\n{result.stderr[-3000:]}")
-        theirs = float(lines[0].split()[1])
-        print(f"diffusers decode {args.size * 8}x{args.size * 8}: {theirs:.2f} s ({lines[0].split()[2]})",
-              flush=True)
+        _, theirs, theirs_cpu, threads = lines[0].split()
+        theirs, theirs_cpu = float(theirs), float(theirs_cpu)
+        print(f"diffusers decode {args.size * 8}x{args.size * 8}: {theirs:.2f} s "
+              f"(process CPU time {theirs_cpu:.1f} s, {threads} torch threads)", flush=True)
 
         model = load_model(VQModel, folder)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         if args.profile:
             import cProfile
@@ -106,11 +113,14 @@ def main() -> None:
             profiler.enable()
         sample = model.decode(Tensor(latents), force_not_quantize=True)["sample"].asnumpy()
         ours = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        ours_cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
         if args.profile:
             profiler.disable()
         reference = np.load(os.path.join(folder, "torch_sample.npy"))
-        print(f"ours decode {args.size * 8}x{args.size * 8}: {ours:.2f} s")
-        print(f"ratio ours/theirs: {ours / theirs:.2f}")
+        print(f"ours decode {args.size * 8}x{args.size * 8}: {ours:.2f} s (process CPU time {ours_cpu:.1f} s)")
+        print(f"ratio ours/theirs: {ours / theirs:.2f} wall, {ours_cpu / theirs_cpu:.2f} CPU time "
+              "(the machine is shared: compare runs made back to back)")
         print(f"max abs diff: {np.abs(sample - reference).max():.3g} "
               f"(output std {reference.std():.3g})")
         if args.profile:

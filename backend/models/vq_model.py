@@ -10,12 +10,15 @@ https://huggingface.co/papers/2209.09002.
 
 Attribute paths equal the diffusers checkpoint keys (`decoder.up_blocks.0.attentions.1.to_q.weight`).
 
-CPU speed: MindSpore's CPU kernels for broadcasting element-wise ops are slow (measured on
-(1, 128, 512, 512): a per-channel broadcast multiply ~340 ms, a same-shape multiply ~10 ms,
-`ops.BatchNorm` inference ~25 ms, `ops.BiasAdd` ~25 ms). So group norms here are built
-from those fast kernels, the spatial norm folds its per-channel factors at latent
-resolution before upsampling them, and the nearest upsampling in `Upsample2D` happens
-inside the numpy convolution fast path (backend/nn/conv.py) that the tensor visits anyway.
+CPU speed (measured on (1, 128, 512, 512) maps, this 2-core x86-64 machine):
+- MindSpore's broadcasting element-wise kernels are slow (a per-channel broadcast multiply
+  ~340 ms against ~10 ms for a same-shape multiply; broadcast_to + contiguous ~0.5 s), while
+  `ops.BatchNorm` inference and `ops.BiasAdd` take ~25 ms. Group norms are built from those,
+  the spatial norm forms its per-pixel factors at latent resolution and resizes them with
+  two gathers (~5x faster than broadcast_to or ResizeNearestNeighbor).
+- 3x3 convs run on the host through `conv2d_padded_numpy` below (3-4x faster than
+  backend/nn/conv.py's im2col at 512x512), and `Upsample2D` writes its repeated pixels
+  straight into the padded buffer that conv reads.
 """
 from __future__ import annotations
 
@@ -213,7 +216,8 @@ def interpolate_nearest(x, size: tuple[int, int]):
 def _conv_numpy(x_np: np.ndarray, conv: Conv2d, stride: int, padding: int) -> Tensor:
     weight = conv.weight.asnumpy()
     bias = None if conv.bias is None else conv.bias.asnumpy()
-    return Tensor(conv2d_numpy(x_np.astype(weight.dtype, copy=False), weight, bias, stride, padding))
+    out = conv2d_numpy(x_np.astype(weight.dtype, copy=False), weight, bias, stride, padding)
+    return Tensor.from_numpy(np.ascontiguousarray(out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,22 +287,35 @@ def conv2d_padded_numpy(padded: np.ndarray, height: int, width: int, weight: np.
 
 
 class Conv2dSame(Conv2d):
-    """Stride-1 conv with padding = kernel // 2 (torch.nn.Conv2d(..., padding=k//2));
-    on CPU it runs through `conv2d_padded_numpy`."""
+    """Stride-1 conv with padding = kernel // 2 (torch.nn.Conv2d(..., padding=k//2)).
+
+    On CPU it runs through `conv2d_padded_numpy` (a 1x1 kernel: one matmul) and hands the
+    result to MindSpore with `Tensor.from_numpy`, which shares the buffer: `Tensor(array)`
+    copies, ~100 ms per 128 MB (a (1, 128, 512, 512) map).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=kernel_size // 2)
 
+    def _weights(self):
+        return self.weight.asnumpy(), None if self.bias is None else self.bias.asnumpy()
+
     def run_padded(self, padded: np.ndarray, height: int, width: int) -> Tensor:
-        weight = self.weight.asnumpy()
-        bias = None if self.bias is None else self.bias.asnumpy()
-        return Tensor(conv2d_padded_numpy(padded.astype(weight.dtype, copy=False), height, width,
-                                          weight, bias))
+        weight, bias = self._weights()
+        out = conv2d_padded_numpy(padded.astype(weight.dtype, copy=False), height, width, weight, bias)
+        return Tensor.from_numpy(out)
 
     def construct(self, x):
         if not on_cpu():
             return super().construct(x)
-        x_np = x.asnumpy()
+        x_np = x.asnumpy()  # shares the tensor's memory; only read
+        if self.kernel_size == 1:
+            weight, bias = self._weights()
+            b, c, h, w = x_np.shape
+            out = np.matmul(weight.reshape(-1, c), x_np.reshape(b, c, h * w).astype(weight.dtype, copy=False))
+            if bias is not None:
+                out += bias.reshape(1, -1, 1)
+            return Tensor.from_numpy(out.reshape(b, -1, h, w))
         return self.run_padded(pad_flat_numpy(x_np, self.padding), x_np.shape[2], x_np.shape[3])
 
 
@@ -332,8 +349,8 @@ class SpatialNorm(nn.Cell):
     def __init__(self, f_channels: int, zq_channels: int):
         super().__init__()
         self.norm_layer = GroupNorm(SPATIAL_NORM_GROUPS, f_channels, eps=SPATIAL_NORM_EPS)
-        self.conv_y = Conv2d(zq_channels, f_channels, kernel_size=1)
-        self.conv_b = Conv2d(zq_channels, f_channels, kernel_size=1)
+        self.conv_y = Conv2dSame(zq_channels, f_channels, 1)
+        self.conv_b = Conv2dSame(zq_channels, f_channels, 1)
 
     def construct(self, f, zq):
         b, c, h, w = f.shape
@@ -422,7 +439,7 @@ class ResnetBlock2D(nn.Cell):
             self.norm2 = GroupNorm(groups, out_channels, eps)
         self.conv1 = Conv2dSame(in_channels, out_channels, 3)
         self.conv2 = Conv2dSame(out_channels, out_channels, 3)
-        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = Conv2dSame(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
     def _norm(self, norm, x, zq):
@@ -653,9 +670,9 @@ class VQModel(nn.Cell):
         self.config = config
         embed_dim = config.vq_embed_dim or config.latent_channels
         self.encoder = Encoder(config)
-        self.quant_conv = Conv2d(config.latent_channels, embed_dim, 1)
+        self.quant_conv = Conv2dSame(config.latent_channels, embed_dim, 1)
         self.quantize = VectorQuantizer(config.num_vq_embeddings, embed_dim)
-        self.post_quant_conv = Conv2d(embed_dim, config.latent_channels, 1)
+        self.post_quant_conv = Conv2dSame(embed_dim, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
     @classmethod
