@@ -170,9 +170,9 @@ def run_ours(name: str, folder: Path) -> dict:
         outputs = {"predicted_image_embedding": pred, "post_processed": model.post_process_latents(pred)}
     elif name == "text_encoder":
         out = model(Tensor(io["in_input_ids"].astype(np.int32)))
-        outputs = {"text_embeds": out["text_embeds"], "last_hidden_state": out["last_hidden_state"]}
+        outputs = {"text_embeds": out.text_embeds, "last_hidden_state": out.last_hidden_state}
     else:
-        outputs = {"image_embeds": model(t["pixel_values"])["image_embeds"]}
+        outputs = {"image_embeds": model(t["pixel_values"]).image_embeds}
     run_s = time.time() - start
     diffs = {}
     for key, value in outputs.items():
