@@ -18,7 +18,10 @@ Attribute paths equal the diffusers checkpoint keys (`down_blocks.1.attentions.0
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -153,9 +156,10 @@ def _per_block(value, n: int, name: str) -> tuple:
 # group norm 90-2000 ms (numpy 15 ms, torch 12 ms), add 7 ms (numpy 0.7 ms), silu 4-660 ms.
 # So on CPU the activations are numpy arrays from the input to the output ("host path"): every
 # layer below takes a numpy array or a Tensor and returns the same kind. Numpy arrays go through
-# numpy + BLAS (the convolution through backend.nn.conv's im2col + sgemm); Tensors go through
+# numpy and a fast sgemm (below; convolutions as im2col + sgemm); Tensors go through
 # mindspore.ops, which is what runs on GPU and Ascend. Parameters stay MindSpore Parameters; the
 # host path reads them with asnumpy(), a view of the same memory on CPU, not a copy.
+# UNet2DConditionModel.cpu_numpy_path = False runs the mindspore.ops path on CPU too.
 
 def _host(x) -> bool:
     return isinstance(x, np.ndarray)
@@ -169,21 +173,23 @@ def _np(param) -> np.ndarray:
 
 # Host matrix products. Why: numpy's bundled OpenBLAS runs its AVX2 kernels here (the
 # environment pins OPENBLAS_CORETYPE=Haswell) while this CPU has AVX-512; oneDNN, which
-# MindSpore bundles (lib/libdnnl.so.3), picks its kernels at run time. Measured here, per CPU
-# second, on the UNet's 3x3 convolutions: oneDNN sgemm 1.0-2.9x faster than numpy's matmul and
-# on par with or faster than torch's own convolution. MindSpore's oneDNN is built without its
-# own threads, so products are split over the cores with Python threads (ctypes drops the GIL).
-# Without the library, numpy's matmul is used.
+# MindSpore bundles (lib/libdnnl.so.3), picks its kernels at run time. Measured here: oneDNN's
+# sgemm did 2.3x the work per CPU second of numpy's matmul on a 768x6912 @ 6912x1024 product,
+# and the UNet's 3x3 convolutions built on it used 0.35-0.95x the CPU time of torch's own
+# convolutions. MindSpore's oneDNN is built without threads of its own, so products are split
+# over the cores with Python threads (ctypes releases the GIL during the call). Without the
+# library, numpy's matmul is used.
 
 _MIN_SPLIT_FLOPS = 2e6  # smaller products run on the calling thread: a handoff costs ~50 us
 
 
 class _HostGemm:
-    def __init__(self):
-        import ctypes
-        import os
-        from concurrent.futures import ThreadPoolExecutor
+    """dnnl_sgemm calls and other GIL-free work spread over the CPU cores."""
 
+    def __init__(self):
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        self.threads = max(1, len(cores))
+        self.pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
         self.sgemm = None
         try:
             lib = ctypes.CDLL(os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.3"))
@@ -195,8 +201,6 @@ class _HostGemm:
                           ctypes.c_float, ptr, i64]
         sgemm.restype = ctypes.c_int
         self.sgemm = sgemm
-        self.threads = max(1, len(os.sched_getaffinity(0)))
-        self.pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
     def run(self, tasks: list, flops: float) -> None:
         """Each task is the argument tuple of one dnnl_sgemm call."""
@@ -301,7 +305,8 @@ def host_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> 
             for n0, n1 in zip(edges[:-1], edges[1:]):
                 if n1 > n0:
                     offset_b = 4 * n0 if tb == b"N" else 4 * n0 * ldb
-                    tasks.append((ta, tb, m, n1 - n0, k, 1.0, pa, lda, pb + offset_b, ldb, 0.0, pc + 4 * n0, ldc))
+                    tasks.append((ta, tb, m, n1 - n0, k, 1.0, pa, lda, pb + offset_b, ldb, 0.0,
+                                  pc + 4 * n0, ldc))
         elif parts > 1:
             edges = np.linspace(0, m, parts + 1).astype(int).tolist()
             for m0, m1 in zip(edges[:-1], edges[1:]):
@@ -771,7 +776,8 @@ class Attention(nn.Cell):
         for i in range(b):
             for j in range(0, heads, step):
                 heads_slice = slice(j, j + step)
-                scores = host_matmul(query[i, heads_slice].transpose(0, 2, 1), key[i, heads_slice])  # (h', N, M)
+                # (h', N, d) @ (h', d, M) -> (h', N, M)
+                scores = host_matmul(query[i, heads_slice].transpose(0, 2, 1), key[i, heads_slice])
                 scores -= scores.max(axis=-1, keepdims=True)
                 np.exp(scores, out=scores)
                 scores /= scores.sum(axis=-1, keepdims=True)
@@ -1164,7 +1170,8 @@ class UNet2DConditionModel(nn.Cell):
             sample = concat([sample, hint], axis=1)
             emb = emb + aug_emb
         elif add_type == "text_image":
-            image_embeds = self._cond(added_cond_kwargs, "image_embeds", "addition_embed_type is 'text_image'")
+            image_embeds = self._cond(added_cond_kwargs, "image_embeds",
+                                      "addition_embed_type is 'text_image'")
             text_embeds = added_cond_kwargs.get("text_embeds")
             if text_embeds is None:
                 text_embeds = encoder_hidden_states
@@ -1175,7 +1182,8 @@ class UNet2DConditionModel(nn.Cell):
         # encoder hidden states: the tokens every attention attends to besides the pixels
         hid_type = self.encoder_hid_dim_type
         if hid_type == "image_proj":
-            image_embeds = self._cond(added_cond_kwargs, "image_embeds", "encoder_hid_dim_type is 'image_proj'")
+            image_embeds = self._cond(added_cond_kwargs, "image_embeds",
+                                      "encoder_hid_dim_type is 'image_proj'")
             encoder_hidden_states = self.encoder_hid_proj(image_embeds)  # (B, 32, cross_dim)
         elif hid_type == "text_image_proj":
             image_embeds = self._cond(added_cond_kwargs, "image_embeds",
