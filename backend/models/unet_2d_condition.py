@@ -181,6 +181,7 @@ def _np(param) -> np.ndarray:
 # library, numpy's matmul is used.
 
 _MIN_SPLIT_FLOPS = 2e6  # smaller products run on the calling thread: a handoff costs ~50 us
+_MIN_PARALLEL_ELEMENTS = 65536  # likewise for element-wise work
 
 
 class _HostGemm:
@@ -202,9 +203,9 @@ class _HostGemm:
         sgemm.restype = ctypes.c_int
         self.sgemm = sgemm
 
-    def run(self, tasks: list, flops: float) -> None:
+    def run(self, tasks: list, flops: float, split: bool = True) -> None:
         """Each task is the argument tuple of one dnnl_sgemm call."""
-        if self.pool is None or flops < _MIN_SPLIT_FLOPS or len(tasks) == 1:
+        if not split or self.pool is None or flops < _MIN_SPLIT_FLOPS or len(tasks) == 1:
             self._run_all(tasks)
             return
         shares = [tasks[i::self.threads] for i in range(self.threads)]
@@ -220,13 +221,19 @@ class _HostGemm:
                 raise RuntimeError(f"dnnl_sgemm failed with status {status}")
 
     def parallel(self, count: int, fn) -> None:
-        """fn(i) for i in range(count), spread over the cores (for GIL-free numpy work)."""
+        """fn(i) for i in range(count), in round-robin shares over the cores. fn must do GIL-free
+        numpy work or host_matmul(..., split=False) only (the pool is not re-entrant)."""
         if self.pool is None or count == 1:
             for i in range(count):
                 fn(i)
             return
-        futures = [self.pool.submit(fn, i) for i in range(1, count)]
-        fn(0)
+
+        def share(start):
+            for i in range(start, count, self.threads):
+                fn(i)
+
+        futures = [self.pool.submit(share, start) for start in range(1, min(count, self.threads))]
+        share(0)
         for future in futures:
             future.result()
 
@@ -253,11 +260,13 @@ def _gemm_layout(x: np.ndarray):
     return None
 
 
-def host_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def host_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
+                split: bool = True) -> np.ndarray:
     """np.matmul for float32 (..., M, K) @ (..., K, N) with broadcast leading dimensions.
 
     Transposed views (x.T, x.transpose(0, 2, 1)) are passed to sgemm as such, without copies.
-    `out` (C-contiguous rows) receives the result if given.
+    `out` (C-contiguous rows) receives the result if given. split=False keeps the work on the
+    calling thread (for use inside _HostGemm.parallel).
     """
     gemm = _gemm()
     if gemm.sgemm is None:
@@ -297,7 +306,7 @@ def host_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> 
         products.append((ta, tb, a2.ctypes.data, lda, b2.ctypes.data, ldb, c2.ctypes.data, c_layout[1]))
 
     # Split one product into column (or row) blocks when there are fewer products than cores.
-    parts = 1 if len(products) >= gemm.threads else -(-gemm.threads // len(products))
+    parts = 1 if not split or len(products) >= gemm.threads else -(-gemm.threads // len(products))
     tasks = []
     for ta, tb, pa, lda, pb, ldb, pc, ldc in products:
         if parts > 1 and n >= m:
@@ -316,31 +325,44 @@ def host_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> 
                                   pc + 4 * m0 * ldc, ldc))
         else:
             tasks.append((ta, tb, m, n, k, 1.0, pa, lda, pb, ldb, 0.0, pc, ldc))
-    gemm.run(tasks, 2.0 * m * n * k * len(products))
+    gemm.run(tasks, 2.0 * m * n * k * len(products), split)
     del keep
     return out
 
 
 def conv2d_host(x: np.ndarray, weight: np.ndarray, bias, stride: int, padding: int) -> np.ndarray:
-    """torch conv2d (groups 1) on host arrays: im2col through a strided view, then one sgemm per
-    sample, `weight (O, C*kh*kw) @ cols (C*kh*kw, H'*W')`, which lands directly in NCHW order."""
+    """torch conv2d (groups 1) on host arrays: im2col through a strided view, then
+    `weight (O, C*kh*kw) @ cols (C*kh*kw, H'*W')`, which lands directly in NCHW order.
+    With at least as many samples as cores, each core does whole samples (copy, product, bias);
+    otherwise the product is split."""
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    if kh == 1 and kw == 1 and stride == 1 and padding == 0:
-        cols = x.reshape(b, c, h * w)
-        out_h, out_w = h, w
-    else:
+    pointwise = kh == 1 and kw == 1 and stride == 1 and padding == 0
+    out_h = (h + 2 * padding - kh) // stride + 1
+    out_w = (w + 2 * padding - kw) // stride + 1
+    weight = weight.reshape(o, -1)
+    y = np.empty((b, o, out_h * out_w), np.float32)
+
+    def columns(sample: np.ndarray) -> np.ndarray:  # (C, H, W) -> (C*kh*kw, H'*W')
+        if pointwise:
+            return sample.reshape(c, h * w)
         if padding:
-            x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-        windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
-        out_h, out_w = windows.shape[2], windows.shape[3]
-        cols = np.empty((b, c, kh, kw, out_h, out_w), np.float32)
-        windows = windows.transpose(0, 1, 4, 5, 2, 3)  # (B, C, kh, kw, H', W')
-        _gemm().parallel(b, lambda i: np.copyto(cols[i], windows[i]))
-        cols = cols.reshape(b, c * kh * kw, out_h * out_w)
-    y = host_matmul(weight.reshape(o, -1), cols)  # (B, O, H'*W')
-    if bias is not None:
-        y += bias[:, None]
+            sample = np.pad(sample, ((0, 0), (padding, padding), (padding, padding)))
+        windows = np.lib.stride_tricks.sliding_window_view(sample, (kh, kw), axis=(1, 2))
+        windows = windows[:, ::stride, ::stride]  # (C, H', W', kh, kw)
+        return windows.transpose(0, 3, 4, 1, 2).reshape(c * kh * kw, out_h * out_w)  # the one copy
+
+    def one_sample(i: int, split: bool = False) -> None:
+        host_matmul(weight, columns(x[i]), out=y[i], split=split)
+        if bias is not None:
+            y[i] += bias[:, None]
+
+    gemm = _gemm()
+    if b >= gemm.threads:
+        gemm.parallel(b, one_sample)
+    else:
+        for i in range(b):
+            one_sample(i, split=True)
     return y.reshape(b, o, out_h, out_w)
 
 
@@ -451,24 +473,35 @@ class GroupNorm(layers.GroupNorm):
     def _host_forward(self, x, scale, shift, act):
         b, c = x.shape[0], x.shape[1]
         g = self.num_groups
-        centered = x.reshape(b, g, -1) - x.reshape(b, g, -1).mean(axis=-1, keepdims=True)
-        var = np.einsum("bgi,bgi->bg", centered, centered) / np.float32(centered.shape[-1])
-        inv_std = 1 / np.sqrt(var + np.float32(self.eps))  # (B, G)
-        # the normalization and the affine (and scale/shift) as one multiply-add per channel
         weight = _np(self.weight) if self.affine else np.ones((c,), np.float32)
         bias = _np(self.bias) if self.affine else np.zeros((c,), np.float32)
-        mul = (inv_std[:, :, None] * weight.reshape(1, g, -1)).reshape(b, c)
-        add = np.broadcast_to(bias, (b, c))
-        if scale is not None:
-            # torch: (y * w + b) * (1 + scale) + shift
-            mul = mul * (1 + scale)
-            add = add * (1 + scale) + shift
-        y = centered.reshape(b, c, -1)
-        y *= mul[:, :, None]
-        y += add[:, :, None]
-        if act:
-            _silu_inplace(y)
-        return y.reshape(x.shape)
+        out = np.empty(x.shape, np.float32)
+
+        def one_sample(i: int) -> None:
+            groups = x[i].reshape(g, -1)
+            y = out[i].reshape(g, -1)
+            np.subtract(groups, groups.mean(axis=-1, keepdims=True), out=y)
+            var = np.einsum("gi,gi->g", y, y) / np.float32(y.shape[-1])
+            inv_std = 1 / np.sqrt(var + np.float32(self.eps))  # (G,)
+            # the normalization and the affine (and scale/shift) as one multiply-add per channel
+            mul = (inv_std[:, None] * weight.reshape(g, -1)).reshape(c)
+            add = bias
+            if scale is not None:
+                # torch: (y * w + b) * (1 + scale) + shift
+                mul = mul * (1 + scale[i])
+                add = bias * (1 + scale[i]) + shift[i]
+            y = y.reshape(c, -1)
+            y *= mul[:, None]
+            y += add[:, None]
+            if act:
+                _silu_inplace(y)
+
+        if x.size >= _MIN_PARALLEL_ELEMENTS:
+            _gemm().parallel(b, one_sample)
+        else:
+            for i in range(b):
+                one_sample(i)
+        return out
 
 
 class SiLU(nn.Cell):
@@ -773,16 +806,20 @@ class Attention(nn.Cell):
 
         out = np.empty((b, heads, d, n), np.float32)
         step = max(1, min(heads, _SCORES_CHUNK_BYTES // (4 * n * m)))
-        for i in range(b):
-            for j in range(0, heads, step):
-                heads_slice = slice(j, j + step)
-                # (h', N, d) @ (h', d, M) -> (h', N, M)
-                scores = host_matmul(query[i, heads_slice].transpose(0, 2, 1), key[i, heads_slice])
-                scores -= scores.max(axis=-1, keepdims=True)
-                np.exp(scores, out=scores)
-                scores /= scores.sum(axis=-1, keepdims=True)
-                # (h', d, M) @ (h', M, N) -> (h', d, N)
-                host_matmul(value[i, heads_slice], scores.transpose(0, 2, 1), out=out[i, heads_slice])
+        items = [(i, slice(j, j + step)) for i in range(b) for j in range(0, heads, step)]
+
+        def one_item(index: int) -> None:  # one sample, a few heads: products, softmax, products
+            i, heads_slice = items[index]
+            # (h', N, d) @ (h', d, M) -> (h', N, M)
+            scores = host_matmul(query[i, heads_slice].transpose(0, 2, 1), key[i, heads_slice], split=False)
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            # (h', d, M) @ (h', M, N) -> (h', d, N)
+            host_matmul(value[i, heads_slice], scores.transpose(0, 2, 1), out=out[i, heads_slice],
+                        split=False)
+
+        _gemm().parallel(len(items), one_item)
         out = self.to_out[0].channels_first(out.reshape(b, heads * d, n))  # (B, C, N)
         out += x
         return out.reshape(b, c, h, w)
