@@ -74,42 +74,56 @@ def test_roundtrip_matches_diffusers(spatial):
     assert_close(model(Tensor(ref["image"])), ref["roundtrip"])
 
 
-def test_chunked_attention_and_quantizer_match(spatial, monkeypatch):
-    """The query-block and distance-block loops give the unchunked result."""
+@pytest.mark.parametrize("host", [True, False])
+def test_chunked_attention_and_quantizer_match(spatial, monkeypatch, host):
+    """The query-block and distance-block loops give the unchunked result (both paths)."""
     model, ref = spatial
+    if not host:
+        use_mindspore_ops(monkeypatch)
     monkeypatch.setattr(vq_model, "MAX_SCORE_ELEMENTS", 384 * 100)  # 16x24 latent: 4 query blocks
     monkeypatch.setattr(vq_model, "MAX_DISTANCE_ELEMENTS", 48 * 300)  # 768 pixels: 3 blocks
-    assert_close(model.decode(Tensor(ref["latents"]))["sample"], ref["decoded_quantized"])
+    latents = Tensor(ref["latents"][:1])
+    assert_close(model.decode(latents)["sample"], ref["decoded_quantized"][:1])
 
 
-def test_accelerator_code_path_matches(spatial, monkeypatch):
-    """The GPU/Ascend branches (ops.conv2d, ops.pad, gather upsampling), run on CPU kernels."""
+def use_mindspore_ops(monkeypatch):
+    """Run the GPU/Ascend code path (mindspore.ops everywhere, ops.conv2d too) on CPU kernels."""
     import backend.nn.conv
 
-    model, ref = spatial
     monkeypatch.setattr(vq_model, "on_cpu", lambda: False)
     monkeypatch.setattr(backend.nn.conv, "on_cpu", lambda: False)
-    image = Tensor(ref["image"][:1])
-    assert_close(model.encode(image)["latents"], ref["encoded"][:1])
-    latents = Tensor(ref["latents"][:1])
-    assert_close(model.decode(latents, force_not_quantize=True)["sample"], ref["decoded_not_quantized"][:1])
 
 
-def test_spatial_norm_fractional_ratio(spatial):
+@pytest.mark.parametrize("name, batch", [("spatial", 1), ("group", 2)])
+def test_accelerator_code_path_matches(name, batch, request, monkeypatch):
+    """The GPU/Ascend path (ops.conv2d, ops.pad, BatchNorm group norms, gathers) on CPU kernels."""
+    model, ref = request.getfixturevalue(name)
+    use_mindspore_ops(monkeypatch)
+    image = Tensor(ref["image"][:batch])
+    assert_close(model.encode(image)["latents"], ref["encoded"][:batch])
+    latents = Tensor(ref["latents"][:batch])
+    assert_close(model.decode(latents, force_not_quantize=True)["sample"], ref["decoded_not_quantized"][:batch])
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_spatial_norm_fractional_ratio(spatial, host):
     """SpatialNorm over a feature map 1.25x the latent size uses torch's nearest rule."""
     model, ref = spatial
-    out = model.decoder.conv_norm_out(Tensor(ref["spatial_norm_f"]), Tensor(ref["spatial_norm_zq"]))
+    f, zq = ref["spatial_norm_f"], ref["spatial_norm_zq"]
+    out = model.decoder.conv_norm_out(f, zq) if host else model.decoder.conv_norm_out(Tensor(f), Tensor(zq))
+    assert isinstance(out, np.ndarray) == host
     assert_close(out, ref["spatial_norm_out"])
 
 
-def test_interpolate_nearest_matches_torch(spatial):
+@pytest.mark.parametrize("host", [True, False])
+def test_interpolate_nearest_matches_torch(spatial, host):
     _, ref = spatial
     keys = [k for k in ref.files if k.startswith("nearest_in_")]
     assert len(keys) == 6
     for key in keys:
         expected = ref[key.replace("nearest_in_", "nearest_out_")]
-        out = interpolate_nearest(Tensor(ref[key]), expected.shape[2:])
-        assert_close(out, expected, 0.0)
+        source = ref[key] if host else Tensor(ref[key])
+        assert_close(interpolate_nearest(source, expected.shape[2:]), expected, 0.0)
 
 
 def test_torch_nearest_indices_rule():

@@ -10,15 +10,10 @@ https://huggingface.co/papers/2209.09002.
 
 Attribute paths equal the diffusers checkpoint keys (`decoder.up_blocks.0.attentions.1.to_q.weight`).
 
-CPU speed (measured on (1, 128, 512, 512) maps, this 2-core x86-64 machine):
-- MindSpore's broadcasting element-wise kernels are slow (a per-channel broadcast multiply
-  ~340 ms against ~10 ms for a same-shape multiply; broadcast_to + contiguous ~0.5 s), while
-  `ops.BatchNorm` inference and `ops.BiasAdd` take ~25 ms. Group norms are built from those,
-  the spatial norm forms its per-pixel factors at latent resolution and resizes them with
-  two gathers (~5x faster than broadcast_to or ResizeNearestNeighbor).
-- 3x3 convs run on the host through `conv2d_padded_numpy` below (3-4x faster than
-  backend/nn/conv.py's im2col at 512x512), and `Upsample2D` writes its repeated pixels
-  straight into the padded buffer that conv reads.
+On CPU the activations run as numpy arrays ("host path", see below): 3x3 convs through
+`conv2d_padded_numpy` (row-offset im2col slabs + oneDNN sgemm), norms and attention in
+numpy. The mindspore.ops path is what runs on GPU and Ascend. tools/bench_movq.py times a
+512x512 decode against diffusers.
 """
 from __future__ import annotations
 
@@ -30,9 +25,12 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from backend.device import on_cpu
-from backend.nn import Conv2d, Embedding, Linear, silu
+from backend.nn import Embedding, Linear, layers
 from backend.nn.conv import conv2d_numpy
-from backend.nn.layers import ones_parameter, zeros_parameter
+# float32 matmul on host arrays through MindSpore's bundled oneDNN sgemm (AVX-512, split over the
+# cores): ~1.75x numpy's per CPU second on these convs, since the environment pins OpenBLAS to
+# its Haswell (AVX2) kernels. Defined with the UNet; falls back to np.matmul without the library.
+from backend.models.unet_2d_condition import host_matmul
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 UP_BLOCK_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -110,68 +108,38 @@ class VQModelConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Functional pieces
+# Two paths. On CPU the activations are numpy arrays from the first layer to the last ("host
+# path", as in unet_2d_condition.py): measured on this 2-core machine, MindSpore's PyNative CPU
+# kernels on large maps are slow and erratic under load (a (1, 128, 512, 512) broadcast
+# multiply ~340 ms, a spatial norm at (1, 512, 64, 64) ~200 ms of CPU time against ~15 ms in
+# numpy). Every layer takes a numpy array or a Tensor and returns the same kind; Tensors go
+# through mindspore.ops, which is what runs on GPU and Ascend. Parameters stay Parameters; the
+# host path reads them with asnumpy(), a view of the same memory on CPU.
 
 
-_bias_add = ops.BiasAdd()  # adds a (C,) vector along axis 1; much faster than a broadcast add
-_bmm_transpose_a = ops.BatchMatMul(transpose_a=True)
-_bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
-_batch_norm_ops: dict = {}
+def _host(x) -> bool:
+    return isinstance(x, np.ndarray)
 
 
-def _batch_norm(eps: float):
-    op = _batch_norm_ops.get(eps)
-    if op is None:
-        op = ops.BatchNorm(is_training=False, epsilon=eps)
-        _batch_norm_ops[eps] = op
-    return op
+def _np(param) -> np.ndarray:
+    """float32 numpy view of a parameter (a converted copy for half-precision weights)."""
+    array = param.asnumpy()
+    return array if array.dtype == np.float32 else array.astype(np.float32)
 
 
-def _row_sums(x):
-    """(R, N) -> (R,) with the last axis summed in two stages through a matmul.
-
-    A plain ReduceSum over a million float32 values has a relative error near 4e-6; summing
-    blocks of `k` with BLAS first keeps it near 1e-7 (torch's group norm is that exact).
-    """
-    rows, n = x.shape
-    k = math.gcd(n, 1024)
-    ones = ops.ones((k, 1), x.dtype)
-    return ops.matmul(x.reshape(rows, n // k, k), ones).reshape(rows, n // k).sum(-1)
+def silu(x):
+    if not _host(x):
+        return layers.silu(x)
+    return _silu_inplace(np.array(x, dtype=np.float32))
 
 
-def group_moments(x, num_groups: int):
-    """x (B, C, H, W) -> (x minus its group mean (B, C, H, W), group variance (B, G)), float32.
-
-    Two-pass (center first, then square) as torch's kernel is exact for large means.
-    """
-    b, c, h, w = x.shape
-    rows = x.astype(ms.float32).reshape(b * num_groups, -1)  # (B*G, C/G*H*W)
-    n = rows.shape[1]
-    mean = _row_sums(rows) / n  # (B*G,)
-    centered = _bias_add(rows.reshape(1, b * num_groups, n), -mean).reshape(b * num_groups, n)
-    var = _row_sums(centered * centered) / n
-    return centered.reshape(b, c, h, w), var.reshape(b, num_groups)
-
-
-def _per_channel(stat, channels: int):
-    """(B, G) group statistic -> (B, C) with each group's value on its channels."""
-    b, g = stat.shape
-    return ops.broadcast_to(stat.reshape(b, g, 1), (b, g, channels // g)).reshape(b, channels)
-
-
-def group_norm(x, num_groups: int, weight, bias, eps: float):
-    """torch.nn.functional.group_norm for (B, C, H, W)."""
-    b, c, h, w = x.shape
-    centered, var = group_moments(x, num_groups)
-    var_c = _per_channel(var, c).reshape(b * c)
-    weight = weight.astype(ms.float32)
-    bias = bias.astype(ms.float32)
-    if b > 1:
-        weight, bias = ops.tile(weight, (b,)), ops.tile(bias, (b,))
-    # BatchNorm inference with mean 0 and the group variances = (x - mean) * rsqrt(var + eps) * w + b,
-    # per channel, in one fast kernel; the batch is folded into the channel axis.
-    y = _batch_norm(eps)(centered.reshape(1, b * c, h, w), weight, bias, ops.zeros_like(var_c), var_c)[0]
-    return y.reshape(b, c, h, w).astype(x.dtype)
+def _silu_inplace(x: np.ndarray) -> np.ndarray:
+    """x / (1 + exp(-x)) written into x (which must be a fresh array)."""
+    denominator = np.negative(x)
+    with np.errstate(over="ignore"):  # exp(-x) -> inf for x << 0 gives x / inf = -0, as torch
+        np.exp(denominator, out=denominator)
+    denominator += 1
+    return np.divide(x, denominator, out=x)
 
 
 def torch_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -190,6 +158,15 @@ def torch_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(src, in_size - 1)
 
 
+def _repeat_factor(in_size: int, out_size: int) -> int | None:
+    """f when torch's nearest rule maps output i to input i // f, else None."""
+    if out_size % in_size:
+        return None
+    factor = out_size // in_size
+    exact = np.array_equal(torch_nearest_indices(in_size, out_size), np.arange(out_size) // factor)
+    return factor if exact else None
+
+
 _index_cache: dict = {}
 
 
@@ -203,29 +180,110 @@ def _nearest_index(in_size: int, out_size: int) -> Tensor:
 def interpolate_nearest(x, size: tuple[int, int]):
     """torch `F.interpolate(x, size=size, mode="nearest")` for (B, C, H, W).
 
-    Two gathers (rows, then columns): measured ~5x faster on CPU than broadcast_to +
-    contiguous or ResizeNearestNeighbor for (1, 128, 64, 64) -> 512x512.
+    Two gathers (rows, then columns): on CPU ~5x faster than broadcast_to + contiguous or
+    ResizeNearestNeighbor for (1, 128, 64, 64) -> 512x512.
     """
     h, w = x.shape[2], x.shape[3]
     out_h, out_w = size
     if (out_h, out_w) == (h, w):
         return x
+    if _host(x):
+        if out_h != h:
+            x = x.take(torch_nearest_indices(h, out_h), axis=2)
+        return x if out_w == w else x.take(torch_nearest_indices(w, out_w), axis=3)
     return ops.gather(ops.gather(x, _nearest_index(h, out_h), 2), _nearest_index(w, out_w), 3)
 
 
-def _conv_numpy(x_np: np.ndarray, conv: Conv2d, stride: int, padding: int) -> Tensor:
-    weight = conv.weight.asnumpy()
-    bias = None if conv.bias is None else conv.bias.asnumpy()
-    out = conv2d_numpy(x_np.astype(weight.dtype, copy=False), weight, bias, stride, padding)
-    return Tensor.from_numpy(np.ascontiguousarray(out))
+# Device path (mindspore.ops). On CPU, MindSpore's broadcasting element-wise kernels are slow
+# while `ops.BatchNorm` inference and `ops.BiasAdd` are fast, so the group norms use those.
+
+_bias_add = ops.BiasAdd()  # adds a (C,) vector along axis 1
+_bmm_transpose_a = ops.BatchMatMul(transpose_a=True)
+_bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
+_batch_norm_ops: dict = {}
+
+
+def _batch_norm(eps: float):
+    if eps not in _batch_norm_ops:
+        _batch_norm_ops[eps] = ops.BatchNorm(is_training=False, epsilon=eps)
+    return _batch_norm_ops[eps]
+
+
+def _row_sums(x):
+    """(R, N) Tensor -> (R,) with the last axis summed in two stages through a matmul.
+
+    A plain ReduceSum over a million float32 values has a relative error near 4e-6; summing
+    blocks of `k` with a matmul first keeps it near 1e-7 (torch's group norm is that exact).
+    """
+    rows, n = x.shape
+    k = math.gcd(n, 1024)
+    ones = ops.ones((k, 1), x.dtype)
+    return ops.matmul(x.reshape(rows, n // k, k), ones).reshape(rows, n // k).sum(-1)
+
+
+def group_moments(x, num_groups: int):
+    """x (B, C, H, W) -> (x minus its group mean, float32 (B, C, H, W); group variance (B, G)).
+
+    Two passes (center, then square) with blocked sums: as exact as torch's kernel also when a
+    group's mean is large against its spread. On the host path the centered array is fresh.
+    """
+    b, c, h, w = x.shape
+    if _host(x):
+        rows = x.reshape(b * num_groups, -1)
+        n = rows.shape[1]
+        mean = rows.sum(axis=1, dtype=np.float32) / np.float32(n)  # numpy sums pairwise
+        centered = np.subtract(rows, mean[:, None], dtype=np.float32)
+        k = math.gcd(n, 1024)
+        blocks = centered.reshape(b * num_groups, n // k, k)
+        var = np.einsum("rmk,rmk->rm", blocks, blocks).sum(axis=1) / np.float32(n)
+        return centered.reshape(b, c, h, w), var.reshape(b, num_groups)
+    rows = x.astype(ms.float32).reshape(b * num_groups, -1)  # (B*G, C/G*H*W)
+    n = rows.shape[1]
+    mean = _row_sums(rows) / n  # (B*G,)
+    centered = _bias_add(rows.reshape(1, b * num_groups, n), -mean).reshape(b * num_groups, n)
+    var = _row_sums(centered * centered) / n
+    return centered.reshape(b, c, h, w), var.reshape(b, num_groups)
+
+
+def _per_channel(stat, channels: int):
+    """(B, G) group statistic -> (B, C) with each group's value on its channels."""
+    b, g = stat.shape
+    if _host(stat):
+        return np.repeat(stat, channels // g, axis=1)
+    return ops.broadcast_to(stat.reshape(b, g, 1), (b, g, channels // g)).reshape(b, channels)
+
+
+def group_norm(x, num_groups: int, weight, bias, eps: float, act: bool = False):
+    """torch.nn.functional.group_norm for (B, C, H, W), then SiLU if `act`."""
+    b, c, h, w = x.shape
+    centered, var = group_moments(x, num_groups)
+    if _host(x):
+        rstd = 1 / np.sqrt(var + np.float32(eps))  # (B, G)
+        scale = _per_channel(rstd, c) * _np(weight)  # (B, C)
+        y = centered.reshape(b, c, h * w)
+        y *= scale[:, :, None]
+        y += _np(bias)[None, :, None]
+        y = y.reshape(b, c, h, w)
+        return _silu_inplace(y) if act else y
+    var_c = _per_channel(var, c).reshape(b * c)
+    weight = weight.astype(ms.float32)
+    bias = bias.astype(ms.float32)
+    if b > 1:
+        weight, bias = ops.tile(weight, (b,)), ops.tile(bias, (b,))
+    # BatchNorm inference with mean 0 and the group variances = (x - mean) * rsqrt(var + eps) * w + b,
+    # per channel, in one kernel; the batch is folded into the channel axis.
+    y = _batch_norm(eps)(centered.reshape(1, b * c, h, w), weight, bias, ops.zeros_like(var_c), var_c)[0]
+    y = y.reshape(b, c, h, w).astype(x.dtype)
+    return layers.silu(y) if act else y
 
 
 # --------------------------------------------------------------------------------------------
-# CPU convolution for large feature maps
+# Host convolution for large feature maps
 #
 # backend/nn/conv.py's im2col builds the (C*9, H*W) matrix with one 6-D strided copy; at
 # 512x512 that copy (1.2-2.4 GB) dominates: measured 20-40 GFLOP/s for a 128-channel 3x3
-# conv at 512x512 against ~150 with the scheme below and ~300 for torch (oneDNN).
+# conv at 512x512 against ~80 (numpy matmul) or ~130 (oneDNN sgemm) with the scheme below;
+# per CPU second the latter matches torch's own convolution (140-190 GFLOP/s).
 #
 # Scheme: pad the input once into a (C, H+2p+1, W+2p) buffer and flatten each channel. In
 # that flat layout the input pixel under kernel tap (dy, dx) of output pixel (i, j) sits at
@@ -242,7 +300,7 @@ BAND_COLUMNS = 8192  # output positions per band; measured best of 2k/8k/32k/all
 def pad_flat_numpy(x: np.ndarray, padding: int) -> np.ndarray:
     """(B, C, H, W) -> zero-padded (B, C, H+2p+1, W+2p); the extra row absorbs tap offsets."""
     b, c, h, w = x.shape
-    padded = np.zeros((b, c, h + 2 * padding + 1, w + 2 * padding), dtype=x.dtype)
+    padded = np.zeros((b, c, h + 2 * padding + 1, w + 2 * padding), dtype=np.float32)
     padded[:, :, padding:padding + h, padding:padding + w] = x
     return padded
 
@@ -256,28 +314,28 @@ def conv2d_padded_numpy(padded: np.ndarray, height: int, width: int, weight: np.
     offsets = [dy * row + dx for dy in range(kh) for dx in range(kw)]
     taps = kh * kw
     rows_per_band = max(1, min(height, BAND_COLUMNS // row))
-    out = np.empty((b, o, height, width), dtype=padded.dtype)
+    out = np.empty((b, o, height, width), dtype=np.float32)
     sum_outputs = 2 * o < c
     if sum_outputs:
         w_taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1).reshape(taps * o, c))
     else:
         w_cols = np.ascontiguousarray(weight.transpose(0, 2, 3, 1).reshape(o, taps * c))
-        cols = np.empty((taps, c, rows_per_band * row), dtype=padded.dtype)
+        cols = np.empty((taps, c, rows_per_band * row), dtype=np.float32)
     for bi in range(b):
         for r0 in range(0, height, rows_per_band):
             r = min(rows_per_band, height - r0)
             n = r * row
             base = r0 * row
             if sum_outputs:
-                z = np.matmul(w_taps, flat[bi, :, base:base + n + offsets[-1]]).reshape(taps, o, -1)
+                z = host_matmul(w_taps, flat[bi, :, base:base + n + offsets[-1]]).reshape(taps, o, -1)
                 y = z[0, :, :n].copy()
                 for k in range(1, taps):
                     y += z[k, :, offsets[k]:offsets[k] + n]
             else:
-                slabs = cols if n == cols.shape[2] else np.empty((taps, c, n), dtype=padded.dtype)
+                slabs = cols if n == cols.shape[2] else np.empty((taps, c, n), dtype=np.float32)
                 for k, offset in enumerate(offsets):
                     slabs[k] = flat[bi, :, base + offset:base + offset + n]
-                y = np.matmul(w_cols, slabs.reshape(taps * c, n))  # (O, n)
+                y = host_matmul(w_cols, slabs.reshape(taps * c, n))  # (O, n)
             band = y.reshape(o, r, row)[:, :, :width]
             if bias is None:
                 out[bi, :, r0:r0 + r] = band
@@ -286,60 +344,43 @@ def conv2d_padded_numpy(padded: np.ndarray, height: int, width: int, weight: np.
     return out
 
 
-class Conv2dSame(Conv2d):
-    """Stride-1 conv with padding = kernel // 2 (torch.nn.Conv2d(..., padding=k//2)).
-
-    On CPU it runs through `conv2d_padded_numpy` (a 1x1 kernel: one matmul) and hands the
-    result to MindSpore with `Tensor.from_numpy`, which shares the buffer: `Tensor(array)`
-    copies, ~100 ms per 128 MB (a (1, 128, 512, 512) map).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
-        super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=kernel_size // 2)
-
-    def _weights(self):
-        return self.weight.asnumpy(), None if self.bias is None else self.bias.asnumpy()
-
-    def run_padded(self, padded: np.ndarray, height: int, width: int) -> Tensor:
-        weight, bias = self._weights()
-        out = conv2d_padded_numpy(padded.astype(weight.dtype, copy=False), height, width, weight, bias)
-        return Tensor.from_numpy(out)
-
-    def construct(self, x):
-        if not on_cpu():
-            return super().construct(x)
-        x_np = x.asnumpy()  # shares the tensor's memory; only read
-        if self.kernel_size == 1:
-            weight, bias = self._weights()
-            b, c, h, w = x_np.shape
-            out = np.matmul(weight.reshape(-1, c), x_np.reshape(b, c, h * w).astype(weight.dtype, copy=False))
-            if bias is not None:
-                out += bias.reshape(1, -1, 1)
-            return Tensor.from_numpy(out.reshape(b, -1, h, w))
-        return self.run_padded(pad_flat_numpy(x_np, self.padding), x_np.shape[2], x_np.shape[3])
-
-
 # --------------------------------------------------------------------------------------------
 # Layers
 
 
-class GroupNorm(nn.Cell):
-    """torch.nn.GroupNorm over (B, C, H, W) built from fast CPU kernels (see `group_norm`)."""
+class Conv2dSame(layers.Conv2d):
+    """Stride-1 conv with padding = kernel // 2 (torch.nn.Conv2d(..., padding=k//2)); host arrays
+    go through `conv2d_padded_numpy` (a 1x1 kernel: one matmul)."""
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.num_groups = num_groups
-        self.num_channels = num_channels
-        self.eps = eps
-        self.weight = ones_parameter((num_channels,))
-        self.bias = zeros_parameter((num_channels,))
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=kernel_size // 2)
+
+    def run_padded(self, padded: np.ndarray, height: int, width: int) -> np.ndarray:
+        bias = None if self.bias is None else _np(self.bias)
+        return conv2d_padded_numpy(padded, height, width, _np(self.weight), bias)
 
     def construct(self, x):
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if not _host(x):
+            return super().construct(x)
+        if self.kernel_size == 1:
+            b, c, h, w = x.shape
+            out = host_matmul(_np(self.weight).reshape(-1, c), x.reshape(b, c, h * w))
+            if self.bias is not None:
+                out += _np(self.bias)[None, :, None]
+            return out.reshape(b, -1, h, w)
+        return self.run_padded(pad_flat_numpy(x, self.padding), x.shape[2], x.shape[3])
+
+
+class GroupNorm(layers.GroupNorm):
+    """torch.nn.GroupNorm over (B, C, H, W) (see `group_norm`), SiLU fused when `act`."""
+
+    def construct(self, x, act: bool = False):
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, act)
 
 
 class SpatialNorm(nn.Cell):
-    """group_norm(f) * conv_y(zq) + conv_b(zq), zq resized (nearest) to f's size.
+    """group_norm(f) * conv_y(zq) + conv_b(zq), zq resized (nearest) to f's size; SiLU fused
+    when `act`.
 
     Nearest resizing only picks pixels, so it commutes with the 1x1 convs and the group norm's
     per-channel affine: both factor maps are formed at zq's resolution and resized last,
@@ -352,7 +393,9 @@ class SpatialNorm(nn.Cell):
         self.conv_y = Conv2dSame(zq_channels, f_channels, 1)
         self.conv_b = Conv2dSame(zq_channels, f_channels, 1)
 
-    def construct(self, f, zq):
+    def construct(self, f, zq, act: bool = False):
+        if _host(f):
+            return self._host_forward(f, zq, act)
         b, c, h, w = f.shape
         centered, var = group_moments(f, SPATIAL_NORM_GROUPS)  # (B, C, H, W), (B, G)
         rstd = _per_channel(ops.rsqrt(var + self.norm_layer.eps), c)  # (B, C)
@@ -362,7 +405,29 @@ class SpatialNorm(nn.Cell):
         scale = y * (rstd.reshape(b, c, 1, 1) * gamma)
         shift = y * beta + self.conv_b(zq).astype(ms.float32)
         out = centered * interpolate_nearest(scale, (h, w)) + interpolate_nearest(shift, (h, w))
-        return out.astype(f.dtype)
+        out = out.astype(f.dtype)
+        return layers.silu(out) if act else out
+
+    def _host_forward(self, f, zq, act):
+        b, c, h, w = f.shape
+        zh, zw = zq.shape[2], zq.shape[3]
+        centered, var = group_moments(f, SPATIAL_NORM_GROUPS)  # fresh (B, C, H, W), (B, G)
+        rstd = _per_channel(1 / np.sqrt(var + np.float32(self.norm_layer.eps)), c)  # (B, C)
+        y = self.conv_y(zq)  # (B, C, zh, zw)
+        scale = y * (rstd * _np(self.norm_layer.weight))[:, :, None, None]
+        shift = self.conv_b(zq)
+        shift += y * _np(self.norm_layer.bias)[None, :, None, None]
+        fh, fw = _repeat_factor(zh, h), _repeat_factor(zw, w)
+        if fh is None or fw is None:
+            centered *= interpolate_nearest(scale, (h, w))
+            centered += interpolate_nearest(shift, (h, w))
+        else:
+            # Repeat columns only; the fh repeated rows come from broadcasting along a whole
+            # row, so no full-size factor map is ever written.
+            rows = centered.reshape(b, c, zh, fh, w)
+            rows *= interpolate_nearest(scale, (zh, w))[:, :, :, None, :]
+            rows += interpolate_nearest(shift, (zh, w))[:, :, :, None, :]
+        return _silu_inplace(centered) if act else centered
 
 
 class Attention(nn.Cell):
@@ -386,9 +451,14 @@ class Attention(nn.Cell):
         self.to_v = Linear(channels, channels)
         self.to_out = nn.CellList([Linear(channels, channels)])  # to_out.1 is torch's Dropout
 
-    @staticmethod
-    def _project(linear: Linear, x, scale: float = 1.0):
-        """(B, C, N) -> weight @ x + bias, (B, C, N)."""
+    def _project(self, linear: Linear, x, scale: float = 1.0):
+        """(B, C, N) -> weight @ x + bias, (B, C, N); `scale` folded into weight and bias."""
+        if _host(x):
+            y = host_matmul(_np(linear.weight), x)
+            y += _np(linear.bias)[None, :, None]
+            if scale != 1.0:
+                y *= np.float32(scale)
+            return y
         weight, bias = linear.weight, linear.bias
         if scale != 1.0:
             weight, bias = weight * scale, bias * scale
@@ -403,20 +473,32 @@ class Attention(nn.Cell):
         b, c, h, w = hidden_states.shape
         n = h * w
         x = hidden_states.reshape(b, c, n)
-        # softmax(q^T k / sqrt(C)): the 1/sqrt(C) is folded into the query projection.
+        # softmax(q^T k / sqrt(C)): the 1/sqrt(C) is applied to the query.
         q = self._project(self.to_q, x, self.scale)  # (B, C, N)
         k = self._project(self.to_k, x)
         v = self._project(self.to_v, x)
-        chunk = max(1, MAX_SCORE_ELEMENTS // n)
-        outs = []
-        for start in range(0, n, chunk):
-            q_block = q if chunk >= n else q[:, :, start:start + chunk]
-            scores = _bmm_transpose_a(q_block, k)  # (B, Nq, N)
-            probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
-            outs.append(_bmm_transpose_b(v, probs))  # (B, C, Nq)
-        attended = outs[0] if len(outs) == 1 else ops.concat(outs, axis=2)
-        out = self._project(self.to_out[0], attended).reshape(b, c, h, w)
-        out = out + residual
+        chunk = max(1, MAX_SCORE_ELEMENTS // n)  # query rows per block of scores
+        if _host(x):
+            attended = np.empty((b, c, n), np.float32)
+            for i in range(b):
+                for start in range(0, n, chunk):
+                    block = slice(start, start + chunk)
+                    scores = host_matmul(q[i, :, block].T, k[i])  # (Nq, N)
+                    scores -= scores.max(axis=-1, keepdims=True)
+                    np.exp(scores, out=scores)
+                    scores /= scores.sum(axis=-1, keepdims=True)
+                    host_matmul(v[i], scores.T, out=attended[i, :, block])  # (C, Nq)
+            out = self._project(self.to_out[0], attended).reshape(b, c, h, w)
+            out += residual
+        else:
+            outs = []
+            for start in range(0, n, chunk):
+                q_block = q if chunk >= n else q[:, :, start:start + chunk]
+                scores = _bmm_transpose_a(q_block, k)  # (B, Nq, N)
+                probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
+                outs.append(_bmm_transpose_b(v, probs))  # (B, C, Nq)
+            attended = outs[0] if len(outs) == 1 else ops.concat(outs, axis=2)
+            out = self._project(self.to_out[0], attended).reshape(b, c, h, w) + residual
         if self.rescale_output_factor != 1.0:
             out = out / self.rescale_output_factor
         return out
@@ -442,17 +524,19 @@ class ResnetBlock2D(nn.Cell):
         self.conv_shortcut = Conv2dSame(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
-    def _norm(self, norm, x, zq):
-        return norm(x, zq) if self.spatial else norm(x)
+    def _norm_silu(self, norm, x, zq):
+        return norm(x, zq, act=True) if self.spatial else norm(x, act=True)
 
     def construct(self, x, zq=None):
-        h = silu(self._norm(self.norm1, x, zq))
-        h = self.conv1(h)
-        h = silu(self._norm(self.norm2, h, zq))
-        h = self.conv2(h)  # dropout 0 at inference
+        h = self.conv1(self._norm_silu(self.norm1, x, zq))
+        h = self.conv2(self._norm_silu(self.norm2, h, zq))  # dropout 0 at inference
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        out = x + h
+        if _host(h):
+            h += x  # h is the conv's fresh output
+            out = h
+        else:
+            out = x + h
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out
@@ -463,13 +547,14 @@ class Downsample2D(nn.Cell):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2)
+        self.conv = layers.Conv2d(channels, channels, 3, stride=2)
 
     def construct(self, x):
-        if on_cpu():
-            x_np = np.pad(x.asnumpy(), ((0, 0), (0, 0), (0, 1), (0, 1)))
-            return _conv_numpy(x_np, self.conv, stride=2, padding=0)
-        return self.conv(ops.pad(x, (0, 1, 0, 1)))
+        if not _host(x):
+            return self.conv(ops.pad(x, (0, 1, 0, 1)))
+        bias = None if self.conv.bias is None else _np(self.conv.bias)
+        padded = np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1)))
+        return conv2d_numpy(padded, _np(self.conv.weight), bias, 2, 0)
 
 
 class Upsample2D(nn.Cell):
@@ -481,15 +566,14 @@ class Upsample2D(nn.Cell):
 
     def construct(self, x):
         b, c, h, w = x.shape
-        if not on_cpu():
+        if not _host(x):
             return self.conv(interpolate_nearest(x, (2 * h, 2 * w)))
-        # The conv leaves for numpy anyway: write each pixel four times straight into the
-        # zero-padded buffer the conv reads (one copy instead of upsample, then pad).
-        x_np = x.asnumpy()
-        padded = np.zeros((b, c, 2 * h + 3, 2 * w + 2), dtype=x_np.dtype)  # pad_flat_numpy layout
+        # Each pixel written four times straight into the zero-padded buffer the conv reads
+        # (one copy instead of upsample, then pad).
+        padded = np.zeros((b, c, 2 * h + 3, 2 * w + 2), dtype=np.float32)  # pad_flat_numpy layout
         for dy in (1, 2):
             for dx in (1, 2):
-                padded[:, :, dy:dy + 2 * h:2, dx:dx + 2 * w:2] = x_np
+                padded[:, :, dy:dy + 2 * h:2, dx:dx + 2 * w:2] = x
         return self.conv.run_padded(padded, 2 * h, 2 * w)
 
 
@@ -591,7 +675,7 @@ class Encoder(nn.Cell):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, act=True))
 
 
 class Decoder(nn.Cell):
@@ -622,8 +706,11 @@ class Decoder(nn.Cell):
         x = self.mid_block(x, zq)
         for block in self.up_blocks:
             x = block(x, zq)
-        x = self.conv_norm_out(x, zq) if self.spatial else self.conv_norm_out(x)
-        return self.conv_out(silu(x))
+        if self.spatial:
+            x = self.conv_norm_out(x, zq, act=True)
+        else:
+            x = self.conv_norm_out(x, act=True)
+        return self.conv_out(x)
 
 
 class VectorQuantizer(nn.Cell):
@@ -690,7 +777,8 @@ class VQModel(nn.Cell):
         The latents are the quant_conv output before quantization, as diffusers returns them.
         """
         self._check_input("x", x, self.config.in_channels)
-        return {"latents": self.quant_conv(self.encoder(x))}
+        h = self.quant_conv(self.encoder(self._to_host(x)))
+        return {"latents": self._from_host(h, x.dtype)}
 
     def decode(self, latents, force_not_quantize: bool = False) -> dict:
         """latents (B, vq_embed_dim, h, w) -> {"sample": (B, out_channels, h*f, w*f)}.
@@ -700,9 +788,25 @@ class VQModel(nn.Cell):
         """
         self._check_input("latents", latents, self.config.vq_embed_dim or self.config.latent_channels)
         quant = latents if force_not_quantize else self.quantize(latents)[0]
+        quant = self._to_host(quant)
         x = self.post_quant_conv(quant)
         zq = quant if self.config.norm_type == "spatial" else None
-        return {"sample": self.decoder(x, zq)}
+        return {"sample": self._from_host(self.decoder(x, zq), latents.dtype)}
+
+    @staticmethod
+    def _to_host(x):
+        """On CPU: the Tensor's float32 numpy view (a copy only for other dtypes)."""
+        if not on_cpu():
+            return x
+        array = x.asnumpy()
+        return array if array.dtype == np.float32 else array.astype(np.float32)
+
+    @staticmethod
+    def _from_host(x, dtype):
+        if not _host(x):
+            return x
+        out = Tensor.from_numpy(np.ascontiguousarray(x))  # shares the array's memory
+        return out if dtype == ms.float32 else out.astype(dtype)
 
     def construct(self, x):
         return self.decode(self.encode(x)["latents"])["sample"]
