@@ -23,7 +23,12 @@ from mindspore import Tensor
 # transformers' CLIP text model keeps a `position_ids` buffer in older checkpoints.
 IGNORED_KEY_SUFFIXES = ("position_ids",)
 
-WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+# Renames applied only when a checkpoint key is not a parameter but its renamed form is.
+# Why: attention blocks saved before diffusers 0.15 (the old `AttentionBlock`, e.g. in MoVQ
+# mid blocks) name their projections query/key/value/proj_attn; diffusers converts them on load
+# in `ModelMixin._convert_deprecated_attention_blocks`, and so do we.
+LEGACY_ATTENTION_RENAMES = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
+                            (".proj_attn.", ".to_out.0."))
 
 _NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16}
 
@@ -148,6 +153,9 @@ def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]]
     for key, array in tensors:
         param = params.get(key)
         if param is None:
+            key = _legacy_name(key, params)
+            param = params.get(key)
+        if param is None:
             if not key.endswith(IGNORED_KEY_SUFFIXES):
                 unexpected.append(key)
             continue
@@ -177,6 +185,15 @@ def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]]
     if missing:
         raise WeightsError(f"{source}: {len(missing)} parameter(s) missing from the checkpoint, "
                            f"e.g. {missing[:5]}")
+
+
+def _legacy_name(key: str, params: dict) -> str:
+    for old, new in LEGACY_ATTENTION_RENAMES:
+        if old in key:
+            renamed = key.replace(old, new)
+            if renamed in params:
+                return renamed
+    return key
 
 
 def _itemsize(dtype) -> int:
