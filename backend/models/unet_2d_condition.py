@@ -1007,7 +1007,7 @@ class UNet2DConditionModel(nn.Cell):
         head_dims = _per_block(config.attention_head_dim, n_blocks, "attention_head_dim")
         if head_dims[-1] is None:
             raise ValueError("attention_head_dim of the last block must be set (the mid block needs it)")
-        layers = _per_block(config.layers_per_block, n_blocks, "layers_per_block")
+        layers_per_block = _per_block(config.layers_per_block, n_blocks, "layers_per_block")
         only_cross = _per_block(config.only_cross_attention, n_blocks, "only_cross_attention")
         mid_only_cross = config.mid_block_only_cross_attention
         if mid_only_cross is None:
@@ -1066,13 +1066,12 @@ class UNet2DConditionModel(nn.Cell):
             input_channel, output_channel = output_channel, block_out[i]
             add_downsample = i != n_blocks - 1
             if block_type == "ResnetDownsampleBlock2D":
-                block = ResnetDownsampleBlock2D(layers[i], input_channel, output_channel, time_embed_dim,
-                                                add_downsample, resnet_kwargs)
+                block = ResnetDownsampleBlock2D(layers_per_block[i], input_channel, output_channel,
+                                                time_embed_dim, add_downsample, resnet_kwargs)
             else:
-                block = SimpleCrossAttnDownBlock2D(layers[i], input_channel, output_channel, time_embed_dim,
-                                                   add_downsample, resnet_kwargs,
-                                                   head_dims[i] or output_channel, cross_dim,
-                                                   only_cross[i])
+                block = SimpleCrossAttnDownBlock2D(layers_per_block[i], input_channel, output_channel,
+                                                   time_embed_dim, add_downsample, resnet_kwargs,
+                                                   head_dims[i] or output_channel, cross_dim, only_cross[i])
             down_blocks.append(block)
         self.down_blocks = nn.CellList(down_blocks)
 
@@ -1082,7 +1081,7 @@ class UNet2DConditionModel(nn.Cell):
 
         up_blocks = []
         rev_out = list(reversed(block_out))
-        rev_layers = list(reversed(layers))
+        rev_layers = list(reversed(layers_per_block))
         rev_only_cross = list(reversed(only_cross))
         output_channel = rev_out[0]
         for i, block_type in enumerate(config.up_block_types):
