@@ -110,13 +110,29 @@ def test_resample_ops_match_torch_definitions():
     np.testing.assert_allclose(down, expected, rtol=0, atol=1e-6)
 
 
-def test_real_decoder_config_builds_with_published_parameter_count():
-    config = json.loads((CONFIGS / "kandinsky-2-2-decoder" / "unet.json").read_text())
+# Parameter counts of diffusers' own UNet2DConditionModel built from each published config.
+PUBLISHED_COUNTS = {
+    "kandinsky-2-2-decoder": 1_253_057_288,
+    "kandinsky-2-2-decoder-inpaint": 1_253_074_568,
+    "kandinsky-2-2-controlnet-depth": 1_253_429_212,
+    "kandinsky-2-1": 1_228_661_768,
+    "kandinsky-2-1-inpaint": 1_228_679_048,
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_COUNTS))
+def test_real_configs_build_with_diffusers_parameter_count(name):
+    config = json.loads((CONFIGS / name / "unet.json").read_text())
     model = UNet2DConditionModel.from_config(config)
     count = sum(int(np.prod(p.shape)) for _, p in model.parameters_and_names())
-    assert count == 1_253_057_288
-    assert model.config.in_channels == 4 and model.config.out_channels == 8
-    names = {name for name, _ in model.parameters_and_names()}
+    assert count == PUBLISHED_COUNTS[name]
+    assert model.config.in_channels == config["in_channels"] and model.config.out_channels == 8
+
+
+def test_real_decoder_parameter_names():
+    config = json.loads((CONFIGS / "kandinsky-2-2-decoder" / "unet.json").read_text())
+    names = {name for name, _ in UNet2DConditionModel.from_config(config).parameters_and_names()}
+    assert len(names) == 724
     for key in ("conv_in.weight", "time_embedding.linear_1.weight", "encoder_hid_proj.image_embeds.weight",
                 "encoder_hid_proj.norm.weight", "add_embedding.image_proj.weight",
                 "down_blocks.1.attentions.0.add_k_proj.weight", "down_blocks.0.downsamplers.0.conv1.weight",
