@@ -13,7 +13,8 @@ import pytest
 from mindspore import Tensor
 
 from backend.models.unet_2d_condition import (UNet2DConditionModel, avg_pool_2x, get_timestep_embedding,
-                                              host_matmul, upsample_nearest_2x)
+                                              upsample_nearest_2x)
+from backend.nn.host import host_matmul
 from backend.weights import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -26,11 +26,11 @@ from mindspore import Tensor, nn, ops
 
 from backend.device import on_cpu
 from backend.nn import Embedding, Linear, layers
-from backend.nn.conv import conv2d_numpy
+from backend.nn.host import conv2d_host
 # float32 matmul on host arrays through MindSpore's bundled oneDNN sgemm (AVX-512, split over the
 # cores): ~1.75x numpy's per CPU second on these convs, since the environment pins OpenBLAS to
 # its Haswell (AVX2) kernels. Defined with the UNet; falls back to np.matmul without the library.
-from backend.models.unet_2d_condition import host_matmul
+from backend.nn.host import host_matmul
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 UP_BLOCK_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -554,7 +554,7 @@ class Downsample2D(nn.Cell):
             return self.conv(ops.pad(x, (0, 1, 0, 1)))
         bias = None if self.conv.bias is None else _np(self.conv.bias)
         padded = np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1)))
-        return conv2d_numpy(padded, _np(self.conv.weight), bias, 2, 0)
+        return conv2d_host(padded, _np(self.conv.weight), bias, 2, 0)
 
 
 class Upsample2D(nn.Cell):

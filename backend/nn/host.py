@@ -1,0 +1,211 @@
+"""Host (numpy) compute for CPU: matrix products through oneDNN's sgemm split over the cores,
+and convolutions built on them.
+
+Used by the models' CPU paths (see backend/models/unet_2d_condition.py, "Two execution paths"):
+MindSpore 2.10's PyNative CPU kernels are slow and uneven on large activations, so on CPU the
+activations stay numpy arrays and the heavy products run here. Nothing in this module calls
+MindSpore ops, so its worker threads never run MindSpore work (two threads doing that deadlock).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import mindspore as ms
+
+
+# Host matrix products. Why: numpy's bundled OpenBLAS runs its AVX2 kernels here (the
+# environment pins OPENBLAS_CORETYPE=Haswell) while this CPU has AVX-512; oneDNN, which
+# MindSpore bundles (lib/libdnnl.so.3), picks its kernels at run time. Measured here: oneDNN's
+# sgemm did 2.3x the work per CPU second of numpy's matmul on a 768x6912 @ 6912x1024 product,
+# and the UNet's 3x3 convolutions built on it used 0.35-0.95x the CPU time of torch's own
+# convolutions. MindSpore's oneDNN is built without threads of its own, so products are split
+# over the cores with Python threads (ctypes releases the GIL during the call). Without the
+# library, numpy's matmul is used.
+
+_MIN_SPLIT_FLOPS = 2e6  # smaller products run on the calling thread: a handoff costs ~50 us
+MIN_PARALLEL_ELEMENTS = 65536  # likewise for element-wise work
+
+
+class _HostGemm:
+    """dnnl_sgemm calls and other GIL-free work spread over the CPU cores."""
+
+    def __init__(self):
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        self.threads = max(1, len(cores))
+        self.pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self.sgemm = None
+        try:
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.3"))
+            sgemm = lib.dnnl_sgemm
+        except (OSError, AttributeError):
+            return
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        sgemm.argtypes = [ctypes.c_char, ctypes.c_char, i64, i64, i64, ctypes.c_float, ptr, i64, ptr, i64,
+                          ctypes.c_float, ptr, i64]
+        sgemm.restype = ctypes.c_int
+        self.sgemm = sgemm
+
+    def run(self, tasks: list, flops: float, split: bool = True) -> None:
+        """Each task is the argument tuple of one dnnl_sgemm call."""
+        if not split or self.pool is None or flops < _MIN_SPLIT_FLOPS or len(tasks) == 1:
+            self._run_all(tasks)
+            return
+        shares = [tasks[i::self.threads] for i in range(self.threads)]
+        futures = [self.pool.submit(self._run_all, share) for share in shares[1:] if share]
+        self._run_all(shares[0])
+        for future in futures:
+            future.result()
+
+    def _run_all(self, tasks) -> None:
+        for args in tasks:
+            status = self.sgemm(*args)
+            if status != 0:
+                raise RuntimeError(f"dnnl_sgemm failed with status {status}")
+
+    def parallel(self, count: int, fn) -> None:
+        """fn(i) for i in range(count), in round-robin shares over the cores. fn must do GIL-free
+        numpy work or host_matmul(..., split=False) only (the pool is not re-entrant)."""
+        if self.pool is None or count == 1:
+            for i in range(count):
+                fn(i)
+            return
+
+        def share(start):
+            for i in range(start, count, self.threads):
+                fn(i)
+
+        futures = [self.pool.submit(share, start) for start in range(1, min(count, self.threads))]
+        share(0)
+        for future in futures:
+            future.result()
+
+
+_host_gemm: _HostGemm | None = None  # created on first use: the library handle and thread pool
+
+
+def host_gemm() -> _HostGemm:
+    global _host_gemm
+    if _host_gemm is None:
+        _host_gemm = _HostGemm()
+    return _host_gemm
+
+
+def _gemm_layout(x: np.ndarray):
+    """(transpose flag, leading dimension) describing a 2-D float32 view to a row-major sgemm,
+    or None if the view is neither row- nor column-contiguous."""
+    rows, cols = x.shape
+    s0, s1 = x.strides
+    if (cols == 1 or s1 == 4) and (rows == 1 or (s0 % 4 == 0 and s0 >= 4 * cols)):
+        return b"N", (s0 // 4 if rows > 1 else cols)
+    if (rows == 1 or s0 == 4) and (cols == 1 or (s1 % 4 == 0 and s1 >= 4 * rows)):
+        return b"T", (s1 // 4 if cols > 1 else rows)
+    return None
+
+
+def host_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
+                split: bool = True) -> np.ndarray:
+    """np.matmul for float32 (..., M, K) @ (..., K, N) with broadcast leading dimensions.
+
+    Transposed views (x.T, x.transpose(0, 2, 1)) are passed to sgemm as such, without copies.
+    `out` (C-contiguous rows) receives the result if given. split=False keeps the work on the
+    calling thread (for use inside _HostGemm.parallel).
+    """
+    gemm = host_gemm()
+    if gemm.sgemm is None:
+        return np.matmul(a, b, out=out)
+    a = a if a.dtype == np.float32 else a.astype(np.float32)
+    b = b if b.dtype == np.float32 else b.astype(np.float32)
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    if b.shape[-2] != k:
+        raise ValueError(f"matmul shapes {a.shape} and {b.shape} do not fit")
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if out is None:
+        out = np.empty(batch + (m, n), np.float32)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        out[...] = 0
+        return out
+    a_all = np.broadcast_to(a, batch + (m, k))
+    b_all = np.broadcast_to(b, batch + (k, n))
+    keep = []  # contiguous copies made for odd views must outlive the calls
+    products = []
+    for index in np.ndindex(*batch):
+        a2, b2, c2 = a_all[index], b_all[index], out[index]
+        layouts = []
+        for x in (a2, b2):
+            layout = _gemm_layout(x)
+            if layout is None:
+                x = np.ascontiguousarray(x)
+                keep.append(x)
+                layout = (b"N", x.shape[1])
+            layouts.append((x, layout))
+        c_layout = _gemm_layout(c2)
+        if c_layout is None or c_layout[0] != b"N":
+            raise ValueError("host_matmul: `out` must have contiguous rows")
+        (a2, (ta, lda)), (b2, (tb, ldb)) = layouts
+        products.append((ta, tb, a2.ctypes.data, lda, b2.ctypes.data, ldb, c2.ctypes.data, c_layout[1]))
+
+    # Split one product into column (or row) blocks when there are fewer products than cores.
+    parts = 1 if not split or len(products) >= gemm.threads else -(-gemm.threads // len(products))
+    tasks = []
+    for ta, tb, pa, lda, pb, ldb, pc, ldc in products:
+        if parts > 1 and n >= m:
+            edges = np.linspace(0, n, parts + 1).astype(int).tolist()
+            for n0, n1 in zip(edges[:-1], edges[1:]):
+                if n1 > n0:
+                    offset_b = 4 * n0 if tb == b"N" else 4 * n0 * ldb
+                    tasks.append((ta, tb, m, n1 - n0, k, 1.0, pa, lda, pb + offset_b, ldb, 0.0,
+                                  pc + 4 * n0, ldc))
+        elif parts > 1:
+            edges = np.linspace(0, m, parts + 1).astype(int).tolist()
+            for m0, m1 in zip(edges[:-1], edges[1:]):
+                if m1 > m0:
+                    offset_a = 4 * m0 * lda if ta == b"N" else 4 * m0
+                    tasks.append((ta, tb, m1 - m0, n, k, 1.0, pa + offset_a, lda, pb, ldb, 0.0,
+                                  pc + 4 * m0 * ldc, ldc))
+        else:
+            tasks.append((ta, tb, m, n, k, 1.0, pa, lda, pb, ldb, 0.0, pc, ldc))
+    gemm.run(tasks, 2.0 * m * n * k * len(products), split)
+    del keep
+    return out
+
+
+def conv2d_host(x: np.ndarray, weight: np.ndarray, bias, stride: int, padding: int) -> np.ndarray:
+    """torch conv2d (groups 1) on host arrays: im2col through a strided view, then
+    `weight (O, C*kh*kw) @ cols (C*kh*kw, H'*W')`, which lands directly in NCHW order.
+    With at least as many samples as cores, each core does whole samples (copy, product, bias);
+    otherwise the product is split."""
+    b, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    pointwise = kh == 1 and kw == 1 and stride == 1 and padding == 0
+    out_h = (h + 2 * padding - kh) // stride + 1
+    out_w = (w + 2 * padding - kw) // stride + 1
+    weight = weight.reshape(o, -1)
+    y = np.empty((b, o, out_h * out_w), np.float32)
+
+    def columns(sample: np.ndarray) -> np.ndarray:  # (C, H, W) -> (C*kh*kw, H'*W')
+        if pointwise:
+            return sample.reshape(c, h * w)
+        if padding:
+            sample = np.pad(sample, ((0, 0), (padding, padding), (padding, padding)))
+        windows = np.lib.stride_tricks.sliding_window_view(sample, (kh, kw), axis=(1, 2))
+        windows = windows[:, ::stride, ::stride]  # (C, H', W', kh, kw)
+        return windows.transpose(0, 3, 4, 1, 2).reshape(c * kh * kw, out_h * out_w)  # the one copy
+
+    def one_sample(i: int, split: bool = False) -> None:
+        host_matmul(weight, columns(x[i]), out=y[i], split=split)
+        if bias is not None:
+            y[i] += bias[:, None]
+
+    gemm = host_gemm()
+    if b >= gemm.threads:
+        gemm.parallel(b, one_sample)
+    else:
+        for i in range(b):
+            one_sample(i, split=True)
+    return y.reshape(b, o, out_h, out_w)
