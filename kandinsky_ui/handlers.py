@@ -100,6 +100,8 @@ class Studio:
         jobs = self.runner.jobs_of(owner)
         if jobs:
             yield from self._follow(owner, jobs[0])
+        else:  # a generator that yields nothing would blank every output
+            yield (gr.skip(),) * 5
 
     # ------------------------------------------------------------------ generation
     def _shared(self, settings: dict) -> dict:

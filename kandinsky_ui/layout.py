@@ -35,7 +35,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title=config.title, fill_width=True) as demo:
         browser_owner = gr.BrowserState("", storage_key="kandinsky-studio-owner",
                                         secret=getattr(studio, "browser_secret", None))
-        owner = gr.Textbox("", visible=False, label="owner", elem_id="owner")
+        owner = gr.Textbox("", visible="hidden", label="owner", elem_id="owner")
         selected = gr.State(None)
 
         gr.Markdown(f"# {config.title}\nText to image, image to image, inpainting, interpolation and "
@@ -192,7 +192,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 with gr.Row():
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
                     seeds = gr.Textbox(label="Seed(s) used", interactive=False, elem_id="seeds")
-                gallery = gr.Gallery(label="Your images (newest first)", columns=4, height=420,
+                gallery = gr.Gallery(label="Your images (newest first)", columns=4, height=420, fit_columns=False,
                                      elem_id="gallery", format="png", interactive=False)
                 selected_md = gr.Markdown("Select an image to reuse it.", elem_id="selected")
                 with gr.Row():
@@ -237,6 +237,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                   queue=False, **private).then(
             studio.resume, inputs=[owner], outputs=outputs, show_progress="hidden",
             concurrency_limit=GENERATE_LIMIT, concurrency_id="generate", **private)
+        # an owner id made by a handler (e.g. the first generation) is kept in the browser too
+        owner.change(lambda value: value, inputs=[owner], outputs=[browser_owner], queue=False,
+                     show_progress="hidden", **private)
         demo.load(studio.models_status, outputs=[models_md], queue=False, api_name="models_status_on_load",
                   **private)
 
