@@ -141,23 +141,35 @@ class Studio:
                                   mask_blur=mask_blur, **self._shared(settings))
         yield from self._submit(owner, build)
 
-    def interpolate(self, owner="", input_count=2, walk_steps=0, **rest):
-        shared = {k: v for k, v in rest.items() if k in SHARED_FIELDS}
-        rows = {k: v for k, v in rest.items() if k not in SHARED_FIELDS}
+    def interpolate(self, owner="", input_count=2, walk_steps=0,
+                    kind_1="Text", text_1="", image_1=None, weight_1=0.5,
+                    kind_2="Text", text_2="", image_2=None, weight_2=0.5,
+                    kind_3="Text", text_3="", image_3=None, weight_3=0.5,
+                    kind_4="Text", text_4="", image_4=None, weight_4=0.5,
+                    kind_5="Text", text_5="", image_5=None, weight_5=0.5,
+                    kind_6="Text", text_6="", image_6=None, weight_6=0.5, **settings):
+        """Inputs 1..input_count, each a text or an image (by its kind), with a weight each.
+
+        Images default to None in the signature so API clients may leave them out.
+        """
+        rows = [(kind_1, text_1, image_1, weight_1), (kind_2, text_2, image_2, weight_2),
+                (kind_3, text_3, image_3, weight_3), (kind_4, text_4, image_4, weight_4),
+                (kind_5, text_5, image_5, weight_5), (kind_6, text_6, image_6, weight_6)]
 
         def build():
             count = int(input_count or 2)
             inputs, weights = [], []
-            for i in range(1, count + 1):
-                kind = rows.get(f"kind_{i}") or "Text"
-                item = rows.get(f"image_{i}") if kind == "Image" else (rows.get(f"text_{i}") or "")
-                if kind == "Image" and item is None:
-                    raise ValueError(f"inputs[{i - 1}] is an image input without an image: upload one or "
-                                     f"switch input {i} to text")
-                inputs.append(item)
-                weights.append(rows.get(f"weight_{i}", 1.0))
+            for i, (kind, text, image, weight) in enumerate(rows[:count], start=1):
+                if kind == "Image":
+                    if image is None:
+                        raise ValueError(f"inputs[{i - 1}] is an image input without an image: upload one or "
+                                         f"switch input {i} to text")
+                    inputs.append(image)
+                else:
+                    inputs.append(text or "")
+                weights.append(weight)
             return InterpolateRequest(inputs=inputs, weights=weights, walk_steps=walk_steps,
-                                      **self._shared(shared))
+                                      **self._shared(settings))
         yield from self._submit(owner, build)
 
     def controlnet(self, owner="", depth=None, controlnet_mode="Text to image", controlnet_image=None,

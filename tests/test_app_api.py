@@ -1,0 +1,175 @@
+"""The app's API through gradio_client (`python app.py --demo` in a subprocess), and the rules
+app.py applies before it serves: no exposure beyond this machine without a login."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from backend.metadata import read_settings
+from tests.ui.server import ROOT, AppServer
+
+SAMPLES = ROOT / "assets" / "samples"
+SMALL = dict(width=64, height=64, num_inference_steps=5, prior_num_inference_steps=2)
+OWNER_A, OWNER_B = "a" * 32, "b" * 32
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = AppServer(tmp_path_factory.mktemp("api"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server.url, verbose=False)
+
+
+def final(job):
+    """The last update of a streaming job: (owner, progress html, preview, gallery, seeds)."""
+    outputs = job.outputs()
+    assert outputs, job.status()
+    return outputs[-1]
+
+
+def test_every_task_has_a_stable_api_name_with_named_parameters(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ("/text2img", "/img2img", "/inpaint", "/interpolate", "/controlnet", "/stop", "/png_info",
+                 "/models_status", "/unload", "/set_memory_budget"):
+        assert name in endpoints, sorted(endpoints)
+    names = [p["parameter_name"] for p in endpoints["/text2img"]["parameters"]]
+    assert names[:3] == ["owner", "model", "prompt"]
+    assert {"width", "height", "num_inference_steps", "prior_num_inference_steps", "guidance_scale",
+            "prior_guidance_scale", "seed", "batch_count", "batch_size", "scheduler"} <= set(names)
+    assert {"image", "strength"} <= {p["parameter_name"] for p in endpoints["/img2img"]["parameters"]}
+    assert {"weight_1", "text_1", "image_1", "kind_1", "input_count", "walk_steps"} <= \
+        {p["parameter_name"] for p in endpoints["/interpolate"]["parameters"]}
+
+
+def test_text_to_image_streams_progress_and_returns_the_owners_gallery(client, server):
+    job = client.submit(owner=OWNER_A, prompt="a blue bird", seed=99, **SMALL, api_name="/text2img")
+    job.result(timeout=120)
+    outputs = job.outputs()
+    progress = [o[1] for o in outputs]
+    assert any("Denoising: step" in p or "Decoding" in p for p in progress)
+    owner, text, preview, gallery, seeds = outputs[-1]
+    assert owner == OWNER_A and 'data-state="done"' in text and seeds == "99"
+    assert len(gallery) == 1 and gallery[0]["caption"] == "seed 99"
+    (path,) = server.owner_images()[OWNER_A]
+    assert read_settings(path)["prompt"] == "a blue bird"
+
+
+def test_image_tasks_through_the_api(client, server, tmp_path):
+    landscape = handle_file(str(SAMPLES / "landscape.png"))
+    job = client.submit(owner=OWNER_A, prompt="x", image=landscape, strength=0.6, **SMALL, api_name="/img2img")
+    job.result(timeout=120)
+    assert 'data-state="done"' in final(job)[1]
+
+    mask_path = tmp_path / "mask.png"
+    mask_image = Image.new("L", (256, 256))
+    mask_image.paste(255, (64, 64, 192, 192))
+    mask_image.save(mask_path)
+    mask = handle_file(str(mask_path))
+    editor = {"background": landscape, "layers": [], "composite": None}
+    job = client.submit(owner=OWNER_A, prompt="x", editor=editor, mask_upload=mask, mask_grow=2, **SMALL,
+                        api_name="/inpaint")
+    job.result(timeout=120)
+    assert 'data-state="done"' in final(job)[1]
+    settings = read_settings(server.owner_images()[OWNER_A][0])
+    sent = Image.open(server.outputs / OWNER_A / settings["input_images"]["mask"])
+    assert settings["mask_grow"] == 2 and sent.getbbox() == (64, 64, 192, 192)
+
+    job = client.submit(owner=OWNER_A, input_count=2, kind_1="Text", text_1="a cat", kind_2="Image",
+                        image_2=landscape, weight_1=0.3, weight_2=0.9, **SMALL, api_name="/interpolate")
+    job.result(timeout=120)
+    assert 'data-state="done"' in final(job)[1]
+    newest = server.owner_images()[OWNER_A][0]
+    settings = read_settings(newest)
+    assert settings["weights"] == [0.3, 0.9] and settings["normalized_weights"] == [0.25, 0.75]
+
+    job = client.submit(owner=OWNER_A, prompt="a room", depth=handle_file(str(SAMPLES / "depth.png")),
+                        controlnet_mode="Text to image", **SMALL, api_name="/controlnet")
+    job.result(timeout=120)
+    assert 'data-state="done"' in final(job)[1]
+    assert read_settings(server.owner_images()[OWNER_A][0])["task"] == "controlnet"
+
+
+def test_bad_settings_come_back_as_errors_naming_the_field(client):
+    with pytest.raises(Exception, match="width must be a multiple of 64"):
+        client.predict(owner=OWNER_A, prompt="x", width=100, height=64, api_name="/text2img")
+    with pytest.raises(Exception, match="image is required"):
+        client.predict(owner=OWNER_A, prompt="x", **SMALL, api_name="/img2img")
+
+
+def test_stop_through_the_api_keeps_a_partial_image(client, server):
+    job = client.submit(owner=OWNER_B, prompt="slow", **dict(SMALL, num_inference_steps=200, width=256,
+                                                              height=256), api_name="/text2img")
+    while not any("Denoising: step" in o[1] for o in job.outputs()):
+        assert not job.done(), job.outputs()[-1:]
+        time.sleep(0.1)
+    assert "Stopping" in client.predict(owner=OWNER_B, api_name="/stop")
+    job.result(timeout=60)
+    owner, text, _, gallery, _ = final(job)
+    assert 'data-state="stopped"' in text and "partial" in text
+    assert gallery[0]["caption"].endswith("partial")
+    assert "Nothing of yours is running" in client.predict(owner=OWNER_B, api_name="/stop")
+
+
+def test_owners_only_ever_get_their_own_images(client, server):
+    job = client.submit(owner=OWNER_B, prompt="b's image", **SMALL, api_name="/text2img")
+    job.result(timeout=120)
+    gallery = final(job)[3]
+    b_names = {item["image"].rsplit("/", 1)[-1] for item in gallery}
+    a_names = {p.name for p in server.owner_images()[OWNER_A]}
+    assert b_names and not (b_names & a_names)
+    # an API client without an owner id gets a fresh one, and an empty gallery of its own
+    job = client.submit(prompt="anonymous", **SMALL, api_name="/text2img")
+    job.result(timeout=120)
+    owner, _, _, gallery, _ = final(job)
+    assert owner not in (OWNER_A, OWNER_B) and len(owner) == 32 and len(gallery) == 1
+
+
+def test_png_info_and_models_panel(client, server):
+    path = server.owner_images()[OWNER_A][-1]  # the first image, the blue bird
+    parameters, settings_json = client.predict(file=handle_file(str(path)), api_name="/png_info")
+    assert parameters.startswith("a blue bird\nSteps: 5") and '"seed": 99' in settings_json
+    status = client.predict(api_name="/models_status")
+    assert "Device" in status and "unet" in status and "prior" in status
+    status = client.predict(text="1MB", api_name="/set_memory_budget")
+    assert "Budget set to 1.0 MB" in status and "Evicted" in status
+    status = client.predict(api_name="/unload")
+    assert "No model loaded yet" in status
+    client.predict(text="auto", api_name="/set_memory_budget")
+
+
+def run_app(*args, timeout=60):
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), "--demo", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT / ".."),
+                                                          "PYTHONPATH": str(ROOT)})
+
+
+def test_refuses_to_serve_beyond_this_machine_without_a_login():
+    result = run_app("--host", "0.0.0.0")
+    assert result.returncode != 0 and "refusing to serve on 0.0.0.0" in result.stderr
+    result = run_app("--share")
+    assert result.returncode != 0 and "gradio.live" in result.stderr and "--auth" in result.stderr
+    result = run_app("--host", "0.0.0.0", "--auth", "nopassword")
+    assert result.returncode != 0 and "USER:PASSWORD" in result.stderr
+
+
+def test_login_is_required_when_given(tmp_path):
+    auth_file = tmp_path / "logins.txt"
+    auth_file.write_text("# users\nalice:wonderland\n")
+    server = AppServer(tmp_path, extra_args=["--host", "0.0.0.0", "--auth-file", str(auth_file)])
+    try:
+        with pytest.raises(Exception):
+            Client(server.url, verbose=False)
+        client = Client(server.url, auth=("alice", "wonderland"), verbose=False)
+        assert "Device" in client.predict(api_name="/models_status")
+    finally:
+        server.stop()
