@@ -39,9 +39,12 @@ def with_config(cls, folder: Path, **changes):
     return model
 
 
-@pytest.fixture(scope="module")
-def text_model():
-    return load_model(CLIPTextModelWithProjection, FIXTURES / "clip_text_tiny")
+@pytest.fixture(scope="module", params=[True, False], ids=["cpu-numpy-path", "mindspore-ops-path"])
+def text_model(request):
+    """Both the CPU numpy path and the mindspore.ops path (what GPU / Ascend run) are checked."""
+    model = load_model(CLIPTextModelWithProjection, FIXTURES / "clip_text_tiny")
+    model.cpu_numpy_path = request.param
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +52,12 @@ def text_io():
     return np.load(FIXTURES / "clip_text_tiny" / "io.npz")
 
 
-@pytest.fixture(scope="module")
-def vision_model():
-    return load_model(CLIPVisionModelWithProjection, FIXTURES / "clip_vision_tiny")
+@pytest.fixture(scope="module", params=[True, False], ids=["cpu-numpy-path", "mindspore-ops-path"])
+def vision_model(request):
+    """Both the CPU numpy path and the mindspore.ops path (what GPU / Ascend run) are checked."""
+    model = load_model(CLIPVisionModelWithProjection, FIXTURES / "clip_vision_tiny")
+    model.cpu_numpy_path = request.param
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,12 @@ if not CONFIGS.is_dir():
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def prior():
-    return load_model(PriorTransformer, FIXTURES / "prior_tiny")
+@pytest.fixture(scope="module", params=[True, False], ids=["cpu-numpy-path", "mindspore-ops-path"])
+def prior(request):
+    """Both the CPU numpy path and the mindspore.ops path (what GPU / Ascend run) are checked."""
+    model = load_model(PriorTransformer, FIXTURES / "prior_tiny")
+    model.cpu_numpy_path = request.param
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from backend.nn.layers import LayerNorm, Linear, gelu, scaled_dot_product_attention, zeros_parameter
+from backend.device import on_cpu
+from backend.nn.layers import (LayerNorm, Linear, gelu, host_param, is_host, scaled_dot_product_attention, silu,
+                               zeros_parameter)
 
 
 @dataclass
@@ -73,11 +75,18 @@ class PriorTransformerConfig:
 
 
 def _mish(x):
+    if is_host(x):
+        return x * np.tanh(np.logaddexp(np.float32(0), x))
     return x * ops.tanh(ops.softplus(x))
 
 
+def _relu(x):
+    return np.maximum(x, np.float32(0)) if is_host(x) else ops.relu(x)
+
+
 # diffusers' get_activation table (activations.py), restricted to what has a CPU kernel.
-_ACTIVATIONS = {"silu": ops.silu, "swish": ops.silu, "gelu": gelu, "relu": ops.relu, "mish": _mish}
+# Each takes a Tensor or, on the host path, a numpy array.
+_ACTIVATIONS = {"silu": silu, "swish": silu, "gelu": gelu, "relu": _relu, "mish": _mish}
 
 
 def timestep_embedding(timesteps: np.ndarray, dim: int, flip_sin_to_cos: bool = False,
@@ -130,6 +139,12 @@ class Attention(nn.Cell):
 
     def construct(self, hidden_states, attention_mask=None):
         b, n, _ = hidden_states.shape  # (B, N, C)
+        if is_host(hidden_states):
+            # heads as strided views of the projections (B, N, h, d) -> (B, h, N, d): no copies
+            q, k, v = (proj(hidden_states).reshape(b, n, self.heads, self.dim_head).transpose(0, 2, 1, 3)
+                       for proj in (self.to_q, self.to_k, self.to_v))
+            out = scaled_dot_product_attention(q, k, v, attention_mask)  # (B, h, N, d)
+            return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, self.heads * self.dim_head))
         q = self.to_q(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)  # (B, h, N, d)
         k = self.to_k(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)
         v = self.to_v(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)
@@ -174,12 +189,26 @@ class BasicTransformerBlock(nn.Cell):
         self.ff = FeedForward(dim)
 
     def construct(self, hidden_states, attention_mask=None):
+        if is_host(hidden_states):  # the residual adds in place on fresh arrays
+            out = self.attn1(self.norm1(hidden_states), attention_mask)
+            out += hidden_states
+            ff = self.ff(self.norm3(out))
+            ff += out
+            return ff
         hidden_states = self.attn1(self.norm1(hidden_states), attention_mask) + hidden_states
         return self.ff(self.norm3(hidden_states)) + hidden_states
 
 
 class PriorTransformer(nn.Cell):
-    """diffusers `PriorTransformer` (inference)."""
+    """diffusers `PriorTransformer` (inference).
+
+    Two execution paths, as in the UNet (unet_2d_condition.py, "Two execution paths"): on CPU the
+    activations are numpy arrays from the input to the output (matrix products through
+    backend/nn/host.py), on GPU/Ascend mindspore.ops Tensors. `cpu_numpy_path = False` runs the
+    mindspore.ops path on CPU too (the tests check both against diffusers).
+    """
+
+    cpu_numpy_path = True
 
     def __init__(self, config: PriorTransformerConfig):
         super().__init__()
@@ -246,10 +275,21 @@ class PriorTransformer(nn.Cell):
         Returns the predicted image embedding (B, clip_embed_dim)."""
         batch_size = hidden_states.shape[0]
         dtype = self.dtype
+        host = self.cpu_numpy_path and on_cpu()
 
-        timesteps_projected = Tensor(timestep_embedding(self._timesteps(timestep, batch_size), self.inner_dim,
-                                                        flip_sin_to_cos=True, downscale_freq_shift=0))
-        time_embeddings = self.time_embedding(timesteps_projected.astype(dtype))  # (B, W)
+        def convert(x):  # what the chosen path computes on: float32 numpy, or model-dtype Tensors
+            if x is None:
+                return None
+            if host:
+                return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x, dtype=np.float32)
+            x = x if isinstance(x, Tensor) else Tensor(np.asarray(x, dtype=np.float32))
+            return x.astype(dtype) if x.dtype != dtype else x
+
+        hidden_states, proj_embedding = convert(hidden_states), convert(proj_embedding)
+        encoder_hidden_states = convert(encoder_hidden_states)
+        timesteps_projected = timestep_embedding(self._timesteps(timestep, batch_size), self.inner_dim,
+                                                 flip_sin_to_cos=True, downscale_freq_shift=0)
+        time_embeddings = self.time_embedding(convert(timesteps_projected))  # (B, W)
 
         if self.embedding_proj_norm is not None:
             proj_embedding = self.embedding_proj_norm(proj_embedding)
@@ -260,6 +300,11 @@ class PriorTransformer(nn.Cell):
             encoder_hidden_states = self.encoder_hidden_states_proj(encoder_hidden_states)  # (B, T, W)
 
         hidden_states = self.proj_in(hidden_states)
+        if host:
+            out = self._host_tokens(hidden_states, proj_embeddings, time_embeddings, encoder_hidden_states,
+                                    attention_mask)
+            out = Tensor.from_numpy(np.ascontiguousarray(out))
+            return out.astype(dtype) if dtype != ms.float32 else out
         positional_embeddings = self.positional_embedding.astype(hidden_states.dtype)
 
         tokens = []
@@ -288,14 +333,9 @@ class PriorTransformer(nn.Cell):
             ], axis=1)
         hidden_states = hidden_states + positional_embeddings
 
-        mask = None
-        if attention_mask is not None:
-            # The causal mask applies only together with a text mask, as in diffusers.
-            text_mask = attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask)
-            text_mask = (1 - text_mask.astype(np.float32)) * np.float32(-10000.0)  # (B, T)
-            text_mask = np.pad(text_mask, ((0, 0), (0, self.additional_embeddings)))  # (B, N)
-            mask = text_mask[:, None, :] + self.causal_attention_mask  # (B, N, N)
-            mask = Tensor(mask[:, None]).astype(hidden_states.dtype)  # (B, 1, N, N), broadcast over heads
+        mask = self._text_mask(attention_mask, self.additional_embeddings)
+        if mask is not None:
+            mask = Tensor(mask).astype(hidden_states.dtype)  # (B, 1, N, N), broadcast over heads
 
         if self.norm_in is not None:
             hidden_states = self.norm_in(hidden_states)
@@ -308,6 +348,55 @@ class PriorTransformer(nn.Cell):
         else:
             hidden_states = hidden_states[:, additional_embeddings_len:]
         return self.proj_to_clip_embeddings(hidden_states)
+
+    def _text_mask(self, attention_mask, additional_len: int) -> np.ndarray | None:
+        """Additive (B, 1, N, N) float32 mask, or None without a text mask."""
+        if attention_mask is None:
+            return None
+        # The causal mask applies only together with a text mask, as in diffusers.
+        text_mask = attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask)
+        text_mask = (1 - text_mask.astype(np.float32)) * np.float32(-10000.0)  # (B, T)
+        text_mask = np.pad(text_mask, ((0, 0), (0, additional_len)))  # (B, N)
+        return (text_mask[:, None, :] + self.causal_attention_mask)[:, None]  # (B, 1, N, N)
+
+    def _host_tokens(self, hidden_states, proj_embeddings, time_embeddings, encoder_hidden_states,
+                     attention_mask) -> np.ndarray:
+        """Host path from the projected inputs (numpy, (B, W) each) to the output (B, clip_embed_dim)."""
+        batch_size = hidden_states.shape[0]
+        tokens = []
+        additional_embeddings_len = 0
+        if encoder_hidden_states is not None:
+            tokens.append(encoder_hidden_states)
+            additional_embeddings_len += encoder_hidden_states.shape[1]
+        if proj_embeddings.ndim == 2:
+            proj_embeddings = proj_embeddings[:, None, :]
+        if hidden_states.ndim == 2:
+            hidden_states = hidden_states[:, None, :]
+        tokens += [proj_embeddings, time_embeddings[:, None, :], hidden_states]
+        if self.prd_embedding is not None:
+            tokens.append(np.broadcast_to(host_param(self.prd_embedding), (batch_size, 1, self.inner_dim)))
+        hidden_states = np.concatenate(tokens, axis=1)  # (B, N, W)
+
+        positional_embeddings = host_param(self.positional_embedding)
+        # diffusers lets the positional table leave out the extra tokens and pads it with zeros.
+        additional_embeddings_len += proj_embeddings.shape[1] + 1
+        if positional_embeddings.shape[1] < hidden_states.shape[1]:
+            after = 1 if self.prd_embedding is not None else 0
+            positional_embeddings = np.pad(positional_embeddings,
+                                           ((0, 0), (additional_embeddings_len, after), (0, 0)))
+        hidden_states += positional_embeddings
+
+        mask = self._text_mask(attention_mask, self.additional_embeddings)
+        if self.norm_in is not None:
+            hidden_states = self.norm_in(hidden_states)
+        for block in self.transformer_blocks:
+            hidden_states = block(hidden_states, mask)
+        hidden_states = self.norm_out(hidden_states)
+        if self.prd_embedding is not None:
+            hidden_states = hidden_states[:, -1]  # (B, W)
+        else:
+            hidden_states = hidden_states[:, additional_embeddings_len:]
+        return self.proj_to_clip_embeddings(np.ascontiguousarray(hidden_states))
 
     def post_process_latents(self, prior_latents):
         """Un-normalise a predicted embedding: latents * clip_std + clip_mean."""
