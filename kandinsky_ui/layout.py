@@ -20,6 +20,7 @@ CSS = """
 .ks-bar { height: 6px; background: var(--neutral-200); border-radius: 3px; overflow: hidden; margin-bottom: 4px; }
 .ks-bar > span { display: block; height: 100%; background: var(--color-accent); transition: width 0.2s; }
 .ks-progress[data-state="failed"] .ks-text { color: var(--error-text-color); }
+#preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 #demo-banner { background: #fff4d6; border: 1px solid #e7c76d; border-radius: 6px; padding: 4px 10px; color: #5a4300; }
 """
 

@@ -150,6 +150,12 @@ def test_text_to_image_shows_previews_then_the_image(page, app_server):
     assert settings["prompt"] == "a red fox in the snow" and settings["seed"] == 1234
     assert Image.open(path).size == (64, 64)
     screenshot(page, "text2img")
+    # select the image and send it to image-to-image
+    page.locator("#gallery .thumbnail-item").first.click()
+    page.wait_for_function("() => document.querySelector('#selected').innerText.includes('seed 1234')")
+    page.click("#send-img2img")
+    page.wait_for_selector("#img2img-image img")
+    assert page.locator("#tab-img2img").is_visible()
 
 
 def test_image_to_image(page, app_server):
@@ -260,6 +266,20 @@ def test_stop_ends_the_run_early_and_keeps_a_partial_image(page, app_server):
     path, settings = newest_image(app_server)
     assert settings["partial"] is True and settings["stopped_at_step"] == step
     assert path.name.endswith("-partial.png") and Image.open(path).size == (256, 256)
+
+
+def test_a_reload_during_a_run_reattaches_to_it(page, app_server):
+    small_run(page, steps=200, width=256, height=256)
+    page.click("#generate-text2img")
+    page.wait_for_function("() => /Denoising: step/.test(document.querySelector('#progress').innerText)")
+    page.reload()
+    page.wait_for_selector("#generate-text2img")
+    # the new page follows the same job: its steps keep coming, and Stop still reaches it
+    page.wait_for_function("() => /Denoising: step/.test(document.querySelector('#progress').innerText)")
+    page.click("#stop")
+    page.wait_for_selector("#progress [data-state=stopped]", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#gallery .gallery-item').length === 1")
+    assert "partial" in page.locator("#gallery .caption-label").first.inner_text()
 
 
 def test_png_info_round_trips_into_the_controls(page, app_server):
