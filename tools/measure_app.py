@@ -36,14 +36,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--stops", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu", "ascend"])
     parser.add_argument("--work", default=None, help="folder for demo models and outputs (default: a temp dir)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ks-measure-"))
 
     holder = {}
     runner = JobRunner(lambda job: holder["run"](job)).start()
+    from backend.device import select_device
+    print("device:", runner.call(select_device, args.device))
     spec = runner.call(demo.ensure_demo_models, work / "models")
-    manager = ModelManager({spec.key: spec}, factors_dir=work / "factors")
+    manager = ModelManager({spec.key: spec}, factors_dir=work / "factors", device=args.device)
     holder["run"] = TaskExecutor(manager, OutputStore(work / "outputs"))
 
     def run(**kw):
