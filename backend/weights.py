@@ -5,12 +5,19 @@ A model's attribute paths equal the checkpoint keys, so loading is the identity 
 safetensors key. Loading is strict: every checkpoint key is used, every parameter is
 filled, shapes are equal, and an error names the key and the file.
 
-Memory: safetensors files are memory-mapped; each tensor is copied once into its
-Parameter and the mapping is dropped, so loading peaks near the size of the weights.
+Memory: safetensors files are memory-mapped (private, copy-on-write) and a float32 tensor
+becomes its Parameter without a copy (`Tensor.from_numpy` shares the mapped pages), as
+torch's safetensors loading does. So loading peaks near the size of the weights, the pages
+are file-backed (the kernel can drop and re-read them under memory pressure), and the bytes
+are read once, by the NaN/inf check. Measured on the 5 GB kandinsky-2-2-decoder UNet (see
+docs/PERFORMANCE.md): the former read-into-a-fresh-array + `Tensor(array)` made two copies.
+Like torch, a mapped file must not be truncated while the model is alive (deleting or
+replacing it is fine).
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Callable, Iterable
@@ -120,21 +127,31 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 def iter_safetensors(path: Path) -> Iterable[tuple[str, np.ndarray]]:
     """Yield (key, array) one tensor at a time.
 
-    Each tensor is read with a plain file read into a fresh array (no memory map), so at most
-    one tensor's bytes are held besides the model: loading a 5 GB UNet peaks near 5 GB.
+    Arrays are views of a private copy-on-write memory map of the file (writable, and writes
+    never reach the file); a tensor whose bytes are not aligned to its item size is copied.
     """
     header, data_start = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            f.seek(data_start + begin)
-            array = np.fromfile(f, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize)
-            if info["dtype"] == "BF16":
-                array = (array.astype(np.uint32) << 16).view(np.float32)
-            yield key, array.reshape(info["shape"])
+    if path.stat().st_size == data_start:  # no tensor bytes at all: nothing to map
+        mapped = np.zeros(0, np.uint8)
+    else:
+        mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start)
+        try:  # the whole file is about to be read in order: ask for large read-ahead
+            mapped._mmap.madvise(mmap.MADV_SEQUENTIAL)
+            mapped._mmap.madvise(mmap.MADV_WILLNEED)
+        except (AttributeError, OSError, ValueError):
+            pass
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        raw = mapped[begin:end]
+        if (data_start + begin) % dtype.itemsize:
+            raw = raw.copy()
+        array = np.ndarray((end - begin) // dtype.itemsize, dtype=dtype, buffer=raw)
+        if info["dtype"] == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        yield key, array.reshape(info["shape"])
 
 
 def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]],
@@ -164,13 +181,14 @@ def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]]
                                f"the model expects {tuple(param.shape)}")
         if array.dtype != np.float32 and array.dtype != np.float16 and array.dtype.kind == "f":
             array = array.astype(np.float32)
-        if not np.isfinite(array).all():
+        if not _all_finite(array):
             raise WeightsError(f"{source}: tensor {key!r} contains NaN or infinite values")
         target = _NP_DTYPES.get(dtype, np.float32)
         if dtype == ms.bfloat16:
             tensor = Tensor(array.astype(np.float32)).astype(ms.bfloat16)
         else:
-            tensor = Tensor(np.ascontiguousarray(array, dtype=target))
+            array = np.ascontiguousarray(array, dtype=target)  # a no-op for float32 files
+            tensor = Tensor.from_numpy(array)  # shares the array's memory: no copy
         if param.dtype != dtype:
             param.set_dtype(dtype)
         param.set_data(tensor)
@@ -185,6 +203,17 @@ def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]]
     if missing:
         raise WeightsError(f"{source}: {len(missing)} parameter(s) missing from the checkpoint, "
                            f"e.g. {missing[:5]}")
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """No NaN or inf in `array`. A sum is one pass without a temporary (NaN and inf propagate
+    through it); only when it is not finite, which finite float32 weights can reach only by
+    overflow, is each element checked."""
+    if array.dtype.kind != "f" or array.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = array.sum(dtype=np.float32)
+    return bool(np.isfinite(total)) or bool(np.isfinite(array).all())
 
 
 def _legacy_name(key: str, params: dict) -> str:
