@@ -148,7 +148,10 @@ class _Run:
             if walk:
                 self._walk(walk_ends, walk)
         except JobCancelled:
-            self.job.emit(self._cancelled())
+            cancelled = self._cancelled()
+            self.job.emit(cancelled)
+            logger.info("job %s stopped %.3f s after the request, %d partial image(s) kept", self.job.id,
+                        cancelled.latency_s or 0.0, len(cancelled.partials))
             return
         self.job.emit(Result(images=list(self.completed), seeds=list(self.seeds),
                              elapsed_s=time.monotonic() - self.started, preview_s=self.preview_s,

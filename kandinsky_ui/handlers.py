@@ -217,9 +217,11 @@ class Studio:
     def stop(self, owner=""):
         owner = self.owner_of(owner)
         count = self.runner.cancel_owner(owner)
+        # Not written to the progress line: this answer may reach the page after the job's own
+        # "stopped" update and would overwrite it.
         if count:
-            return render.progress_html("Stopping after the current step…", None, "stopping")
-        return render.progress_html("Nothing of yours is running.", None, "idle")
+            return "Stopping after the current step…"
+        return "Nothing of yours is running."
 
     # ------------------------------------------------------------------ gallery
     def select(self, owner, evt: gr.SelectData):

@@ -191,7 +191,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 preview_image = gr.Image(label="Preview", interactive=False, elem_id="preview", format="png",
                                          height=384)
                 with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    with gr.Column(min_width=120):
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                        stop_note = gr.Markdown("", elem_id="stop-note")
                     seeds = gr.Textbox(label="Seed(s) used", interactive=False, elem_id="seeds")
                 gallery = gr.Gallery(label="Your images (newest first)", columns=4, height=420, fit_columns=False,
                                      elem_id="gallery", format="png", interactive=False)
@@ -230,8 +232,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
         go_controlnet.click(studio.controlnet, inputs_kwargs={
             "owner": owner, "depth": depth, "controlnet_mode": controlnet_mode, "controlnet_image": controlnet_image,
             "controlnet_strength": controlnet_strength, **shared}, api_name="controlnet", **generate)
-        stop.click(studio.stop, inputs=[owner], outputs=[progress], queue=False, api_name="stop",
+        stop.click(studio.stop, inputs=[owner], outputs=[stop_note], queue=False, api_name="stop",
                    show_progress="hidden")
+        for button in (go_text2img, go_img2img, go_inpaint, go_interpolate, go_controlnet):
+            button.click(lambda: "", outputs=[stop_note], queue=False, show_progress="hidden", **private)
 
         # page load: restore this browser's owner id and gallery, re-attach to a running job
         demo.load(studio.on_load, inputs=[browser_owner], outputs=[owner, browser_owner, gallery, progress],

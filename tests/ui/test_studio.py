@@ -253,8 +253,13 @@ def test_stop_ends_the_run_early_and_keeps_a_partial_image(page, app_server):
     page.click("#generate-text2img")
     page.wait_for_function("() => /Denoising: step ([3-9]|\\d\\d)/.test(document.querySelector('#progress').innerText)")
     page.click("#stop")
-    page.wait_for_selector("#progress [data-state=stopped], #progress [data-state=done], "
-                           "#progress [data-state=failed]", timeout=30_000)
+    try:
+        page.wait_for_selector("#progress [data-state=stopped], #progress [data-state=done], "
+                               "#progress [data-state=failed]", timeout=30_000)
+    except Exception as error:
+        log = page.evaluate("window.__ks")
+        raise AssertionError(f"no end state; progress log: {[e[2] for e in log if e[1] == 'progress'][-6:]}") \
+            from error
     text = page.locator("#progress").inner_text()
     assert page.locator("#progress [data-state=stopped]").count() == 1, text
     latency = float(re.search(r"Stopped ([\d.]+) s after the click", text).group(1))
