@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
                            cache_dir=args.models_dir, offline=args.offline, device=device,
                            factors_dir=cache / "preview-factors")
     executor["run"] = TaskExecutor(manager, store)
-    studio = Studio(runner, manager, store, ui_config(args, models))
-    studio.browser_secret = browser_secret(outputs)
+    config = ui_config(args, models)
+    config.browser_secret = browser_secret(outputs)
+    studio = Studio(runner, manager, store, config)
     demo = build_ui(studio)
     demo.queue(default_concurrency_limit=1)
     logger.info("device %s, dtype %s, outputs in %s%s", device, args.dtype, outputs,

@@ -47,6 +47,7 @@ class UIConfig:
     title: str = "Kandinsky Studio"
     gallery_limit: int = 100
     notes: list = field(default_factory=list)      # lines for the header
+    browser_secret: str | None = None              # key of the owner id in localStorage (None: per start)
 
 
 def _convert(name: str, value, kind):

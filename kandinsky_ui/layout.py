@@ -35,7 +35,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     private = {"api_visibility": "private"}
     with gr.Blocks(title=config.title, fill_width=True) as demo:
         browser_owner = gr.BrowserState("", storage_key="kandinsky-studio-owner",
-                                        secret=getattr(studio, "browser_secret", None))
+                                        secret=config.browser_secret)
         owner = gr.Textbox("", visible="hidden", label="owner", elem_id="owner")
         selected = gr.State(None)
 

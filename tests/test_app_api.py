@@ -173,3 +173,37 @@ def test_login_is_required_when_given(tmp_path):
         assert "Device" in client.predict(api_name="/models_status")
     finally:
         server.stop()
+
+
+def test_front_end_never_imports_mindspore_and_backend_never_imports_gradio():
+    check = ("import sys, kandinsky_ui; assert 'mindspore' not in sys.modules, 'kandinsky_ui imported mindspore';"
+             "import backend.jobs, backend.tasks, backend.manager, backend.metadata, backend.previews, backend.demo;"
+             "import backend.pipelines; assert 'mindspore' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    check = ("import sys, backend.jobs, backend.tasks, backend.manager, backend.metadata, backend.previews, "
+             "backend.demo, backend.pipelines; assert 'gradio' not in sys.modules, 'the backend imported gradio'")
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_without_demo_the_published_repos_are_found_in_models_dir(tmp_path):
+    """The real-model path, offline: folders named like the Hub repos under --models-dir are used."""
+    from backend import demo
+
+    spec = demo.ensure_demo_models(tmp_path / "built")
+    models = tmp_path / "models"
+    models.mkdir()
+    for role, name in (("prior", "kandinsky-2-2-prior"), ("decoder", "kandinsky-2-2-decoder"),
+                       ("inpaint", "kandinsky-2-2-decoder-inpaint"), ("controlnet", "kandinsky-2-2-controlnet-depth")):
+        (models / name).symlink_to(spec.repos[role], target_is_directory=True)
+    server = AppServer(tmp_path, extra_args=["--offline", "--models-dir", str(models)], demo=False)
+    try:
+        client = Client(server.url, verbose=False)
+        result = client.predict(owner=OWNER_A, prompt="x", **SMALL, api_name="/text2img")
+        assert 'data-state="done"' in result[1]
+        settings = read_settings(server.owner_images()[OWNER_A][0])
+        assert settings["model"] == "kandinsky-2-2"
+        assert settings["repos"]["decoder"] == str(models / "kandinsky-2-2-decoder")
+    finally:
+        server.stop()

@@ -24,13 +24,13 @@ def free_port() -> int:
 class AppServer:
     """`python app.py --demo` on a free port, with its own outputs and models folders."""
 
-    def __init__(self, workdir: Path, extra_args=()):
+    def __init__(self, workdir: Path, extra_args=(), demo: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.outputs = workdir / "outputs"
         self.models = Path(os.environ.get("KS_TEST_MODELS_DIR", workdir / "models"))
         self.log_path = workdir / "app.log"
-        args = [sys.executable, str(ROOT / "app.py"), "--demo", "--port", str(self.port),
+        args = [sys.executable, str(ROOT / "app.py"), *(["--demo"] if demo else []), "--port", str(self.port),
                 "--outputs-dir", str(self.outputs), "--models-dir", str(self.models), *extra_args]
         env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         env.pop("KANDINSKY_STUDIO_ARGS", None)
