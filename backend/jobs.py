@@ -117,8 +117,9 @@ class GenerationRequest:
                                                     self.prior_num_inference_steps, 1, MAX_STEPS)
         self.guidance_scale = _check_float("guidance_scale", self.guidance_scale, 0.0, 50.0)
         self.prior_guidance_scale = _check_float("prior_guidance_scale", self.prior_guidance_scale, 0.0, 50.0)
-        seed = _check_int("seed", self.seed, -(2**63), MAX_SEED)
-        self.seed = -1 if seed < 0 else seed
+        if isinstance(self.seed, (int, float)) and not isinstance(self.seed, bool) and self.seed < 0:
+            self.seed = -1  # any negative seed asks for a random one
+        self.seed = _check_int("seed", self.seed, -1, MAX_SEED)
         self.batch_count = _check_int("batch_count", self.batch_count, 1, MAX_BATCH_COUNT)
         self.batch_size = _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         self.scheduler = self.scheduler.lower() or "default"
@@ -349,8 +350,10 @@ class Job:
 
     _ids = itertools.count(1)
 
-    def __init__(self, request: GenerationRequest, owner: str):
+    def __init__(self, request: GenerationRequest, owner: str,
+                 on_cancel: Callable[["Job"], None] | None = None):
         self.id = f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        self._on_cancel = on_cancel  # the runner drops a job that has not started yet
         self.request = request
         self.owner = owner
         self.submitted_at = time.monotonic()
@@ -400,9 +403,8 @@ class Job:
         if not self._cancel.is_set():
             self.cancel_requested_at = time.monotonic()
             self._cancel.set()
-        self._on_cancel(self)
-
-    _on_cancel: Callable[["Job"], None] = staticmethod(lambda job: None)
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     def subscriber_count(self) -> int:
         with self._lock:
@@ -507,8 +509,7 @@ class JobRunner:
     def submit(self, request: GenerationRequest, owner: str = "default") -> Job:
         """Validate and queue a request (ValueError for bad settings); returns the job at once."""
         request.validate()
-        job = Job(request, owner)
-        job._on_cancel = self._cancel_waiting
+        job = Job(request, owner, on_cancel=self._cancel_waiting)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")

@@ -33,7 +33,7 @@ SHARED_FIELDS = {
     "model": str, "prompt": str, "negative_prompt": str, "negative_prior_prompt": str,
     "width": int, "height": int, "num_inference_steps": int, "prior_num_inference_steps": int,
     "guidance_scale": float, "prior_guidance_scale": float, "scheduler": str, "seed": int,
-    "batch_count": int, "batch_size": int, "preview": str,
+    "batch_count": int, "batch_size": int, "preview": str, "preview_every": int,
 }
 MODE_LABELS = {"Text to image": "text2img", "Image to image": "img2img"}
 

@@ -160,6 +160,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                 label="Decoder scheduler", elem_id="scheduler")
                         preview = gr.Dropdown(PREVIEW_CHOICES, value=d.get("preview", "fast"), label="Previews",
                                               elem_id="preview-mode")
+                        preview_every = gr.Slider(1, 20, value=1, step=1, label="A preview every N steps",
+                                                  elem_id="preview-every")
                     with gr.Row():
                         size_preset = gr.Dropdown([label for label, _ in config.size_presets] + ["Custom"],
                                                   value=studio.preset_from_size(d["width"], d["height"]),
@@ -209,7 +211,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                   "negative_prior_prompt": negative_prior_prompt, "width": width, "height": height,
                   "num_inference_steps": steps, "prior_num_inference_steps": prior_steps,
                   "guidance_scale": guidance, "prior_guidance_scale": prior_guidance, "scheduler": scheduler,
-                  "seed": seed, "batch_count": batch_count, "batch_size": batch_size, "preview": preview}
+                  "seed": seed, "batch_count": batch_count, "batch_size": batch_size, "preview": preview,
+                  "preview_every": preview_every}
         outputs = [owner, progress, preview_image, gallery, seeds]
         generate = {"outputs": outputs, "show_progress": "hidden", "concurrency_limit": GENERATE_LIMIT,
                     "concurrency_id": "generate"}
