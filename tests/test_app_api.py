@@ -207,3 +207,35 @@ def test_without_demo_the_published_repos_are_found_in_models_dir(tmp_path):
         assert settings["repos"]["decoder"] == str(models / "kandinsky-2-2-decoder")
     finally:
         server.stop()
+
+
+def test_a_waiting_job_nobody_follows_any_more_is_dropped():
+    """A tab closed while its job waits in line: Gradio closes the handler, the job leaves the queue.
+    (A stand-in engine that holds the device; this is the handler's queueing logic.)"""
+    import threading
+
+    from backend.jobs import Cancelled, JobRunner, Result, Text2ImageRequest
+    from kandinsky_ui.handlers import Studio, UIConfig
+
+    release = threading.Event()
+
+    def engine(job):
+        release.wait(10)
+        job.emit(Result(images=[], seeds=[1]))
+
+    runner = JobRunner(engine).start()
+    try:
+        studio = Studio(runner, manager=None, store=None,
+                        config=UIConfig(demo=True, models=[("demo", "demo")], defaults={}, size_presets=[]))
+        first = runner.submit(Text2ImageRequest(width=64, height=64), owner=OWNER_A)
+        stream = studio._submit(OWNER_B, lambda: Text2ImageRequest(width=64, height=64))
+        owner, progress, *_ = next(stream)
+        assert owner == OWNER_B and "1 job ahead" in progress
+        (waiting,) = runner.jobs_of(OWNER_B)
+        stream.close()  # what Gradio does when the browser goes away
+        assert isinstance(waiting.wait(5), Cancelled) and runner.jobs_of(OWNER_B) == []
+        release.set()
+        assert isinstance(first.wait(5), Result)
+    finally:
+        release.set()
+        runner.shutdown()
