@@ -39,7 +39,11 @@ MAX_STEPS = 1000
 MAX_BATCH_SIZE = 16
 MAX_BATCH_COUNT = 100
 MAX_SEED = 2**32 - 1
+MIN_PRIOR_STEPS = 2     # the UnCLIP scheduler spaces its timesteps over n - 1 intervals (as in diffusers)
+MAX_TEXT_CHARS = 10_000  # CLIP reads 77 tokens; the rest is only stored in the PNG and shown as dropped
+MAX_INPUT_PIXELS = 8192 * 8192  # an input image beyond this is refused before it is decoded
 PREVIEW_MODES = ("fast", "decode", "off")
+DECODER_SCHEDULERS = ("default", "ddpm", "ddim")
 
 
 # ------------------------------------------------------------------------------- requests
@@ -69,6 +73,14 @@ def _check_text(name: str, value) -> str:
         return ""
     if not isinstance(value, str):
         raise ValueError(f"{name} must be text; got {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"{name} is {len(value)} characters long; at most {MAX_TEXT_CHARS} are allowed "
+                         f"(CLIP reads only the first 77 tokens)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate, e.g. half of an emoji: not storable in the PNG
+        raise ValueError(f"{name} is not valid Unicode text: character {error.start} is a lone surrogate "
+                         f"(U+{ord(value[error.start]):04X})") from None
     return value
 
 
@@ -77,7 +89,10 @@ def _check_image(name: str, value) -> Image.Image:
         raise ValueError(f"{name} is required: an image" + ("" if value is None else
                                                             f" (got {type(value).__name__})"))
     if value.width < 1 or value.height < 1:
-        raise ValueError(f"{name} is empty")
+        raise ValueError(f"{name} is empty ({value.width}x{value.height} pixels)")
+    if value.width * value.height > MAX_INPUT_PIXELS:
+        raise ValueError(f"{name} is {value.width}x{value.height} pixels; at most {MAX_INPUT_PIXELS:,} pixels "
+                         f"(8192x8192) are allowed")
     return value
 
 
@@ -113,8 +128,9 @@ class GenerationRequest:
                 raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE}; got {value}")
             setattr(self, name, value)
         self.num_inference_steps = _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
+        # The prior's UnCLIP scheduler divides by (steps - 1): it needs at least 2 steps.
         self.prior_num_inference_steps = _check_int("prior_num_inference_steps",
-                                                    self.prior_num_inference_steps, 1, MAX_STEPS)
+                                                    self.prior_num_inference_steps, 2, MAX_STEPS)
         self.guidance_scale = _check_float("guidance_scale", self.guidance_scale, 0.0, 50.0)
         self.prior_guidance_scale = _check_float("prior_guidance_scale", self.prior_guidance_scale, 0.0, 50.0)
         if isinstance(self.seed, (int, float)) and not isinstance(self.seed, bool) and self.seed < 0:
@@ -123,6 +139,8 @@ class GenerationRequest:
         self.batch_count = _check_int("batch_count", self.batch_count, 1, MAX_BATCH_COUNT)
         self.batch_size = _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         self.scheduler = self.scheduler.lower() or "default"
+        if self.scheduler not in DECODER_SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {list(DECODER_SCHEDULERS)}; got {self.scheduler!r}")
         if self.preview not in PREVIEW_MODES:
             raise ValueError(f"preview must be one of {list(PREVIEW_MODES)}; got {self.preview!r}")
         self.preview_every = _check_int("preview_every", self.preview_every, 1, MAX_STEPS)
@@ -220,6 +238,7 @@ class InterpolateRequest(GenerationRequest):
                              f"{len(self.inputs) if isinstance(self.inputs, (list, tuple)) else self.inputs!r}")
         for index, item in enumerate(self.inputs):
             if isinstance(item, str):
+                _check_text(f"inputs[{index}]", item)
                 if not item.strip():
                     raise ValueError(f"inputs[{index}] is an empty text; give a text or an image")
             else:

@@ -171,7 +171,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     with gr.Row():
                         steps = gr.Slider(1, 200, value=d["num_inference_steps"], step=1, label="Decoder steps",
                                           elem_id="steps")
-                        prior_steps = gr.Slider(1, 100, value=d["prior_num_inference_steps"], step=1,
+                        prior_steps = gr.Slider(2, 100, value=d["prior_num_inference_steps"], step=1,
                                                 label="Prior steps", elem_id="prior-steps")
                     with gr.Row():
                         guidance = gr.Slider(0, 20, value=d["guidance_scale"], step=0.5, label="Decoder guidance",
