@@ -15,6 +15,7 @@ Differences, each on purpose:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -46,6 +47,20 @@ def get_timesteps(scheduler, num_inference_steps: int, strength: float):
 
 
 # ------------------------------------------------------------------------------------ prior
+
+
+@dataclass
+class _TextConditioning:
+    """What the prior loop needs from the prompts (negative half first when guiding)."""
+
+    batch_size: int                 # prompts (x2 with a negative prompt) x images per prompt
+    has_negative_prompt: bool       # the batch's second half is the negative prompt's embedding
+    num_images_per_prompt: int
+    num_inference_steps: int
+    guidance_scale: float
+    prompt_embeds: np.ndarray       # (B or 2B, D) CLIP text embeddings
+    hidden_states: np.ndarray       # (B or 2B, 77, D) CLIP last hidden states
+    text_mask: np.ndarray           # (B or 2B, 77) bool padding mask
 
 
 class KandinskyV22PriorPipeline(DiffusionPipeline):
@@ -122,13 +137,13 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
         embeds = self.to_numpy(self.image_encoder(self.to_tensor(zero_img)).image_embeds)
         return np.tile(embeds, (batch_size, 1))
 
-    def _denoise(self, latents, prompt_embeds, hidden, text_mask, timesteps, guidance_scale, generator,
-                 callback: StepCallback | None):
+    def _denoise(self, latents, text: "_TextConditioning", timesteps, generator, callback: StepCallback | None):
         """The prior loop shared by text-to-embedding and embedding-to-embedding."""
+        guidance_scale = text.guidance_scale
         do_cfg = guidance_scale > 1.0
-        proj = self.to_tensor(prompt_embeds)
-        hidden_t = self.to_tensor(hidden)
-        mask_t = Tensor(text_mask)
+        proj = self.to_tensor(text.prompt_embeds)
+        hidden_t = self.to_tensor(text.hidden_states)
+        mask_t = Tensor(text.text_mask)
         total = len(timesteps)
         for i, t in enumerate(timesteps):
             model_input = np.concatenate([latents] * 2) if do_cfg else latents
@@ -151,6 +166,19 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
                  latents=None, guidance_scale: float = 4.0, output_type: str = "np",
                  callback: StepCallback | None = None):
         """Returns (image_embeds, negative_image_embeds), each float32 (B * num_images_per_prompt, D)."""
+        text = self._prepare_text(prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
+                                  guidance_scale, output_type)
+        self.scheduler.set_timesteps(text.num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        shape = (text.batch_size, self.embedding_dim)
+        latents = randn(shape, generator) if latents is None else inputs.as_latents("latents", latents, shape)
+        latents = latents * np.float32(self.scheduler.init_noise_sigma)
+        embeds = self._denoise(latents, text, timesteps, generator, callback)
+        return self._split_negative(embeds, text)
+
+    def _prepare_text(self, prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale,
+                      output_type) -> "_TextConditioning":
+        """Checked arguments and the CLIP text conditioning shared by both prior pipelines."""
         prompt = inputs.prompts_list("prompt", prompt)
         if negative_prompt is not None:
             negative_prompt = inputs.prompts_list("negative_prompt", negative_prompt)
@@ -158,29 +186,21 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
         num_inference_steps = inputs.check_steps("num_inference_steps", num_inference_steps)
         guidance_scale = inputs.check_guidance("guidance_scale", guidance_scale)
         inputs.check_output_type(output_type, ("np", "pt"))
-
         # With a negative prompt the batch is doubled to get its embedding from the same run.
         if negative_prompt is not None:
             prompt = prompt + negative_prompt
             negative_prompt = 2 * negative_prompt
-        batch_size = len(prompt) * num_images_per_prompt
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds, hidden, text_mask = self._encode_prompt(prompt, num_images_per_prompt, do_cfg,
-                                                               negative_prompt)
+        prompt_embeds, hidden, text_mask = self._encode_prompt(prompt, num_images_per_prompt,
+                                                               guidance_scale > 1.0, negative_prompt)
+        return _TextConditioning(len(prompt) * num_images_per_prompt, negative_prompt is not None,
+                                 num_images_per_prompt, num_inference_steps, guidance_scale, prompt_embeds,
+                                 hidden, text_mask)
 
-        self.scheduler.set_timesteps(num_inference_steps)
-        timesteps = self.scheduler.timesteps
-        shape = (batch_size, self.embedding_dim)
-        latents = randn(shape, generator) if latents is None else inputs.as_latents("latents", latents, shape)
-        latents = latents * np.float32(self.scheduler.init_noise_sigma)
-
-        image_embeds = self._denoise(latents, prompt_embeds, hidden, text_mask, timesteps, guidance_scale,
-                                     generator, callback)
-        if negative_prompt is None:
-            zero_embeds = self.get_zero_embed(image_embeds.shape[0])
-        else:
-            image_embeds, zero_embeds = np.split(image_embeds, 2)
-        return image_embeds, zero_embeds
+    def _split_negative(self, embeds: np.ndarray, text: "_TextConditioning"):
+        """(image_embeds, negative_image_embeds): the negative prompt's half, or the zero-image embedding."""
+        if text.has_negative_prompt:
+            return tuple(np.split(embeds, 2))
+        return embeds, self.get_zero_embed(embeds.shape[0])
 
     def interpolate(self, images_and_prompts: list, weights: list[float], num_images_per_prompt: int = 1,
                     num_inference_steps: int = 25, generator: np.random.Generator | None = None,
@@ -229,22 +249,10 @@ class KandinskyV22PriorEmb2EmbPipeline(KandinskyV22PriorPipeline):
                  num_images_per_prompt: int = 1, num_inference_steps: int = 25,
                  generator: np.random.Generator | None = None, guidance_scale: float = 4.0,
                  output_type: str = "np", callback: StepCallback | None = None):
-        prompt = inputs.prompts_list("prompt", prompt)
-        if negative_prompt is not None:
-            negative_prompt = inputs.prompts_list("negative_prompt", negative_prompt)
         strength = inputs.check_strength(strength)
-        num_images_per_prompt = inputs.check_batch("num_images_per_prompt", num_images_per_prompt)
-        num_inference_steps = inputs.check_steps("num_inference_steps", num_inference_steps)
-        guidance_scale = inputs.check_guidance("guidance_scale", guidance_scale)
-        inputs.check_output_type(output_type, ("np", "pt"))
-
-        if negative_prompt is not None:
-            prompt = prompt + negative_prompt
-            negative_prompt = 2 * negative_prompt
-        batch_size = len(prompt) * num_images_per_prompt
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds, hidden, text_mask = self._encode_prompt(prompt, num_images_per_prompt, do_cfg,
-                                                               negative_prompt)
+        text = self._prepare_text(prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
+                                  guidance_scale, output_type)
+        num_images_per_prompt, batch_size = text.num_images_per_prompt, text.batch_size
         images = inputs.images_list("image", image)
         if all(isinstance(i, Image.Image) for i in images):
             image_embeds = self._encode_image(images, num_images_per_prompt)
@@ -252,8 +260,8 @@ class KandinskyV22PriorEmb2EmbPipeline(KandinskyV22PriorPipeline):
             image_embeds = inputs.as_embeds("image", images, self.embedding_dim)
             image_embeds = image_embeds.repeat(num_images_per_prompt, axis=0)
 
-        self.scheduler.set_timesteps(num_inference_steps)
-        timesteps = get_timesteps(self.scheduler, num_inference_steps, strength)
+        self.scheduler.set_timesteps(text.num_inference_steps)
+        timesteps = get_timesteps(self.scheduler, text.num_inference_steps, strength)
         if batch_size > image_embeds.shape[0]:
             if batch_size % image_embeds.shape[0]:
                 raise ValueError(f"Cannot duplicate `image` of batch size {image_embeds.shape[0]} "
@@ -263,13 +271,8 @@ class KandinskyV22PriorEmb2EmbPipeline(KandinskyV22PriorPipeline):
         if len(timesteps):
             noise = randn(latents.shape, generator)
             latents = self.scheduler.add_noise(latents, noise, np.repeat(timesteps[:1], batch_size))
-        embeds = self._denoise(latents, prompt_embeds, hidden, text_mask, timesteps, guidance_scale,
-                               generator, callback)
-        if negative_prompt is None:
-            zero_embeds = self.get_zero_embed(embeds.shape[0])
-        else:
-            embeds, zero_embeds = np.split(embeds, 2)
-        return embeds, zero_embeds
+        embeds = self._denoise(latents, text, timesteps, generator, callback)
+        return self._split_negative(embeds, text)
 
 
 # ---------------------------------------------------------------------------------- decoders
