@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MAX_UPLOAD = "50mb"      # Gradio refuses larger uploads; backend/metadata.py reads PNGs up to the same size
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kandinsky-studio"
 
 logger = logging.getLogger("kandinsky_studio")
@@ -99,9 +100,14 @@ def check_exposure(args: argparse.Namespace, logins: list) -> None:
                      f"--allow-unauthenticated if that is what you want.")
 
 
+def secret_path(outputs_dir: Path) -> Path:
+    return outputs_dir / ".browser-secret"
+
+
 def browser_secret(outputs_dir: Path) -> str:
-    """The key Gradio encrypts the browser's owner id with; kept so a restart keeps galleries."""
-    path = outputs_dir / ".browser-secret"
+    """The key Gradio encrypts the browser's owner id with; kept so a restart keeps galleries.
+    It lives in the outputs folder, which Gradio serves: launch() blocks it by name."""
+    path = secret_path(outputs_dir)
     if path.is_file():
         return path.read_text(encoding="utf-8").strip()
     secret = secrets.token_hex(16)
@@ -155,13 +161,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
+    from PIL import Image
+
     from backend.device import select_device
-    from backend.jobs import JobRunner
+    from backend.jobs import MAX_INPUT_PIXELS, JobRunner
     from backend.manager import ModelManager, parse_memory
     from backend.metadata import OutputStore
     from backend.tasks import TaskExecutor
     from kandinsky_ui import CSS, Studio, build_ui
 
+    # PIL refuses to open an image of more than twice this many pixels (a decompression bomb)
+    # wherever it is opened; the upload checks (kandinsky_ui/guards.py) refuse beyond it exactly.
+    Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
     outputs = Path(args.outputs_dir).resolve()
     store = OutputStore(outputs)
     executor: dict = {}
@@ -181,9 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("device %s, dtype %s, outputs in %s%s", device, args.dtype, outputs,
                 ", DEMO models" if args.demo else "")
     try:
+        # Gradio serves uploads, its own cache and allowed_paths: the outputs folder (the gallery's
+        # files, under unguessable owner ids), less the browser secret. No run history: the gallery
+        # is the history, and its routes would talk to the Hugging Face Hub.
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=logins or None,
-                    allowed_paths=[str(outputs)], css=CSS, show_error=True, max_file_size="50mb",
-                    footer_links=["api"])
+                    allowed_paths=[str(outputs)], blocked_paths=[str(secret_path(outputs))], css=CSS,
+                    show_error=True, max_file_size=MAX_UPLOAD, footer_links=["api"], run_history=False)
     finally:
         runner.shutdown()
 

@@ -16,8 +16,10 @@ import json
 import os
 import re
 import secrets
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,13 @@ from PIL import Image, PngImagePlugin
 JSON_CHUNK = "kandinsky_studio"
 PARAMETERS_CHUNK = "parameters"
 FORMAT_VERSION = 1
+
+# Reading settings back from a file someone dropped: only the text chunks are read (the pixels
+# never are), and what is read is bounded.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PNG_BYTES = 50 * 2**20         # the app's upload limit (app.py, max_file_size)
+MAX_TEXT_CHUNK_BYTES = 2**20       # one text chunk, as stored and once unpacked; ours take a few kB
+MAX_PNG_CHUNKS = 100_000           # chunks walked before giving up (a 50 MB file of empty chunks has 4 M)
 
 # A1111 key -> our settings field, in the order they are written.
 _A1111_KEYS = (
@@ -156,33 +165,120 @@ def encode_png(image: Image.Image, settings: dict) -> bytes:
 def read_settings(source) -> dict:
     """Settings stored in a PNG (a path, bytes or an opened PIL image).
 
-    Returns {} when the image carries none. Raises ValueError when the JSON chunk is corrupt.
+    Returns {} when the image carries none. Raises ValueError when the file is not a PNG, is
+    beyond the size limits, or its JSON chunk is corrupt.
     """
-    if isinstance(source, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(source))
-    elif isinstance(source, Image.Image):
-        image = source
-    else:
-        image = Image.open(source)
-    text = getattr(image, "text", None) or image.info
-    if text.get(JSON_CHUNK):
+    texts = _texts(source)
+    if texts.get(JSON_CHUNK):
         try:
-            settings = json.loads(text[JSON_CHUNK])
+            settings = json.loads(texts[JSON_CHUNK])
         except json.JSONDecodeError as error:
             raise ValueError(f"the {JSON_CHUNK!r} PNG chunk is not valid JSON: {error}") from error
         if not isinstance(settings, dict):
             raise ValueError(f"the {JSON_CHUNK!r} PNG chunk does not hold an object")
         return settings
-    if text.get(PARAMETERS_CHUNK):
-        return parse_parameters_text(text[PARAMETERS_CHUNK])
+    if texts.get(PARAMETERS_CHUNK):
+        return parse_parameters_text(texts[PARAMETERS_CHUNK])
     return {}
 
 
 def read_texts(source) -> tuple[str, str]:
     """The raw (`parameters`, JSON) chunk texts of a PNG, empty strings where absent."""
-    image = source if isinstance(source, Image.Image) else Image.open(source)
-    text = getattr(image, "text", None) or image.info
-    return str(text.get(PARAMETERS_CHUNK, "")), str(text.get(JSON_CHUNK, ""))
+    texts = _texts(source)
+    return str(texts.get(PARAMETERS_CHUNK, "")), str(texts.get(JSON_CHUNK, ""))
+
+
+def _texts(source) -> dict:
+    if isinstance(source, Image.Image):  # already decoded by the caller
+        text = getattr(source, "text", None) or source.info
+        return {key: text[key] for key in (PARAMETERS_CHUNK, JSON_CHUNK) if key in text}
+    return read_png_texts(source)
+
+
+def read_png_texts(source, keys=(PARAMETERS_CHUNK, JSON_CHUNK)) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) named `keys` of a PNG file (a path or bytes), read by
+    walking the chunk list: the image data is skipped, never decoded, and every size is bounded
+    (MAX_PNG_BYTES, MAX_TEXT_CHUNK_BYTES, MAX_PNG_CHUNKS). Raises ValueError naming the problem."""
+    wanted = {key.encode("latin-1") for key in keys}
+    if isinstance(source, (bytes, bytearray)):
+        stream, size = io.BytesIO(source), len(source)
+    else:
+        stream = open(source, "rb")
+        size = os.fstat(stream.fileno()).st_size
+    with stream:
+        if size > MAX_PNG_BYTES:
+            raise ValueError(f"the file is {size / 2**20:.1f} MB; PNG info reads files up to "
+                             f"{MAX_PNG_BYTES // 2**20} MB")
+        if stream.read(8) != PNG_SIGNATURE:
+            raise ValueError("not a PNG file (it does not start with the PNG signature)")
+        texts: dict[str, str] = {}
+        for index in range(MAX_PNG_CHUNKS):
+            head = stream.read(8)
+            if len(head) < 8:
+                if index == 0:
+                    raise ValueError("the PNG file is cut short before its header chunk")
+                return texts  # a file cut short: what came before still counts (PIL reads it too)
+            length, kind = struct.unpack(">I4s", head)
+            if not kind.isalpha() or (index == 0 and kind != b"IHDR"):
+                raise ValueError(f"the PNG file is damaged (no valid chunk at byte {stream.tell() - 8})")
+            if kind == b"IEND":
+                return texts
+            if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+                stream.seek(length + 4, os.SEEK_CUR)  # skip the data and the CRC unread
+                continue
+            start = stream.read(min(length, 80))  # keyword: 1-79 Latin-1 bytes, then a zero byte
+            keyword = start.split(b"\0", 1)[0]
+            if keyword not in wanted or b"\0" not in start:
+                stream.seek(length - len(start) + 4, os.SEEK_CUR)
+                continue
+            name = keyword.decode("latin-1")
+            if length > MAX_TEXT_CHUNK_BYTES:
+                raise ValueError(f"the {name!r} text chunk is {length:,} bytes; at most "
+                                 f"{MAX_TEXT_CHUNK_BYTES:,} are read")
+            data = start + stream.read(length - len(start))
+            if len(data) < length:
+                raise ValueError(f"the file is truncated inside the {name!r} text chunk")
+            stream.seek(4, os.SEEK_CUR)
+            texts[name] = _chunk_text(kind, name, data[len(keyword) + 1:])
+        raise ValueError(f"the file has more than {MAX_PNG_CHUNKS:,} chunks; not read further")
+
+
+def _chunk_text(kind: bytes, name: str, body: bytes) -> str:
+    """The text of one tEXt / zTXt / iTXt chunk, `body` being what follows the keyword's zero byte."""
+    if kind == b"tEXt":
+        return body.decode("latin-1")
+    if kind == b"zTXt":
+        if body[:1] != b"\0":
+            raise ValueError(f"the {name!r} text chunk uses an unknown compression method")
+        return _inflate(name, body[1:]).decode("latin-1")
+    # iTXt: compression flag, method, language tag \0, translated keyword \0, UTF-8 text
+    if len(body) < 2:
+        raise ValueError(f"the {name!r} text chunk is cut short")
+    compressed, method, rest = body[0], body[1], body[2:]
+    parts = rest.split(b"\0", 2)
+    if len(parts) < 3:
+        raise ValueError(f"the {name!r} text chunk is malformed")
+    text = parts[2]
+    if compressed:
+        if method != 0:
+            raise ValueError(f"the {name!r} text chunk uses an unknown compression method")
+        text = _inflate(name, text)
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the {name!r} text chunk is not UTF-8 text: {error}") from None
+
+
+def _inflate(name: str, data: bytes) -> bytes:
+    """zlib data unpacked to at most MAX_TEXT_CHUNK_BYTES (a small chunk may unpack to gigabytes)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, MAX_TEXT_CHUNK_BYTES + 1)
+    except zlib.error as error:
+        raise ValueError(f"the {name!r} text chunk is not valid compressed data: {error}") from None
+    if len(out) > MAX_TEXT_CHUNK_BYTES or inflater.unconsumed_tail:
+        raise ValueError(f"the {name!r} text chunk unpacks to more than {MAX_TEXT_CHUNK_BYTES:,} bytes")
+    return out
 
 
 _OWNER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

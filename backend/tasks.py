@@ -37,6 +37,7 @@ APP_NAME = "Kandinsky Studio"
 # MoVQ decode takes about two UNet steps on CPU).
 DECODE_STEPS_GUESS = 2.0
 LOADING_INTERVAL_S = 0.25
+NOTE_CHARS = 300          # the dropped part of a long prompt is quoted up to this length
 
 
 def decoder_kind(request: GenerationRequest) -> str:
@@ -216,7 +217,10 @@ class _Run:
                                      guidance_scale=r.prior_guidance_scale, callback=callback)[0]
             truncated = getattr(prior, "truncated_text", None)
             if truncated:
-                note = "CLIP reads 77 tokens; this part of the prompt was dropped: " + " | ".join(truncated)
+                dropped = " | ".join(truncated)
+                if len(dropped) > NOTE_CHARS:  # a 10,000-character prompt must not flood the page
+                    dropped = dropped[:NOTE_CHARS] + f"… ({len(dropped) - NOTE_CHARS} more characters)"
+                note = "CLIP reads 77 tokens; this part of the prompt was dropped: " + dropped
                 if note not in self.notes:
                     self.notes.append(note)
         return embeds, negative

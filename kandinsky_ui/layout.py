@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from kandinsky_ui import guards
 from kandinsky_ui.handlers import MAX_INPUTS, MODE_LABELS, Studio
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -64,8 +65,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         gr.Markdown("Generate from the prompt.")
                         go_text2img = gr.Button("Generate", variant="primary", elem_id="generate-text2img")
                     with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
-                        img2img_image = gr.Image(label="Start image", type="pil", elem_id="img2img-image",
-                                                 sources=["upload", "clipboard"])
+                        img2img_image = gr.Image(label="Start image", type="pil", image_mode=None,
+                                                 elem_id="img2img-image", sources=["upload", "clipboard"])
                         strength = gr.Slider(0, 1, value=0.3, step=0.05, label="Strength (0 keeps the image, "
                                              "1 ignores it)", elem_id="img2img-strength")
                         gr.Examples([[str(SAMPLES / "landscape.png")], [str(SAMPLES / "portrait.png")]],
@@ -93,7 +94,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             clear_mask = gr.Button("Clear mask", elem_id="clear-mask", size="sm")
                         with gr.Accordion("Or upload a mask image", open=False):
                             mask_upload = gr.Image(label="Mask (white = repaint)", type="pil",
-                                                   image_mode="L", elem_id="mask-upload")
+                                                   image_mode=None, elem_id="mask-upload")
                         gr.Examples([[str(SAMPLES / "landscape.png")]], inputs=[editor], label="Sample image")
                         go_inpaint = gr.Button("Generate", variant="primary", elem_id="generate-inpaint")
                     with gr.Tab("Interpolate", id="interpolate", elem_id="tab-interpolate"):
@@ -108,8 +109,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                 elem_id=f"kind-{i}", scale=1)
                                 text = gr.Textbox(label=f"Text {i}", elem_id=f"text-{i}", scale=3,
                                                   value=("a cat" if i == 1 else "a lighthouse" if i == 2 else ""))
-                                image = gr.Image(label=f"Image {i}", type="pil", visible=False,
-                                                 elem_id=f"image-{i}", scale=3, height=160)
+                                image = gr.Image(label=f"Image {i}", type="pil", image_mode=None,
+                                                 visible=False, elem_id=f"image-{i}", scale=3, height=160)
                                 weight = gr.Slider(0, 1, value=0.5, step=0.05, label=f"Weight {i}",
                                                    elem_id=f"weight-{i}", scale=2)
                             rows.append(row), kinds.append(kind), texts.append(text)
@@ -121,15 +122,15 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         go_interpolate = gr.Button("Generate", variant="primary", elem_id="generate-interpolate")
                     with gr.Tab("ControlNet depth", id="controlnet", elem_id="tab-controlnet"):
                         with gr.Row():
-                            depth = gr.Image(label="Depth map (white = near)", type="pil", elem_id="depth",
-                                             sources=["upload", "clipboard"])
+                            depth = gr.Image(label="Depth map (white = near)", type="pil", image_mode=None,
+                                             elem_id="depth", sources=["upload", "clipboard"])
                             hint = gr.Image(label="Hint the model sees", interactive=False, elem_id="hint",
                                             format="png")
                         gr.Examples([[str(SAMPLES / "depth.png")]], inputs=[depth], label="Sample depth map")
                         controlnet_mode = gr.Radio(list(MODE_LABELS), value="Text to image", label="Mode",
                                                    elem_id="controlnet-mode")
                         with gr.Row(visible=False) as controlnet_img2img_row:
-                            controlnet_image = gr.Image(label="Start image", type="pil",
+                            controlnet_image = gr.Image(label="Start image", type="pil", image_mode=None,
                                                         elem_id="controlnet-image")
                             controlnet_strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Strength",
                                                             elem_id="controlnet-strength")
@@ -214,6 +215,23 @@ def build_ui(studio: Studio) -> gr.Blocks:
                   "seed": seed, "batch_count": batch_count, "batch_size": batch_size, "preview": preview,
                   "preview_every": preview_every}
         outputs = [owner, progress, preview_image, gallery, seeds]
+
+        # Every input names its field (the API parameter) in its errors; image uploads are checked
+        # before they are decoded (kandinsky_ui/guards.py).
+        for name, component in {**shared, "owner": owner, "strength": strength, "mask_invert": mask_invert,
+                                "mask_grow": mask_grow, "mask_blur": mask_blur, "input_count": input_count,
+                                "walk_steps": walk_steps, "controlnet_mode": controlnet_mode,
+                                "controlnet_strength": controlnet_strength, "file": png_file,
+                                "text": budget}.items():
+            guards.name_errors(component, name)
+        for i in range(MAX_INPUTS):
+            guards.name_errors(kinds[i], f"kind_{i + 1}")
+            guards.name_errors(texts[i], f"text_{i + 1}")
+            guards.name_errors(weights[i], f"weight_{i + 1}")
+            guards.guard_image(images[i], f"image_{i + 1}")
+        for name, component in {"image": img2img_image, "editor": editor, "mask_upload": mask_upload,
+                                "depth": depth, "controlnet_image": controlnet_image}.items():
+            guards.guard_image(component, name)
         generate = {"outputs": outputs, "show_progress": "hidden", "concurrency_limit": GENERATE_LIMIT,
                     "concurrency_id": "generate"}
         go_text2img.click(studio.text2img, inputs_kwargs={"owner": owner, **shared}, api_name="text2img",

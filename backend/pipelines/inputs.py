@@ -129,7 +129,11 @@ def to_mask(mask, name: str = "mask_image") -> Image.Image | np.ndarray:
         if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             return to_rgb(mask, name).convert("L")
         return mask.convert("L")
-    array = np.asarray(_to_numpy(mask), dtype=np.float32)
+    try:
+        array = np.asarray(_to_numpy(mask), dtype=np.float32)
+    except (TypeError, ValueError):  # e.g. a file name: say which argument, not "could not convert"
+        raise ValueError(f"`{name}` must be a PIL image or a (H, W) array in [0, 1]; "
+                         f"got {type(mask).__name__}") from None
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:
@@ -151,10 +155,18 @@ def images_list(name: str, value) -> list:
 
 def prompts_list(name: str, value) -> list[str]:
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"`{name}` must be a string or a non-empty list of strings; got {type(value).__name__}")
+        prompts = [value]
+    elif isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
+        prompts = list(value)
+    else:
+        raise ValueError(f"`{name}` must be a string or a non-empty list of strings; got {type(value).__name__}")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:  # the tokenizer would fail with a TypeError naming nothing
+            raise ValueError(f"`{name}` is not valid Unicode text: character {error.start} is a lone "
+                             f"surrogate (U+{ord(prompt[error.start]):04X})") from None
+    return prompts
 
 
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:

@@ -1,0 +1,138 @@
+"""Input components whose errors name the request field, and image uploads checked before decoding.
+
+Gradio checks and decodes every input before a handler runs, and its messages name neither the
+field nor the reason in words a user reads ("Could not preprocess input component at index 12",
+"Value inf is greater than maximum value 20."). `name_errors` wraps a component's `preprocess`
+so any such error becomes "<field>: <reason>". `guard_image` does that for image inputs and also
+- reads the file's header first and refuses an image of more than MAX_INPUT_PIXELS (a PNG of a
+  few hundred bytes may claim 20000x20000 pixels: 1.2 GB once decoded) before anything is decoded;
+- keeps the file's own mode (the component is built with image_mode=None) and converts it here:
+  16-bit and float images are scaled to 8 bits (Gradio's convert clips them, so a 16-bit depth
+  map became white), CMYK and other colour spaces become RGB, palettes keep their transparency.
+"""
+from __future__ import annotations
+
+import functools
+from io import BytesIO
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from backend.jobs import MAX_INPUT_PIXELS
+
+# Kept as they are: what the requests and pipelines take (alpha is handled where it matters).
+PLAIN_MODES = ("RGB", "RGBA", "L", "LA")
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, Image.DecompressionBombError):
+        return f"the image has more than {MAX_INPUT_PIXELS:,} pixels; refused before decoding it"
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image file that can be read (PNG, JPEG, WebP, ...)"
+    if isinstance(error, (OSError, SyntaxError)):
+        return f"the image file is damaged or cut short ({text})"
+    return text
+
+
+def name_errors(component, field: str):
+    """Make `component`'s input errors start with `field` (the request field / API parameter)."""
+    original = component.preprocess
+
+    @functools.wraps(original)
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except gr.Error as error:
+            message = str(error.message) if hasattr(error, "message") else str(error)
+            raise gr.Error(message if message.startswith(f"{field}:") else f"{field}: {message}") from None
+        except Exception as error:  # noqa: BLE001 - every decoding failure becomes a message
+            raise gr.Error(f"{field}: {_reason(error)}") from None
+
+    component.preprocess = preprocess
+    return component
+
+
+def check_image_file(field: str, path) -> None:
+    """Refuse an unreadable file, an empty image or one beyond MAX_INPUT_PIXELS, reading its header only."""
+    try:
+        with Image.open(path) as image:  # lazy: the header only
+            width, height = image.size
+    except Exception as error:  # noqa: BLE001
+        raise gr.Error(f"{field}: {_reason(error)}") from None
+    if width < 1 or height < 1:
+        raise gr.Error(f"{field}: the image is empty ({width}x{height} pixels)")
+    if width * height > MAX_INPUT_PIXELS:
+        raise gr.Error(f"{field}: the image is {width}x{height} pixels; at most {MAX_INPUT_PIXELS:,} pixels "
+                       f"(8192x8192) are allowed. It was refused before decoding.")
+
+
+def normalize_mode(image: Image.Image) -> Image.Image:
+    """An 8-bit mode the app can store and convert further (see the module docstring)."""
+    if image.mode in PLAIN_MODES:
+        return image
+    if image.mode in WIDE_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            peak = 1.0 if array.size == 0 or array.max() <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("P", "PA"):
+        transparent = image.mode == "PA" or "transparency" in image.info
+        return image.convert("RGBA" if transparent else "RGB")
+    if image.mode == "1":
+        return image.convert("L")
+    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
+
+
+def _payload_paths(payload) -> list:
+    """Local files of an image payload (ImageData, or the editor's background/layers/composite)."""
+    paths = []
+    for name in ("background", "composite"):
+        part = getattr(payload, name, None)
+        if part is not None:
+            paths.append(getattr(part, "path", None))
+    for part in getattr(payload, "layers", None) or []:
+        paths.append(getattr(part, "path", None))
+    if hasattr(payload, "path"):
+        paths.append(payload.path)
+    return [p for p in paths if isinstance(p, str)]
+
+
+def guard_image(component, field: str):
+    """An image input (gr.Image with image_mode=None, or gr.ImageEditor) that checks the file's
+    header before decoding, normalises the mode, and names `field` in every error."""
+    original = component.preprocess
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        for path in _payload_paths(payload):
+            check_image_file(field, path)
+        value = original(payload)
+        if isinstance(value, Image.Image):
+            if value.width * value.height > MAX_INPUT_PIXELS:  # e.g. a data: URL, checked only now
+                raise gr.Error(f"{field}: the image is {value.width}x{value.height} pixels; at most "
+                               f"{MAX_INPUT_PIXELS:,} pixels are allowed")
+            value = normalize_mode(value)
+        return value
+
+    component.preprocess = preprocess
+    if isinstance(component, gr.ImageEditor):
+        convert = component.convert_and_format_image
+
+        def convert_and_format_image(file, flatten_on_white: bool = False):
+            # 16-bit layers and backgrounds: scale to 8 bits before the editor converts (and clips) them
+            if file is not None and hasattr(file, "path"):
+                with Image.open(file.path) as image:
+                    if image.mode in WIDE_MODES:
+                        buffer = BytesIO()
+                        normalize_mode(image).save(buffer, format="PNG")
+                        return convert(buffer.getvalue(), flatten_on_white)
+            return convert(file, flatten_on_white)
+
+        component.convert_and_format_image = convert_and_format_image
+    return name_errors(component, field)
