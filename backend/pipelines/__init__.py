@@ -13,3 +13,14 @@ from backend.pipelines.kandinsky2_2_combined import (
     KandinskyV22Img2ImgCombinedPipeline,
     KandinskyV22InpaintCombinedPipeline,
 )
+from backend.pipelines.kandinsky2_1 import (
+    KandinskyImg2ImgPipeline,
+    KandinskyInpaintPipeline,
+    KandinskyPipeline,
+    KandinskyPriorPipeline,
+)
+from backend.pipelines.kandinsky2_1_combined import (
+    KandinskyCombinedPipeline,
+    KandinskyImg2ImgCombinedPipeline,
+    KandinskyInpaintCombinedPipeline,
+)

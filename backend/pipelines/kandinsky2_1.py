@@ -1,0 +1,294 @@
+"""Kandinsky 2.1 pipelines: prior (text/image -> CLIP ViT-L/14 image embedding) and decoders
+(prompt + image embedding -> image: text-to-image, image-to-image, inpainting).
+
+Port of diffusers 0.35.2 `pipelines/kandinsky/*.py`, same names and arguments, step for step.
+Unlike 2.2, the 2.1 decoders also read the prompt: the Multilingual CLIP text encoder
+(backend/models/mclip.py) gives the UNet a pooled text embedding (added to the time embedding)
+and the token states (cross-attention keys after the 10 image tokens).
+
+Differences from diffusers, each on purpose (the 2.2 ones in kandinsky2_2.py apply too: numpy
+generator noise, one `callback(step, total, latents, x0)`, embeddings repeated per image when
+guidance is off):
+- Img2img resizes the image to (height, width); diffusers 0.35.2 passes them swapped to its image
+  processor and then rejects every non-square size ("Unexpected latents shape").
+- Img2img with `strength` 0 returns the image as it went in (diffusers noises it to timestep -2,
+  i.e. nearly pure noise, and denoises nothing); its noise timestep int(1000 * strength) - 2 is
+  clamped at 0 for strengths below 0.002.
+- A single image embedding, image or mask is repeated over a batch of prompts (diffusers fails
+  on the batch mismatch), and a single negative prompt over a batch of prompts.
+- `truncated_text` names the part of each prompt beyond the 77 tokens the decoder reads
+  (diffusers' warning slices at the tokenizer's 512-token limit instead, so it never fires).
+- `interpolate` (inherited from the 2.2 prior) returns one embedding per image; diffusers 2.1 sums
+  the `num_images_per_prompt` rows into one (identical for the default of one image).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from backend.pipelines import inputs
+from backend.pipelines.base import StepCallback
+from backend.pipelines.kandinsky2_2 import (
+    KandinskyV22PriorPipeline,
+    _DecoderPipeline,
+    downscale_height_and_width,
+    get_timesteps,
+    nearest_resize,
+    prepare_mask,
+    prepare_mask_and_masked_image,
+)
+from backend.random import randn
+from backend.schedulers.base import add_noise, torch_cumprod_f32, torch_linspace_f32
+
+logger = logging.getLogger(__name__)
+
+# diffusers tokenizes the decoder prompt with max_length=77, whatever the tokenizer's own limit (512).
+MAX_TEXT_TOKENS = 77
+
+
+class KandinskyPriorPipeline(KandinskyV22PriorPipeline):
+    """Text (and images, through `interpolate`) -> CLIP ViT-L/14 image embeddings for the 2.1 decoders.
+
+    The same algorithm as the 2.2 prior (diffusers' two files differ only in `interpolate`'s
+    reshaping, see the module docstring); the published 2.1 tokenizer pads with "!" (id 0), which
+    the tokenizer's own config supplies.
+    """
+
+
+# ---------------------------------------------------------------------------------- decoders
+
+
+class _KandinskyDecoder(_DecoderPipeline):
+    """MCLIP text encoder + UNet + scheduler + MoVQ; the shared parts of the 2.1 decoders."""
+
+    component_names = ("text_encoder", "tokenizer", "unet", "scheduler", "movq")
+
+    @property
+    def embed_dim(self) -> int:
+        # TextImageProjection / TextImageTimeEmbedding take image embeddings of cross_attention_dim
+        return int(self.unet.config.cross_attention_dim)
+
+    # -- text
+    def _encode_prompt(self, prompt: list[str], num_images_per_prompt: int, do_cfg: bool,
+                       negative_prompt: list[str] | None):
+        """MCLIP (text_embeds (B*n, D), token states (B*n, 77, H)); the negative half first when guiding."""
+        text_embeds, hidden = self._encode_text(prompt)
+        self._record_truncation(prompt)
+        text_embeds = text_embeds.repeat(num_images_per_prompt, axis=0)
+        hidden = hidden.repeat(num_images_per_prompt, axis=0)
+        if not do_cfg:
+            return text_embeds, hidden
+        if negative_prompt is None:
+            uncond_tokens = [""] * len(prompt)
+        elif len(negative_prompt) == len(prompt):
+            uncond_tokens = negative_prompt
+        elif len(negative_prompt) == 1:
+            uncond_tokens = negative_prompt * len(prompt)
+        else:
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has "
+                             f"{len(prompt)}; give one negative prompt or one per prompt")
+        negative_embeds, uncond_hidden = self._encode_text(uncond_tokens)
+        # diffusers' repeat(1, n).view(B * n, ...) is a repeat per row, as for the prompt
+        negative_embeds = negative_embeds.repeat(num_images_per_prompt, axis=0)
+        uncond_hidden = uncond_hidden.repeat(num_images_per_prompt, axis=0)
+        return np.concatenate([negative_embeds, text_embeds]), np.concatenate([uncond_hidden, hidden])
+
+    def _encode_text(self, texts: list[str]):
+        tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS,
+                                return_attention_mask=True, add_special_tokens=True, return_tensors="np")
+        text_embeds, hidden = self.text_encoder(tokens["input_ids"].astype(np.int64),
+                                                tokens["attention_mask"].astype(np.int64))
+        return self.to_numpy(text_embeds), self.to_numpy(hidden)
+
+    def _record_truncation(self, prompt: list[str]) -> None:
+        """Record (and log) the part of each prompt beyond the decoder's 77 tokens; the UI shows
+        `truncated_text`."""
+        untruncated = self.tokenizer(prompt, padding="longest", return_tensors="np")["input_ids"]
+        self.truncated_text = []
+        if untruncated.shape[-1] > MAX_TEXT_TOKENS:
+            removed = self.tokenizer.batch_decode(untruncated[:, MAX_TEXT_TOKENS - 1:], skip_special_tokens=True)
+            self.truncated_text = [r for r in removed if r.strip()]
+            if self.truncated_text:
+                logger.warning("The text encoder reads %d tokens; this part of the prompt was dropped: %s",
+                               MAX_TEXT_TOKENS, self.truncated_text)
+
+    # -- image embeddings
+    def _image_cond(self, image_embeds, negative_image_embeds, prompt_batch: int, num_images_per_prompt: int,
+                    do_cfg: bool) -> np.ndarray:
+        """(B*n, D) image embeddings (negative half first when guiding), one per prompt."""
+        image_embeds = inputs.as_embeds("image_embeds", image_embeds, self.embed_dim)
+        negative = inputs.as_embeds("negative_image_embeds", negative_image_embeds, self.embed_dim)
+        if image_embeds.shape[0] != prompt_batch:
+            if image_embeds.shape[0] != 1:
+                raise ValueError(f"`image_embeds` has batch {image_embeds.shape[0]} but `prompt` has "
+                                 f"{prompt_batch} entries; give one embedding or one per prompt")
+            image_embeds = np.repeat(image_embeds, prompt_batch, axis=0)
+        if negative.shape[0] != prompt_batch:
+            if negative.shape[0] != 1:
+                raise ValueError(f"`negative_image_embeds` has batch {negative.shape[0]} but `prompt` has "
+                                 f"{prompt_batch} entries; give one embedding or one per prompt")
+            negative = np.repeat(negative, prompt_batch, axis=0)
+        image_embeds = image_embeds.repeat(num_images_per_prompt, axis=0)
+        negative = negative.repeat(num_images_per_prompt, axis=0)
+        return np.concatenate([negative, image_embeds]) if do_cfg else image_embeds
+
+    def _prompts(self, prompt, negative_prompt):
+        prompt = inputs.prompts_list("prompt", prompt)
+        if negative_prompt is not None:
+            negative_prompt = inputs.prompts_list("negative_prompt", negative_prompt)
+        return prompt, negative_prompt
+
+    # -- denoising
+    def _denoise(self, latents, timesteps, text_embeds, hidden, image_cond, guidance_scale, generator,
+                 callback: StepCallback | None, extra_channels=None):
+        do_cfg = guidance_scale > 1.0
+        added = {"text_embeds": self.to_tensor(text_embeds), "image_embeds": self.to_tensor(image_cond)}
+        hidden_t = self.to_tensor(hidden)
+        channels = latents.shape[1]
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
+            model_input = np.concatenate([latents] * 2) if do_cfg else latents
+            if extra_channels is not None:  # inpainting: masked image latents and mask
+                model_input = np.concatenate([model_input, extra_channels], axis=1)
+            noise_pred = self.to_numpy(self.unet(self.to_tensor(model_input), int(t), encoder_hidden_states=hidden_t,
+                                                 added_cond_kwargs=added))
+            if do_cfg:
+                noise_pred, variance_pred = noise_pred[:, :channels], noise_pred[:, channels:]
+                noise_uncond, noise_text = np.split(noise_pred, 2)
+                _, variance_text = np.split(variance_pred, 2)
+                noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
+                noise_pred = np.concatenate([noise_pred, variance_text], axis=1)
+            if self.scheduler.config.get("variance_type") not in ("learned", "learned_range"):
+                noise_pred = noise_pred[:, :channels]
+            out = self.scheduler.step(noise_pred, t, latents, generator=generator)
+            latents = out.prev_sample
+            if callback is not None:
+                callback(i, total, latents, out.pred_original_sample)
+        return latents
+
+
+class KandinskyPipeline(_KandinskyDecoder):
+    """Text-to-image decoder: prompt + image embeddings -> image."""
+
+    def __call__(self, prompt, image_embeds, negative_image_embeds, negative_prompt=None, height: int = 512,
+                 width: int = 512, num_inference_steps: int = 100, guidance_scale: float = 4.0,
+                 num_images_per_prompt: int = 1, generator: np.random.Generator | None = None, latents=None,
+                 output_type: str = "pil", callback: StepCallback | None = None):
+        prompt, negative_prompt = self._prompts(prompt, negative_prompt)
+        height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type = \
+            self._check_common(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                               output_type)
+        do_cfg = guidance_scale > 1.0
+        batch_size = len(prompt) * num_images_per_prompt
+        image_cond = self._image_cond(image_embeds, negative_image_embeds, len(prompt), num_images_per_prompt,
+                                      do_cfg)
+        text_embeds, hidden = self._encode_prompt(prompt, num_images_per_prompt, do_cfg, negative_prompt)
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        latent_h, latent_w = downscale_height_and_width(height, width, self.movq_scale_factor)
+        latents = self._prepare_latents((batch_size, self.unet.config.in_channels, latent_h, latent_w), generator,
+                                        latents)
+        latents = self._denoise(latents, timesteps, text_embeds, hidden, image_cond, guidance_scale, generator,
+                                callback)
+        return (self.decode(latents, output_type),)
+
+
+def add_noise_linear_ddpm(original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """diffusers' `KandinskyImg2ImgPipeline.add_noise`: noising with the original Kandinsky 2.1
+    schedule (1000 linear betas 1e-4..0.02), whatever scheduler the pipeline denoises with."""
+    alphas_cumprod = torch_cumprod_f32(np.float32(1.0) - torch_linspace_f32(0.0001, 0.02, 1000))
+    return add_noise(alphas_cumprod, original_samples, noise, timesteps)
+
+
+class KandinskyImg2ImgPipeline(_KandinskyDecoder):
+    """Image-to-image: the image is encoded, noised to `strength`, and denoised from there."""
+
+    def __call__(self, prompt, image, image_embeds, negative_image_embeds, negative_prompt=None,
+                 height: int = 512, width: int = 512, num_inference_steps: int = 100, strength: float = 0.3,
+                 guidance_scale: float = 7.0, num_images_per_prompt: int = 1,
+                 generator: np.random.Generator | None = None, output_type: str = "pil",
+                 callback: StepCallback | None = None):
+        prompt, negative_prompt = self._prompts(prompt, negative_prompt)
+        height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type = \
+            self._check_common(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                               output_type)
+        strength = inputs.check_strength(strength)
+        do_cfg = guidance_scale > 1.0
+        image_cond = self._image_cond(image_embeds, negative_image_embeds, len(prompt), num_images_per_prompt,
+                                      do_cfg)
+        text_embeds, hidden = self._encode_prompt(prompt, num_images_per_prompt, do_cfg, negative_prompt)
+
+        # the image, encoded by the MoVQ, one per prompt
+        latents = self.encode_images(inputs.images_list("image", image), height, width)
+        if latents.shape[0] != len(prompt):
+            if latents.shape[0] != 1:
+                raise ValueError(f"`image` has {latents.shape[0]} images but `prompt` has {len(prompt)} entries; "
+                                 f"give one image or one per prompt")
+            latents = np.repeat(latents, len(prompt), axis=0)
+        latents = latents.repeat(num_images_per_prompt, axis=0)
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = get_timesteps(self.scheduler, num_inference_steps, strength)
+        latents = latents * np.float32(self.scheduler.init_noise_sigma)
+        if len(timesteps):
+            # diffusers noises to int(T * strength) - 2, not to the first timestep it denoises from
+            noise_timestep = max(int(self.scheduler.config["num_train_timesteps"] * strength) - 2, 0)
+            noise = randn(latents.shape, generator)
+            latents = add_noise_linear_ddpm(latents, noise, np.full(latents.shape[0], noise_timestep))
+        latents = self._denoise(latents, timesteps, text_embeds, hidden, image_cond, guidance_scale, generator,
+                                callback)
+        return (self.decode(latents, output_type),)
+
+
+class KandinskyInpaintPipeline(_KandinskyDecoder):
+    """Inpainting (kandinsky-2-1-inpaint, a 9-channel UNet): white in `mask_image` is repainted."""
+
+    def __call__(self, prompt, image, mask_image, image_embeds, negative_image_embeds, negative_prompt=None,
+                 height: int = 512, width: int = 512, num_inference_steps: int = 100, guidance_scale: float = 4.0,
+                 num_images_per_prompt: int = 1, generator: np.random.Generator | None = None, latents=None,
+                 output_type: str = "pil", callback: StepCallback | None = None):
+        prompt, negative_prompt = self._prompts(prompt, negative_prompt)
+        height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type = \
+            self._check_common(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                               output_type)
+        do_cfg = guidance_scale > 1.0
+        batch_size = len(prompt) * num_images_per_prompt
+        image_cond = self._image_cond(image_embeds, negative_image_embeds, len(prompt), num_images_per_prompt,
+                                      do_cfg)
+        text_embeds, hidden = self._encode_prompt(prompt, num_images_per_prompt, do_cfg, negative_prompt)
+
+        # the kept part of the image and the mask (1 = keep), at latent size, as extra UNet channels
+        keep_mask, pixels = prepare_mask_and_masked_image(image, mask_image, height, width)
+        if pixels.shape[0] != len(prompt):
+            if pixels.shape[0] != 1:
+                raise ValueError(f"`image` has {pixels.shape[0]} images but `prompt` has {len(prompt)} entries; "
+                                 f"give one image or one per prompt")
+            pixels = np.repeat(pixels, len(prompt), axis=0)
+            keep_mask = np.repeat(keep_mask, len(prompt), axis=0)
+        image_latents = self.to_numpy(self.movq.encode(self.to_tensor(pixels))["latents"])
+        keep_mask = prepare_mask(nearest_resize(keep_mask, image_latents.shape[-2:]))
+        masked_image = image_latents * keep_mask
+        keep_mask = keep_mask.repeat(num_images_per_prompt, axis=0)
+        masked_image = masked_image.repeat(num_images_per_prompt, axis=0)
+        if do_cfg:
+            keep_mask = np.concatenate([keep_mask] * 2)
+            masked_image = np.concatenate([masked_image] * 2)
+        extra = np.concatenate([masked_image, keep_mask], axis=1)
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        latent_h, latent_w = downscale_height_and_width(height, width, self.movq_scale_factor)
+        latents = self._prepare_latents((batch_size, self.latent_channels, latent_h, latent_w), generator, latents)
+        if latents.shape[-2:] != image_latents.shape[-2:]:
+            raise ValueError(f"`height`/`width` {height}x{width} give latents of {latents.shape[-2:]} but the "
+                             f"image encodes to {image_latents.shape[-2:]}; use multiples of "
+                             f"{self.movq_scale_factor ** 2} pixels")
+        if latents.shape[1] + extra.shape[1] != self.unet.config.in_channels:
+            raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels but latents, masked "
+                             f"image and mask make {latents.shape[1] + extra.shape[1]}; inpainting needs an "
+                             f"inpainting UNet (kandinsky-2-1-inpaint)")
+        latents = self._denoise(latents, timesteps, text_embeds, hidden, image_cond, guidance_scale, generator,
+                                callback, extra_channels=extra)
+        return (self.decode(latents, output_type),)
