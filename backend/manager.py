@@ -16,10 +16,8 @@ Everything that builds or frees MindSpore objects runs on the JobRunner's engine
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
-import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -115,10 +113,13 @@ def format_bytes(count: int) -> str:
 
 
 def safetensors_bytes(path: Path, target_itemsize: int | None = None) -> int:
-    """Bytes the tensors of one safetensors file take in memory, read from its header only."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    """Bytes the tensors of one safetensors file take in memory, read from its header only.
+
+    The header is read by backend/weights.py, which checks it: a damaged file fails here already
+    with a WeightsError naming it, not with a bare struct or JSON error."""
+    from backend import weights
+
+    header, _ = weights.read_safetensors_header(Path(path))
     total = 0
     for key, entry in header.items():
         if key == "__metadata__":
