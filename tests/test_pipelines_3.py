@@ -1,0 +1,113 @@
+"""Kandinsky 3 pipelines against diffusers 0.35.2 on tiny diffusers-saved checkpoints.
+
+Fixtures and reference outputs: tools/fixtures/make_pipelines_3.py (torch environment). Same
+weights (tiny T5 encoder, Kandinsky3UNet, MoVQ; the published DDPM scheduler config), same numpy
+noise stream on both sides; every output must match to 1e-4.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.pipelines.kandinsky3 import Kandinsky3Img2ImgPipeline, Kandinsky3Pipeline
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pipelines_3"
+REPO = FIXTURES / "kandinsky-3-tiny"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return dict(np.load(FIXTURES / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Kandinsky3Pipeline.from_pretrained(REPO)
+
+
+@pytest.fixture(scope="module")
+def img2img(pipe):
+    return Kandinsky3Img2ImgPipeline(**pipe.components)
+
+
+def gen(seed):
+    return np.random.default_rng(seed)
+
+
+def assert_close(ours, theirs):
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    assert ours.shape == theirs.shape
+    diff = float(np.abs(ours - theirs).max())
+    assert diff <= TOL, f"max abs difference {diff:.2e} > {TOL}"
+
+
+def test_tokenizer_matches_reference(pipe, ref):
+    tokens = pipe.tokenizer(["a red cat on the mat", "blue sky xyz"], padding="max_length", max_length=128,
+                            truncation=True, return_tensors="np")
+    assert (tokens["input_ids"] == ref["token_ids"]).all()
+    assert (tokens["attention_mask"] == ref["token_mask"]).all()
+
+
+def test_text2img(pipe, ref):
+    steps = []
+    out = pipe("a red cat on the mat", num_inference_steps=3, guidance_scale=3.0, height=64, width=64,
+               generator=gen(0), output_type="np", callback=lambda i, n, lat, x0: steps.append((i, n, x0.shape)))[0]
+    assert_close(out, ref["text2img"])
+    assert steps == [(0, 3, (1, 4, 8, 8)), (1, 3, (1, 4, 8, 8)), (2, 3, (1, 4, 8, 8))]
+
+
+def test_text2img_negative_prompts_non_square(pipe, ref):
+    out = pipe(["a red cat", "the blue sky"], negative_prompt=["dog", "photo of a mat"], num_inference_steps=2,
+               guidance_scale=4.0, height=64, width=128, generator=gen(1), output_type="np")[0]
+    assert_close(out, ref["text2img_neg_64x128"])
+
+
+def test_text2img_without_guidance_two_images(pipe, ref):
+    out = pipe("a dog", num_inference_steps=2, guidance_scale=1.0, height=64, width=64, num_images_per_prompt=2,
+               generator=gen(2), output_type="np")[0]
+    assert_close(out, ref["text2img_noguid_2"])
+
+
+def test_text2img_from_prompt_embeds(pipe, ref):
+    out = pipe(prompt_embeds=ref["given_embeds"], attention_mask=ref["given_mask"], num_inference_steps=2,
+               guidance_scale=3.0, height=64, width=64, generator=gen(3), output_type="np")[0]
+    assert_close(out, ref["text2img_embeds"])
+
+
+def test_img2img(img2img, ref):
+    out = img2img("a red cat", image=Image.open(FIXTURES / "image_a.png"), strength=0.6, num_inference_steps=5,
+                  guidance_scale=3.0, generator=gen(10), output_type="np")[0]
+    assert_close(out, ref["img2img"])
+
+
+def test_img2img_non_square_negative(img2img, ref):
+    out = img2img("the dog on a mat", image=Image.open(FIXTURES / "image_b.png"), negative_prompt="sky",
+                  strength=0.5, num_inference_steps=4, guidance_scale=3.0, generator=gen(11), output_type="np")[0]
+    assert_close(out, ref["img2img_128x64_neg"])
+
+
+def test_text_encoder_can_be_released_before_the_unet(pipe):
+    calls = []
+    pipe.on_text_encoded = lambda p: calls.append(p.text_encoder is not None)
+    try:
+        pipe("a cat", num_inference_steps=1, height=64, width=64, generator=gen(0), output_type="latent")
+    finally:
+        pipe.on_text_encoded = None
+    assert calls == [True]
+
+
+def test_bad_arguments(pipe, img2img, ref):
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        pipe("a cat", prompt_embeds=ref["given_embeds"], attention_mask=ref["given_mask"])
+    with pytest.raises(ValueError, match="attention_mask"):
+        pipe(prompt_embeds=ref["given_embeds"])
+    with pytest.raises(ValueError, match="negative_prompt"):
+        pipe(["a", "b"], negative_prompt=["c"], num_inference_steps=1, height=64, width=64)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe("a cat", num_inference_steps=0)
+    with pytest.raises(ValueError, match="strength"):
+        img2img("a cat", image=Image.open(FIXTURES / "image_a.png"), strength=1.5)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        img2img("a cat", image=Image.new("RGB", (96, 64)), num_inference_steps=1)
