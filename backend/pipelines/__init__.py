@@ -13,4 +13,15 @@ from backend.pipelines.kandinsky2_2_combined import (
     KandinskyV22Img2ImgCombinedPipeline,
     KandinskyV22InpaintCombinedPipeline,
 )
+from backend.pipelines.kandinsky2_1 import (
+    KandinskyImg2ImgPipeline,
+    KandinskyInpaintPipeline,
+    KandinskyPipeline,
+    KandinskyPriorPipeline,
+)
+from backend.pipelines.kandinsky2_1_combined import (
+    KandinskyCombinedPipeline,
+    KandinskyImg2ImgCombinedPipeline,
+    KandinskyInpaintCombinedPipeline,
+)
 from backend.pipelines.kandinsky3 import Kandinsky3Img2ImgPipeline, Kandinsky3Pipeline

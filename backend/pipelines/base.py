@@ -27,6 +27,7 @@ MODEL_CLASSES = {
     "CLIPVisionModelWithProjection": ("backend.models.clip", "CLIPVisionModelWithProjection"),
     "T5EncoderModel": ("backend.models.t5", "T5EncoderModel"),
     "Kandinsky3UNet": ("backend.models.unet_kandinsky3", "Kandinsky3UNet"),
+    "MultilingualCLIP": ("backend.models.mclip", "MultilingualCLIP"),
 }
 SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "UnCLIPScheduler")
 
@@ -52,6 +53,8 @@ def load_component(folder: Path, library: str, class_name: str, dtype, variant=N
         return scheduler_from_config(class_name, weights.read_config(folder, "scheduler_config.json"))
     if class_name in ("CLIPTokenizer", "CLIPTokenizerFast"):
         return load_clip_tokenizer(folder)
+    if class_name in ("XLMRobertaTokenizer", "XLMRobertaTokenizerFast"):
+        return load_xlm_roberta_tokenizer(folder)
     if class_name in ("T5Tokenizer", "T5TokenizerFast"):
         from backend.pipelines.kandinsky3 import load_t5_tokenizer
         return load_t5_tokenizer(folder)
@@ -68,6 +71,32 @@ def load_clip_tokenizer(folder: Path):
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:
         raise weights.WeightsError(f"cannot load the CLIP tokenizer from {folder}: {error}") from error
+
+
+def load_xlm_roberta_tokenizer(folder: Path):
+    """transformers' XLM-R tokenizer (Kandinsky 2.1's MCLIP) from the folder's tokenizer.json, local files only.
+
+    The fast class reads tokenizer.json in transformers 4.x and 5.x alike (5.x has only that one
+    class; 4.x's slow one would need sentencepiece and the .model file).
+    """
+    try:
+        from transformers import XLMRobertaTokenizerFast
+        return XLMRobertaTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:
+        raise weights.WeightsError(f"cannot load the XLM-RoBERTa tokenizer from {folder}: {error}") from error
+
+
+def load_subfolder(folder: Path, dtype, variant=None, on_progress: ProgressCallback | None = None, name: str = ""):
+    """A component from a subfolder that model_index.json does not list (e.g. kandinsky-2-1's
+    `ddpm_scheduler`): the class comes from the folder's own config."""
+    if (folder / "scheduler_config.json").is_file():
+        config = weights.read_config(folder, "scheduler_config.json")
+        return load_component(folder, "diffusers", str(config.get("_class_name")), dtype, variant, on_progress, name)
+    if (folder / "config.json").is_file():
+        config = weights.read_config(folder)
+        class_name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+        return load_component(folder, "", str(class_name), dtype, variant, on_progress, name)
+    raise weights.WeightsError(f"{folder} has neither scheduler_config.json nor config.json")
 
 
 class DiffusionPipeline:
@@ -97,7 +126,8 @@ class DiffusionPipeline:
 
         `dtype`: "float32" | "float16" | "bfloat16" (or a MindSpore dtype); `variant="fp16"` reads
         `*.fp16.safetensors`. Components passed as keyword arguments (e.g. `scheduler=...`) are
-        used instead of loading them.
+        used instead of loading them; a string names another subfolder of the pipeline to load the
+        component from (`scheduler="ddpm_scheduler"` for kandinsky-2-1's alternative DDPM scheduler).
         """
         dtype = weights.dtype_from_name(dtype)
         download = None
@@ -110,7 +140,13 @@ class DiffusionPipeline:
         components = {}
         for name in cls.component_names:
             if name in overrides:
-                components[name] = overrides.pop(name)
+                component = overrides.pop(name)
+                if isinstance(component, (str, os.PathLike)):
+                    subfolder = folder / component
+                    if Path(component).is_absolute() or ".." in Path(component).parts or not subfolder.is_dir():
+                        raise ValueError(f"`{name}`={str(component)!r} is not a subfolder of {folder}")
+                    component = load_subfolder(subfolder, dtype, variant, on_progress, name)
+                components[name] = component
                 continue
             entry = index.get(name)
             if not isinstance(entry, list) or len(entry) != 2:
