@@ -11,7 +11,11 @@ as a multiple of the weights' size. One component at a time keeps memory within 
 
 Components: unet (kandinsky-2-2-decoder), unet_inpaint, unet_controlnet, movq, prior (clip_std
 set to ones: published priors carry real statistics, zeros would make the output trivially 0),
-text_encoder (ViT-bigG-14 text tower), image_encoder (ViT-bigG-14 vision tower, 1.8B parameters).
+text_encoder (ViT-bigG-14 text tower), image_encoder (ViT-bigG-14 vision tower, 1.8B parameters);
+Kandinsky 2.1: unet_2_1 (text_image conditioning), unet_2_1_inpaint (in 9), mclip (MultilingualCLIP:
+XLM-RoBERTa-large + LinearTransformation, 560M), prior_2_1, text_encoder_2_1 / image_encoder_2_1
+(OpenAI CLIP ViT-L/14 towers, quick_gelu; the text input is padded with "!" = id 0 as the published
+2.1 prior tokenizer pads).
 """
 from __future__ import annotations
 
@@ -46,6 +50,18 @@ COMPONENTS = {
                      "backend.models.clip", "CLIPTextModelWithProjection"),
     "image_encoder": ("kandinsky-2-2-prior/image_encoder.json", "transformers.CLIPVisionModelWithProjection",
                       "backend.models.clip", "CLIPVisionModelWithProjection"),
+    "unet_2_1": ("kandinsky-2-1/unet.json", "diffusers.UNet2DConditionModel",
+                 "backend.models.unet_2d_condition", "UNet2DConditionModel"),
+    "unet_2_1_inpaint": ("kandinsky-2-1-inpaint/unet.json", "diffusers.UNet2DConditionModel",
+                         "backend.models.unet_2d_condition", "UNet2DConditionModel"),
+    "mclip": ("kandinsky-2-1/text_encoder.json", "diffusers.MultilingualCLIP", "backend.models.mclip",
+              "MultilingualCLIP"),
+    "prior_2_1": ("kandinsky-2-1-prior/prior.json", "diffusers.PriorTransformer",
+                  "backend.models.prior_transformer", "PriorTransformer"),
+    "text_encoder_2_1": ("kandinsky-2-1-prior/text_encoder.json", "transformers.CLIPTextModelWithProjection",
+                         "backend.models.clip", "CLIPTextModelWithProjection"),
+    "image_encoder_2_1": ("kandinsky-2-1-prior/image_encoder.json", "transformers.CLIPVisionModelWithProjection",
+                          "backend.models.clip", "CLIPVisionModelWithProjection"),
 }
 
 
@@ -53,6 +69,12 @@ def make_inputs(name: str, config: dict) -> dict[str, np.ndarray]:
     """Small fixed inputs (latent 16x16 = 128 px, batch 2 as with guidance)."""
     rng = np.random.default_rng(0)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    if name.startswith("unet_2_1"):
+        # 2.1: image and pooled text embeddings (cross_attention_dim), MCLIP token states (encoder_hid_dim)
+        return {"sample": f32(2, config["in_channels"], 16, 16), "timestep": np.array(537, np.int64),
+                "image_embeds": f32(2, config["cross_attention_dim"]),
+                "text_embeds": f32(2, config["cross_attention_dim"]),
+                "encoder_hidden_states": f32(2, 77, config["encoder_hid_dim"])}
     if name.startswith("unet"):
         inputs = {"sample": f32(2, config["in_channels"] if name != "unet_controlnet" else 4, 16, 16),
                   "timestep": np.array(537, np.int64), "image_embeds": f32(2, config["encoder_hid_dim"])}
@@ -61,18 +83,26 @@ def make_inputs(name: str, config: dict) -> dict[str, np.ndarray]:
         return inputs
     if name == "movq":
         return {"latents": f32(1, 4, 16, 16), "image": rng.uniform(-1, 1, (1, 3, 128, 128)).astype(np.float32)}
-    if name == "prior":
+    if name == "mclip":
+        # XLM-R ids (<s> ... </s>, then <pad> = 1) as the tokenizer pads to 77, with the attention mask
+        ids = np.full((2, 77), config["pad_token_id"], np.int64)
+        ids[0, :7] = [0, 10, 2367, 7515, 47, 70, 2]
+        ids[1, :4] = [0, 66923, 136, 2]
+        return {"input_ids": ids, "attention_mask": (ids != config["pad_token_id"]).astype(np.int64)}
+    if name.startswith("prior"):
         d = config["embedding_dim"]
         mask = np.zeros((2, 77), bool)
         mask[:, :9] = True
         return {"hidden_states": f32(2, d), "timestep": np.array(731, np.int64), "proj_embedding": f32(2, d),
                 "encoder_hidden_states": f32(2, 77, d), "attention_mask": mask}
-    if name == "text_encoder":
-        ids = np.full((2, 77), config.get("pad_token_id", 1), np.int64)
+    if name.startswith("text_encoder"):
+        # 2.1's published tokenizer pads with "!" (id 0); 2.2's with the end-of-text token
+        pad = 0 if name == "text_encoder_2_1" else config.get("pad_token_id", 1)
+        ids = np.full((2, 77), pad, np.int64)
         ids[0, :6] = [49406, 320, 1929, 530, 518, 49407]
         ids[1, :4] = [49406, 2368, 3469, 49407]
         return {"input_ids": ids}
-    if name == "image_encoder":
+    if name.startswith("image_encoder"):
         return {"pixel_values": f32(1, 3, 224, 224)}
     raise KeyError(name)
 
@@ -90,35 +120,45 @@ def run_torch(name: str, folder: Path) -> None:
     config_file, cls_path, _, _ = COMPONENTS[name]
     config = json.loads((CONFIGS / config_file).read_text())
     library, cls_name = cls_path.split(".")
-    cls = getattr(importlib.import_module(library), cls_name)
+    cls = getattr(importlib.import_module(library), cls_name) if name != "mclip" else None
     start = time.time()
-    if library == "transformers":
+    if name == "mclip":
+        from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
+        model = MultilingualCLIP(MCLIPConfig(**{k: v for k, v in config.items() if not k.startswith("_")})).eval()
+    elif library == "transformers":
         config_cls = getattr(importlib.import_module("transformers"), cls_name.replace("ModelWithProjection", "Config"))
         model = cls(config_cls(**{k: v for k, v in config.items() if not k.startswith("_")})).eval()
     else:
         model = cls.from_config(config).eval()
-    if name == "prior":
+    if name.startswith("prior"):
         model.clip_std.data.fill_(1.0)
     built = time.time() - start
     model.save_pretrained(str(folder), safe_serialization=True)
     inputs = make_inputs(name, config)
     t = {k: torch.from_numpy(v) for k, v in inputs.items()}
     start = time.time()
-    if name.startswith("unet"):
+    if name.startswith("unet_2_1"):
+        added = {"image_embeds": t["image_embeds"], "text_embeds": t["text_embeds"]}
+        outputs = {"sample": model(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
+                                   added_cond_kwargs=added).sample}
+    elif name.startswith("unet"):
         added = {"image_embeds": t["image_embeds"]}
         if "hint" in t:
             added["hint"] = t["hint"]
         outputs = {"sample": model(t["sample"], t["timestep"], encoder_hidden_states=None,
                                    added_cond_kwargs=added).sample}
+    elif name == "mclip":
+        text_embeds, last_hidden_state = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+        outputs = {"text_embeds": text_embeds, "last_hidden_state": last_hidden_state}
     elif name == "movq":
         outputs = {"decoded": model.decode(t["latents"], force_not_quantize=True).sample,
                    "encoded": model.encode(t["image"]).latents}
-    elif name == "prior":
+    elif name.startswith("prior"):
         out = model(t["hidden_states"], timestep=t["timestep"], proj_embedding=t["proj_embedding"],
                     encoder_hidden_states=t["encoder_hidden_states"], attention_mask=t["attention_mask"])
         outputs = {"predicted_image_embedding": out.predicted_image_embedding,
                    "post_processed": model.post_process_latents(out.predicted_image_embedding)}
-    elif name == "text_encoder":
+    elif name.startswith("text_encoder"):
         out = model(t["input_ids"])
         outputs = {"text_embeds": out.text_embeds, "last_hidden_state": out.last_hidden_state}
     else:
@@ -155,20 +195,27 @@ def run_ours(name: str, folder: Path) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = {k[3:]: Tensor(v) for k, v in io.items() if k.startswith("in_")}
     start = time.time()
-    if name.startswith("unet"):
+    if name.startswith("unet_2_1"):
+        added = {"image_embeds": t["image_embeds"], "text_embeds": t["text_embeds"]}
+        outputs = {"sample": model(t["sample"], int(io["in_timestep"]),
+                                   encoder_hidden_states=t["encoder_hidden_states"], added_cond_kwargs=added)}
+    elif name.startswith("unet"):
         added = {"image_embeds": t["image_embeds"]}
         if "hint" in t:
             added["hint"] = t["hint"]
         outputs = {"sample": model(t["sample"], int(io["in_timestep"]), encoder_hidden_states=None,
                                    added_cond_kwargs=added)}
+    elif name == "mclip":
+        out = model(io["in_input_ids"], io["in_attention_mask"])
+        outputs = {"text_embeds": out.text_embeds, "last_hidden_state": out.last_hidden_state}
     elif name == "movq":
         outputs = {"decoded": model.decode(t["latents"], force_not_quantize=True)["sample"],
                    "encoded": model.encode(t["image"])["latents"]}
-    elif name == "prior":
+    elif name.startswith("prior"):
         pred = model(t["hidden_states"], timestep=int(io["in_timestep"]), proj_embedding=t["proj_embedding"],
                      encoder_hidden_states=t["encoder_hidden_states"], attention_mask=t["attention_mask"])
         outputs = {"predicted_image_embedding": pred, "post_processed": model.post_process_latents(pred)}
-    elif name == "text_encoder":
+    elif name.startswith("text_encoder"):
         out = model(Tensor(io["in_input_ids"].astype(np.int32)))
         outputs = {"text_embeds": out.text_embeds, "last_hidden_state": out.last_hidden_state}
     else:
