@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import operator
 import os
 import re
 import secrets
@@ -313,13 +314,17 @@ class OutputStore:
     def save(self, image: Image.Image, settings: dict, owner: str) -> Path:
         """Write `image` with `settings` in its PNG chunks; returns the path."""
         folder = self.folder(owner)
+        try:  # the name is made here from numbers only: nothing a caller passes can reach the path
+            seed = operator.index(settings.get("seed", 0))
+        except TypeError:
+            raise ValueError(f"seed must be an integer; got {settings.get('seed')!r}") from None
         with self._lock:
             self._counter += 1
             counter = self._counter
         stamp = time.strftime("%Y%m%d-%H%M%S")
         suffix = "-partial" if settings.get("partial") else ""
         # the random part keeps names unique across restarts of the app within one second
-        path = folder / f"{stamp}-{counter:04d}{secrets.token_hex(2)}-{settings.get('seed', 0)}{suffix}.png"
+        path = folder / f"{stamp}-{counter:04d}{secrets.token_hex(2)}-{seed}{suffix}.png"
         data = encode_png(image, settings)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(data)
