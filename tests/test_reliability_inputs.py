@@ -8,6 +8,7 @@ other client may.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
@@ -27,7 +28,7 @@ from backend.metadata import read_settings
 from tests.ui.server import ROOT, AppServer
 
 SAMPLES = ROOT / "assets" / "samples"
-OWNER = "5" * 32
+OWNER = "5" * 32          # the cases below each use their own owner: galleries stay small
 TINY = dict(width=64, height=64, num_inference_steps=2, prior_num_inference_steps=2, preview="off")
 LANDSCAPE = SAMPLES / "landscape.png"
 
@@ -156,13 +157,18 @@ def upload(server, path: Path) -> dict:
     return {"path": uploaded, "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
 
-def newest(server) -> Path:
-    return server.owner_images()[OWNER][0]
+def owner_for(case: str) -> str:
+    return hashlib.md5(case.encode()).hexdigest()
 
 
-def input_image(server, path: Path, name: str) -> Image.Image:
+def newest(server, owner: str) -> Path:
+    return server.owner_images()[owner][0]
+
+
+def input_image(path: Path, name: str) -> Image.Image:
+    """An input image stored next to the output `path` (referenced from its settings)."""
     reference = read_settings(path)["input_images"][name]
-    return Image.open(server.outputs / OWNER / reference)
+    return Image.open(path.parent / reference)
 
 
 def done(result) -> bool:
@@ -331,24 +337,24 @@ CASES = {
 }
 
 
-def call_case(server, client, spec: dict):
+def call_case(server, client, spec: dict, owner: str):
     spec = dict(spec)
     if "raw" in spec:
         api = spec.pop("raw")
         for name, path in spec.pop("files", {}).items():
             spec[name] = upload(server, path)
-        status, data = raw_call(server, client, api, owner=OWNER, **{**TINY, **spec})
+        status, data = raw_call(server, client, api, owner=owner, **{**TINY, **spec})
         if status == "error":
             raise RuntimeError(data)
         assert status == "complete", (status, data)
         return data
     api = spec.pop("api")
     if api in ("/text2img", "/img2img", "/inpaint", "/interpolate", "/controlnet"):
-        spec = {"owner": OWNER, **TINY, **spec}
+        spec = {"owner": owner, **TINY, **spec}
     return client.predict(**spec, api_name=api)
 
 
-def check_success(name: str, result, server) -> None:
+def check_success(name: str, result, server, owner: str) -> None:
     """What a case that works must have produced."""
     if name.startswith("PNG info"):
         parameters, settings = result
@@ -358,7 +364,7 @@ def check_success(name: str, result, server) -> None:
             assert "no Kandinsky Studio or A1111 settings" in settings
         return
     assert done(result), result[1]
-    path = newest(server)
+    path = newest(server, owner)
     settings = read_settings(path)
     if name == "prompt of 10,000 characters":
         assert settings["prompt"] == "a red fox " * 1000     # stored whole, though CLIP reads 77 tokens
@@ -372,22 +378,22 @@ def check_success(name: str, result, server) -> None:
     elif name == "seed -7 (random)":
         assert 0 <= int(result[4]) < 2**32 and settings["seed"] == int(result[4])
     elif name == "CMYK JPEG -> img2img":
-        assert input_image(server, path, "image").mode == "RGB"
+        assert input_image(path, "image").mode == "RGB"
     elif name == "16-bit depth map -> controlnet":
-        hint = np.asarray(input_image(server, path, "hint").convert("L"), np.float32)
+        hint = np.asarray(input_image(path, "hint").convert("L"), np.float32)
         # scaled to 8 bits, not clipped: a 0..65535 ramp stays a ramp (clipped, almost all of it is 255)
         assert 110 < hint.mean() < 145 and hint[:, 0].max() < 10 and hint[:, -1].min() > 245, hint.mean()
     elif name == "mask of another size":
-        mask = input_image(server, path, "mask")
-        image = input_image(server, path, "image")
+        mask = input_image(path, "mask")
+        image = input_image(path, "image")
         assert mask.size == image.size
         box = mask.getbbox()
         assert box is not None and abs(box[0] / mask.width - 0.25) < 0.05 and abs(box[3] / mask.height - 0.75) < 0.05
     elif name == "mask with transparency":
-        mask = np.asarray(input_image(server, path, "mask").convert("L"))
+        mask = np.asarray(input_image(path, "mask").convert("L"))
         assert mask[:, : mask.shape[1] // 2 - 2].min() == 255 and mask[:, mask.shape[1] // 2 + 2:].max() == 0
     elif name == "16-bit mask":
-        mask = np.asarray(input_image(server, path, "mask").convert("L"))
+        mask = np.asarray(input_image(path, "mask").convert("L"))
         assert mask.max() == 255 and 60 < mask.min() < 100  # 20000/65535 scaled, not clipped to white
 
 
@@ -395,13 +401,14 @@ def check_success(name: str, result, server) -> None:
 def test_bad_input_gets_a_clear_answer_and_the_next_job_succeeds(name, server, client, files):
     build, error = CASES[name]
     spec = build(files)
+    owner = owner_for(name)
     rss_before = psutil.Process(server.process.pid).memory_info().rss
     if error is None:
-        result = call_case(server, client, spec)
-        check_success(name, result, server)
+        result = call_case(server, client, spec, owner)
+        check_success(name, result, server, owner)
     else:
         with pytest.raises(Exception) as caught:
-            call_case(server, client, spec)
+            call_case(server, client, spec, owner)
         message = str(caught.value)
         assert error in message, message
         assert "Traceback" not in message and "Could not preprocess" not in message, message
@@ -410,9 +417,9 @@ def test_bad_input_gets_a_clear_answer_and_the_next_job_succeeds(name, server, c
         assert grown < 100 * 2**20, f"the server grew by {grown / 2**20:.0f} MB"
     # the job (if any) ended, nothing waits, and the next job works
     assert server_is_idle(client), client.predict(api_name="/models_status")
-    result = client.predict(owner=OWNER, prompt="after " + name, seed=1234, **TINY, api_name="/text2img")
+    result = client.predict(owner=owner, prompt="after " + name, seed=1234, **TINY, api_name="/text2img")
     assert done(result) and result[4] == "1234", result[1]
-    assert read_settings(newest(server))["prompt"] == "after " + name
+    assert read_settings(newest(server, owner))["prompt"] == "after " + name
 
 
 def test_png_info_upload_limit(server, client, tmp_path):
@@ -452,7 +459,8 @@ NEGATIVE = np.zeros((1, 32), np.float32)
 SMALL = dict(height=64, width=64, num_inference_steps=2)
 
 
-@pytest.mark.parametrize("prompt", ["a red fox " * 1000, EMOJI, RTL, CONTROL, ""])
+@pytest.mark.parametrize("prompt", ["a red fox " * 1000, EMOJI, RTL, CONTROL, ""],
+                         ids=["10000 characters", "emoji", "right-to-left", "control characters", "empty"])
 def test_library_prior_takes_any_text(pipes, prompt):
     embeds, negative = pipes["prior"](prompt, num_inference_steps=2, generator=np.random.default_rng(0))
     assert embeds.shape == (1, 32) and np.isfinite(embeds).all() and np.isfinite(negative).all()
