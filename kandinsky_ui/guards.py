@@ -125,13 +125,18 @@ def guard_image(component, field: str):
         convert = component.convert_and_format_image
 
         def convert_and_format_image(file, flatten_on_white: bool = False):
-            # 16-bit layers and backgrounds: scale to 8 bits before the editor converts (and clips) them
-            if file is not None and hasattr(file, "path"):
-                with Image.open(file.path) as image:
-                    if image.mode in WIDE_MODES:
-                        buffer = BytesIO()
-                        normalize_mode(image).save(buffer, format="PNG")
-                        return convert(buffer.getvalue(), flatten_on_white)
+            if file is None:
+                return convert(file, flatten_on_white)
+            # a file, or bytes when the browser sent the image in pieces: checked from the header too
+            source = file.path if hasattr(file, "path") else BytesIO(bytes(file))
+            check_image_file(field, source)
+            if isinstance(source, BytesIO):
+                source.seek(0)
+            with Image.open(source) as image:
+                if image.mode in WIDE_MODES:  # 16-bit: scale to 8 bits before the editor converts (clips) it
+                    buffer = BytesIO()
+                    normalize_mode(image).save(buffer, format="PNG")
+                    return convert(buffer.getvalue(), flatten_on_white)
             return convert(file, flatten_on_white)
 
         component.convert_and_format_image = convert_and_format_image

@@ -535,3 +535,19 @@ def test_library_requests_name_the_field():
             request.validate()
         assert message in str(caught.value), (request, str(caught.value))
     Text2ImageRequest(prompt="🦊" * 10_000, negative_prompt=CONTROL).validate()  # at the limit: fine
+
+
+def test_editor_images_sent_as_bytes_are_checked_too():
+    """The browser may send a large editor image in pieces (bytes, no file): same checks."""
+    import gradio as gr
+
+    from kandinsky_ui import guards
+
+    editor = guards.guard_image(gr.ImageEditor(type="pil", image_mode="RGBA"), "editor")
+    with pytest.raises(gr.Error, match="editor: the image has more than"):
+        editor.convert_and_format_image(png_claiming(20000, 20000))
+    with pytest.raises(gr.Error, match="editor: the image is 9000x9000"):
+        editor.convert_and_format_image(png_claiming(9000, 9000))
+    sixteen = io.BytesIO()
+    Image.new("I;16", (8, 8), 30000).save(sixteen, format="PNG")
+    assert editor.convert_and_format_image(sixteen.getvalue()).getpixel((0, 0)) == (117, 117, 117, 255)
