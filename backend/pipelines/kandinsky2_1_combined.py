@@ -25,19 +25,11 @@ DEFAULT_PRIORS = {
 
 
 class _Combined21(_Combined):
+    prior_class = KandinskyPriorPipeline
     decoder_class = KandinskyPipeline
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, prior_pretrained_model_name_or_path=None, **kwargs):
-        """kwargs go to both loads, except `scheduler=` (e.g. "ddpm_scheduler"), which is the decoder's."""
-        prior_path = prior_pretrained_model_name_or_path or DEFAULT_PRIORS.get(str(pretrained_model_name_or_path))
-        if prior_path is None:
-            raise ValueError("`prior_pretrained_model_name_or_path` is required for a decoder that is not one of "
-                             f"{sorted(DEFAULT_PRIORS)}")
-        decoder_only = {k: kwargs.pop(k) for k in ("scheduler",) if k in kwargs}
-        prior = KandinskyPriorPipeline.from_pretrained(prior_path, **kwargs)
-        decoder = cls.decoder_class.from_pretrained(pretrained_model_name_or_path, **kwargs, **decoder_only)
-        return cls(prior, decoder)
+    default_priors = DEFAULT_PRIORS
+    # `scheduler=` (e.g. "ddpm_scheduler") is the decoder's; other kwargs go to both loads.
+    decoder_only_kwargs = ("scheduler",)
 
     @property
     def truncated_text(self) -> list[str]:
@@ -45,13 +37,6 @@ class _Combined21(_Combined):
         the multilingual encoder's 77 tokens (decoder)."""
         return list(getattr(self.prior_pipe, "truncated_text", [])) + \
             list(getattr(self.decoder_pipe, "truncated_text", []))
-
-    @staticmethod
-    def _decoder_prompt(prompt, count: int) -> list:
-        prompt = [prompt] if not isinstance(prompt, (list, tuple)) else list(prompt)
-        if len(prompt) < count and count % len(prompt) == 0:
-            prompt = (count // len(prompt)) * prompt
-        return prompt
 
 
 class KandinskyCombinedPipeline(_Combined21):
@@ -65,7 +50,7 @@ class KandinskyCombinedPipeline(_Combined21):
         image_embeds, negative_image_embeds = self._prior(prompt, negative_prompt, num_images_per_prompt,
                                                           prior_num_inference_steps, generator, latents,
                                                           prior_guidance_scale, prior_callback)
-        prompt = self._decoder_prompt(prompt, image_embeds.shape[0])
+        prompt = self._repeat_to(prompt, image_embeds.shape[0])
         return self.decoder_pipe(prompt=prompt, image_embeds=image_embeds,
                                  negative_image_embeds=negative_image_embeds, width=width, height=height,
                                  num_inference_steps=num_inference_steps, generator=generator,
@@ -83,7 +68,7 @@ class KandinskyImg2ImgCombinedPipeline(_Combined21):
         image_embeds, negative_image_embeds = self._prior(prompt, negative_prompt, num_images_per_prompt,
                                                           prior_num_inference_steps, generator, latents,
                                                           prior_guidance_scale, prior_callback)
-        prompt = self._decoder_prompt(prompt, image_embeds.shape[0])
+        prompt = self._repeat_to(prompt, image_embeds.shape[0])
         image = self._repeat_to(image, image_embeds.shape[0])
         return self.decoder_pipe(prompt=prompt, image=image, image_embeds=image_embeds,
                                  negative_image_embeds=negative_image_embeds, strength=strength, width=width,
@@ -102,7 +87,7 @@ class KandinskyInpaintCombinedPipeline(_Combined21):
         image_embeds, negative_image_embeds = self._prior(prompt, negative_prompt, num_images_per_prompt,
                                                           prior_num_inference_steps, generator, latents,
                                                           prior_guidance_scale, prior_callback)
-        prompt = self._decoder_prompt(prompt, image_embeds.shape[0])
+        prompt = self._repeat_to(prompt, image_embeds.shape[0])
         image = self._repeat_to(image, image_embeds.shape[0])
         mask_image = self._repeat_to(mask_image, image_embeds.shape[0])
         return self.decoder_pipe(prompt=prompt, image=image, mask_image=mask_image, image_embeds=image_embeds,

@@ -23,7 +23,11 @@ DEFAULT_PRIORS = {
 
 
 class _Combined:
+    prior_class = KandinskyV22PriorPipeline
     decoder_class = KandinskyV22Pipeline
+    default_priors = DEFAULT_PRIORS
+    # from_pretrained keyword arguments that belong to the decoder only (e.g. a scheduler subfolder)
+    decoder_only_kwargs: tuple[str, ...] = ()
 
     def __init__(self, prior_pipe: KandinskyV22PriorPipeline, decoder_pipe):
         self.prior_pipe = prior_pipe
@@ -37,12 +41,14 @@ class _Combined:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, prior_pretrained_model_name_or_path=None, **kwargs):
-        prior_path = prior_pretrained_model_name_or_path or DEFAULT_PRIORS.get(str(pretrained_model_name_or_path))
+        prior_path = (prior_pretrained_model_name_or_path
+                      or cls.default_priors.get(str(pretrained_model_name_or_path)))
         if prior_path is None:
             raise ValueError("`prior_pretrained_model_name_or_path` is required for a decoder that is not one of "
-                             f"{sorted(DEFAULT_PRIORS)}")
-        prior = KandinskyV22PriorPipeline.from_pretrained(prior_path, **kwargs)
-        decoder = cls.decoder_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
+                             f"{sorted(cls.default_priors)}")
+        decoder_only = {k: kwargs.pop(k) for k in cls.decoder_only_kwargs if k in kwargs}
+        prior = cls.prior_class.from_pretrained(prior_path, **kwargs)
+        decoder = cls.decoder_class.from_pretrained(pretrained_model_name_or_path, **kwargs, **decoder_only)
         return cls(prior, decoder)
 
     def _prior(self, prompt, negative_prompt, num_images_per_prompt, prior_num_inference_steps, generator,
