@@ -15,7 +15,15 @@ text_encoder (ViT-bigG-14 text tower), image_encoder (ViT-bigG-14 vision tower, 
 Kandinsky 2.1: unet_2_1 (text_image conditioning), unet_2_1_inpaint (in 9), mclip (MultilingualCLIP:
 XLM-RoBERTa-large + LinearTransformation, 560M), prior_2_1, text_encoder_2_1 / image_encoder_2_1
 (OpenAI CLIP ViT-L/14 towers, quick_gelu; the text input is padded with "!" = id 0 as the published
-2.1 prior tokenizer pads).
+2.1 prior tokenizer pads);
+Kandinsky 3: unet_3 (Kandinsky3UNet, 3,055,348,228 parameters, 12.2 GB in float32 per side: the two
+sides run one after the other, never together; its zero-initialised `context_mlp` layers (the time
+conditioning of every norm) get random weights, as the prior's clip_std does, or the comparison would
+not see time conditioning at all), movq_3 (the 2.x MoVQ with block_out_channels 256/512/512/1024),
+text_encoder_3 (the Flan-UL2 T5 encoder at REDUCED DEPTH: num_layers 2 of 32, everything else as in
+text_encoder.json (d_model 4096, d_ff 16384, 16 heads x 256, 32128 tokens), 671M parameters; the full
+8.7B-parameter encoder is 34.9 GB in float32 per side, beyond this 24 GB machine. Set
+KANDINSKY_T5_LAYERS to change the depth).
 """
 from __future__ import annotations
 
@@ -62,13 +70,49 @@ COMPONENTS = {
                          "backend.models.clip", "CLIPTextModelWithProjection"),
     "image_encoder_2_1": ("kandinsky-2-1-prior/image_encoder.json", "transformers.CLIPVisionModelWithProjection",
                           "backend.models.clip", "CLIPVisionModelWithProjection"),
+    "unet_3": ("kandinsky-3/unet.json", "diffusers.Kandinsky3UNet", "backend.models.unet_kandinsky3",
+               "Kandinsky3UNet"),
+    "movq_3": ("kandinsky-3/movq.json", "diffusers.VQModel", "backend.models.vq_model", "VQModel"),
+    "text_encoder_3": ("kandinsky-3/text_encoder.json", "transformers.T5EncoderModel", "backend.models.t5",
+                       "T5EncoderModel"),
 }
+
+# The K3 text encoder is compared at reduced depth (see the module docstring).
+T5_LAYERS = int(os.environ.get("KANDINSKY_T5_LAYERS", "2"))
+# Shard the torch side's checkpoint so no shard approaches the machine's free memory.
+MAX_SHARD_SIZE = "2GB"
+
+
+def reference_config(name: str) -> dict:
+    """The real config of a component, with the one documented change (T5 depth)."""
+    config = json.loads((CONFIGS / COMPONENTS[name][0]).read_text())
+    if name == "text_encoder_3":
+        config["num_layers"] = T5_LAYERS
+    return config
 
 
 def make_inputs(name: str, config: dict) -> dict[str, np.ndarray]:
     """Small fixed inputs (latent 16x16 = 128 px, batch 2 as with guidance)."""
     rng = np.random.default_rng(0)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    if name == "unet_3":
+        # square (batch 2, padded text in row 1) and non-square (batch 1, (B,) timestep) cases; 12 text tokens
+        mask = np.ones((2, 12), np.int64)
+        mask[1, 7:] = 0
+        return {"sample": f32(2, 4, 16, 16), "timestep": np.array(537, np.int64),
+                "encoder_hidden_states": f32(2, 12, config["encoder_hid_dim"]), "encoder_attention_mask": mask,
+                "wide_sample": f32(1, 4, 16, 24), "wide_timestep": np.array([151], np.int64),
+                "wide_encoder_hidden_states": f32(1, 12, config["encoder_hid_dim"]),
+                "wide_encoder_attention_mask": np.ones((1, 12), np.int64)}
+    if name == "movq_3":
+        return {"latents": f32(1, 4, 16, 24), "image": rng.uniform(-1, 1, (1, 3, 128, 96)).astype(np.float32)}
+    if name == "text_encoder_3":
+        # 128 tokens as the pipeline tokenizes (every relative-position bucket is used); row 1 padded (id 0)
+        ids = np.zeros((2, 128), np.int64)
+        ids[0] = rng.integers(2, config["vocab_size"], 128)
+        ids[0, -1] = 1  # </s>
+        ids[1, :9] = [363, 3, 9, 1712, 13, 3, 9, 4049, 1]
+        return {"input_ids": ids, "attention_mask": (np.arange(128)[None] < [[128], [9]]).astype(np.int64)}
     if name.startswith("unet_2_1"):
         # 2.1: image and pooled text embeddings (cross_attention_dim), MCLIP token states (encoder_hid_dim)
         return {"sample": f32(2, config["in_channels"], 16, 16), "timestep": np.array(537, np.int64),
@@ -112,13 +156,14 @@ def make_inputs(name: str, config: dict) -> dict[str, np.ndarray]:
 
 def run_torch(name: str, folder: Path) -> None:
     import importlib
+    import resource
 
     import torch
 
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
-    config_file, cls_path, _, _ = COMPONENTS[name]
-    config = json.loads((CONFIGS / config_file).read_text())
+    _, cls_path, _, _ = COMPONENTS[name]
+    config = reference_config(name)
     library, cls_name = cls_path.split(".")
     cls = getattr(importlib.import_module(library), cls_name) if name != "mclip" else None
     start = time.time()
@@ -126,18 +171,38 @@ def run_torch(name: str, folder: Path) -> None:
         from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
         model = MultilingualCLIP(MCLIPConfig(**{k: v for k, v in config.items() if not k.startswith("_")})).eval()
     elif library == "transformers":
-        config_cls = getattr(importlib.import_module("transformers"), cls_name.replace("ModelWithProjection", "Config"))
+        config_cls = getattr(importlib.import_module("transformers"),
+                             "T5Config" if cls_name == "T5EncoderModel" else
+                             cls_name.replace("ModelWithProjection", "Config"))
         model = cls(config_cls(**{k: v for k, v in config.items() if not k.startswith("_")})).eval()
     else:
         model = cls.from_config(config).eval()
     if name.startswith("prior"):
         model.clip_std.data.fill_(1.0)
+    if name == "unet_3":
+        generator = torch.Generator().manual_seed(1)
+        for key, param in model.named_parameters():
+            if ".context_mlp." in key:  # zero-initialised by diffusers: random, small
+                std = 0.5 / param.shape[-1] ** 0.5 if param.ndim == 2 else 0.1
+                param.data.normal_(0.0, std, generator=generator)
     built = time.time() - start
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.save_pretrained(str(folder), safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     inputs = make_inputs(name, config)
     t = {k: torch.from_numpy(v) for k, v in inputs.items()}
     start = time.time()
-    if name.startswith("unet_2_1"):
+    if name == "unet_3":
+        outputs = {prefix + "sample": model(t[prefix + "sample"], t[prefix + "timestep"],
+                                            encoder_hidden_states=t[prefix + "encoder_hidden_states"],
+                                            encoder_attention_mask=t[prefix + "encoder_attention_mask"]).sample
+                   for prefix in ("", "wide_")}
+    elif name == "movq_3":
+        outputs = {"decoded": model.decode(t["latents"], force_not_quantize=True).sample,
+                   "decoded_quantized": model.decode(t["latents"]).sample,
+                   "encoded": model.encode(t["image"]).latents}
+    elif name == "text_encoder_3":
+        outputs = {"last_hidden_state": model(input_ids=t["input_ids"],
+                                              attention_mask=t["attention_mask"]).last_hidden_state}
+    elif name.startswith("unet_2_1"):
         added = {"image_embeds": t["image_embeds"], "text_embeds": t["text_embeds"]}
         outputs = {"sample": model(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
                                    added_cond_kwargs=added).sample}
@@ -167,7 +232,9 @@ def run_torch(name: str, folder: Path) -> None:
     params = sum(p.numel() for p in model.parameters())
     np.savez(folder / "io.npz", **{f"in_{k}": v for k, v in inputs.items()},
              **{f"out_{k}": v.float().numpy() for k, v in outputs.items()})
-    (folder / "torch.json").write_text(json.dumps({"parameters": params, "build_s": built, "run_s": ran}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    (folder / "torch.json").write_text(json.dumps({"parameters": params, "build_s": built, "run_s": ran,
+                                                   "peak_rss_gb": peak / 1e9}))
 
 
 # ------------------------------------------------------------------------------- our side
@@ -195,7 +262,18 @@ def run_ours(name: str, folder: Path) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = {k[3:]: Tensor(v) for k, v in io.items() if k.startswith("in_")}
     start = time.time()
-    if name.startswith("unet_2_1"):
+    if name == "unet_3":
+        outputs = {prefix + "sample": model(t[prefix + "sample"], io[f"in_{prefix}timestep"],
+                                            encoder_hidden_states=t[prefix + "encoder_hidden_states"],
+                                            encoder_attention_mask=io[f"in_{prefix}encoder_attention_mask"])
+                   for prefix in ("", "wide_")}
+    elif name == "movq_3":
+        outputs = {"decoded": model.decode(t["latents"], force_not_quantize=True)["sample"],
+                   "decoded_quantized": model.decode(t["latents"])["sample"],
+                   "encoded": model.encode(t["image"])["latents"]}
+    elif name == "text_encoder_3":
+        outputs = {"last_hidden_state": model(io["in_input_ids"], io["in_attention_mask"]).last_hidden_state}
+    elif name.startswith("unet_2_1"):
         added = {"image_embeds": t["image_embeds"], "text_embeds": t["text_embeds"]}
         outputs = {"sample": model(t["sample"], int(io["in_timestep"]),
                                    encoder_hidden_states=t["encoder_hidden_states"], added_cond_kwargs=added)}
@@ -227,8 +305,10 @@ def run_ours(name: str, folder: Path) -> dict:
         ours = value.asnumpy()
         diffs[key] = {"max_abs": float(np.abs(ours - ref).max()), "ref_max_abs": float(np.abs(ref).max())}
     n_params = sum(int(np.prod(p.shape)) for _, p in model.parameters_and_names())
+    run_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"component": name, "parameters": n_params, "weights_gb": weight_bytes / 1e9, "load_s": load_s,
-            "run_s": run_s, "load_peak_over_weights": (peak - rss_before) / weight_bytes, "diffs": diffs}
+            "run_s": run_s, "load_peak_over_weights": (peak - rss_before) / weight_bytes,
+            "peak_rss_gb": run_peak / 1e9, "rss_before_load_gb": rss_before / 1e9, "diffs": diffs}
 
 
 # --------------------------------------------------------------------------------- driver
@@ -263,11 +343,15 @@ def main() -> None:
                              text=True)
         result = json.loads(next(line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")))
         result["torch_parameters"] = torch_info["parameters"]
+        result["torch_peak_rss_gb"] = torch_info.get("peak_rss_gb")
+        result["torch_run_s"] = torch_info["run_s"]
         rows.append(result)
         for key, d in result["diffs"].items():
             print(f"{name:16s} {key:26s} max|diff| {d['max_abs']:.2e}  (max|ref| {d['ref_max_abs']:.2e})  "
                   f"params ours {result['parameters']:,} / ref {result['torch_parameters']:,}  "
                   f"load peak {result['load_peak_over_weights']:.2f}x weights", flush=True)
+        print(f"{name:16s} peak RSS ours {result['peak_rss_gb']:.2f} GB (torch {result['torch_peak_rss_gb']:.2f} GB), "
+              f"run {result['run_s']:.1f} s (torch {result['torch_run_s']:.1f} s)", flush=True)
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     (WORK / "summary.json").write_text(json.dumps(rows, indent=1))
