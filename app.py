@@ -1,7 +1,8 @@
 """Kandinsky Studio: the Gradio app.
 
     python app.py --demo          # tiny random-weight models built locally: offline, seconds per image
-    python app.py                 # the published kandinsky-community 2.2 models, downloaded on first use
+    python app.py                 # the published kandinsky-community 2.2, 2.1 and 3 models, downloaded on first use
+    python app.py --models 2.2,3  # offer only some of them
 
 flags -> config -> JobRunner (one engine thread) -> ModelManager -> build_ui() -> launch.
 Extra flags can also come from the KANDINSKY_STUDIO_ARGS environment variable (e.g. on a
@@ -26,8 +27,8 @@ logger = logging.getLogger("kandinsky_studio")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="app.py", description="Kandinsky Studio: Kandinsky 2.2 on MindSpore, "
-                                                                "in the browser.")
+    parser = argparse.ArgumentParser(prog="app.py", description="Kandinsky Studio: Kandinsky 2.1, 2.2 and 3 "
+                                                                "on MindSpore, in the browser.")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -48,11 +49,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="memory for loaded models, e.g. 12GB; least recently used models are unloaded "
                              "beyond it (default auto: 70%% of RAM)")
     parser.add_argument("--outputs-dir", default="outputs", help="where images are saved (default ./outputs)")
+    parser.add_argument("--models", default="2.2,2.1,3",
+                        help="the model families to offer, in order (the first is the default): any of 2.2, "
+                             "2.1, 3, comma-separated (default 2.2,2.1,3)")
     parser.add_argument("--demo", action="store_true",
                         help="run on tiny random-weight models built locally (offline; images are noise)")
     parser.add_argument("--log-level", default="INFO")
     extra = shlex.split(os.environ.get("KANDINSKY_STUDIO_ARGS", ""))
-    return parser.parse_args(extra + list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(extra + list(sys.argv[1:] if argv is None else argv))
+    args.families = parse_families(parser, args.models)
+    return args
+
+
+FAMILY_NAMES = ("2.2", "2.1", "3")
+
+
+def parse_families(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    families = [item.strip().removeprefix("kandinsky-").replace("-", ".") for item in text.split(",") if item.strip()]
+    unknown = [f for f in families if f not in FAMILY_NAMES]
+    if unknown or not families:
+        parser.error(f"--models: expected some of {', '.join(FAMILY_NAMES)} (comma-separated); got {text!r}")
+    return list(dict.fromkeys(families))
 
 
 def is_loopback(host: str) -> bool:
@@ -117,30 +134,41 @@ def browser_secret(outputs_dir: Path) -> str:
 
 
 def catalogue(args: argparse.Namespace, runner) -> dict:
+    """The selectable models in --models order: the tiny demo models, or the published ones (a
+    folder named like the repo under --models-dir is used instead of the Hub)."""
     from backend import demo
-    from backend.manager import KANDINSKY_2_2, ModelSpec
+    from backend.manager import CATALOGUE, ModelSpec
 
     if args.demo:
         root = Path(args.models_dir) if args.models_dir else DEFAULT_CACHE
-        spec = runner.call(demo.ensure_demo_models, root)
-        return {spec.key: spec}
-    repos = dict(KANDINSKY_2_2.repos)
-    if args.models_dir:
-        for role, repo in repos.items():
-            local = Path(args.models_dir) / repo.split("/")[-1]
-            if (local / "model_index.json").is_file():
-                repos[role] = str(local)
-    return {KANDINSKY_2_2.key: ModelSpec(KANDINSKY_2_2.key, KANDINSKY_2_2.label, repos)}
+        specs = [runner.call(demo.ensure_demo_models, root, family) for family in args.families]
+        return {spec.key: spec for spec in specs}
+    models = {}
+    for family in args.families:
+        spec = next(spec for spec in CATALOGUE.values() if spec.family == family)
+        repos = dict(spec.repos)
+        if args.models_dir:
+            for role, repo in repos.items():
+                local = Path(args.models_dir) / repo.split("/")[-1]
+                if (local / "model_index.json").is_file():
+                    repos[role] = str(local)
+        models[spec.key] = ModelSpec(spec.key, spec.label, repos, family=spec.family)
+    return models
 
 
 def ui_config(args: argparse.Namespace, models: dict):
     from backend.jobs import GenerationRequest
+    from backend.manager import FAMILY_DEFAULTS
     from kandinsky_ui import UIConfig
 
     defaults = {f: getattr(GenerationRequest(), f) for f in (
         "prompt", "width", "height", "num_inference_steps", "prior_num_inference_steps", "guidance_scale",
         "prior_guidance_scale", "scheduler", "preview")}
     defaults["model"] = next(iter(models))
+    family_defaults = dict(FAMILY_DEFAULTS[models[defaults["model"]].family])  # the first model's docs
+    if args.demo:
+        family_defaults = {"guidance_scale": family_defaults["guidance_scale"]}
+    defaults.update(family_defaults)
     presets = [("768x768 (square)", (768, 768)), ("512x512", (512, 512)), ("1024x1024", (1024, 1024)),
                ("1024x576 (16:9)", (1024, 576)), ("576x1024 (9:16)", (576, 1024)), ("768x512 (3:2)", (768, 512)),
                ("512x768 (2:3)", (512, 768))]

@@ -1,8 +1,9 @@
-"""Tiny random-weight Kandinsky 2.2 models, built locally: `python app.py --demo` and the tests.
+"""Tiny random-weight Kandinsky 2.2, 2.1 and 3 models, built locally: `python app.py --demo` and the tests.
 
 Each folder has the published diffusers layout (model_index.json, one subfolder per component
 with config.json and safetensors weights, a CLIP tokenizer, scheduler and image processor
-configs) and loads through the real `from_pretrained` of backend/pipelines, so the demo runs
+configs; SentencePiece-style XLM-R and T5 tokenizers for 2.1 and 3) and loads through the real
+`from_pretrained` of backend/pipelines, so the demo runs
 the same code as the real models, only with architectures a few hundred times smaller and
 weights that are seeded noise. Its images are colourful noise: the point is to exercise the app
 end to end without a download, not to make pictures.
@@ -21,7 +22,7 @@ import numpy as np
 from backend.manager import ModelSpec
 
 DEMO_VERSION = 1          # bump when a config below changes: old folders are rebuilt
-DEMO_KEY = "kandinsky-2-2-demo"
+DEMO_KEY = "kandinsky-2-2-demo"   # the default demo model
 EMBED_DIM = 32            # CLIP projection = prior embedding = UNet encoder_hid_dim
 
 PRIOR_CONFIG = {
@@ -103,12 +104,98 @@ FOLDERS = {
     }),
 }
 
+# --- Kandinsky 2.1: CLIP ViT-L-style prior (quick_gelu, "!" padding), MCLIP + text_image UNet decoders
+MCLIP_HIDDEN = 24
+MCLIP_CONFIG = {
+    "architectures": ["MultilingualCLIP"], "model_type": "M-CLIP", "hidden_size": MCLIP_HIDDEN,
+    "transformerDimensions": MCLIP_HIDDEN, "numDims": EMBED_DIM, "intermediate_size": 37, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "max_position_embeddings": 80,
+    "type_vocab_size": 1, "position_embedding_type": "absolute", "bos_token_id": 0, "pad_token_id": 1,
+    "eos_token_id": 2, "vocab_size": None,  # set from the vocabulary
+}
+TEXT_ENCODER_2_1_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_act="quick_gelu")
+IMAGE_ENCODER_2_1_CONFIG = dict(IMAGE_ENCODER_CONFIG, hidden_act="quick_gelu")
+
+
+def _unet_2_1_config(in_channels: int) -> dict:
+    config = _unet_config(in_channels, "text_image")
+    config.update(encoder_hid_dim=MCLIP_HIDDEN, encoder_hid_dim_type="text_image_proj")
+    return config
+
+
+# The published 2.1 decoder scheduler (kandinsky-2-1/scheduler/scheduler_config.json) and the
+# alternative DDPM one of its ddpm_scheduler folder.
+DECODER_2_1_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+    "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
+    "steps_offset": 1, "prediction_type": "epsilon", "thresholding": False,
+}
+DDPM_2_1_SCHEDULER = {
+    "_class_name": "DDPMScheduler", "beta_end": 0.012, "beta_schedule": "linear", "beta_start": 0.00085,
+    "clip_sample": True, "clip_sample_range": 2.0, "dynamic_thresholding_ratio": 0.995,
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": None, "thresholding": True,
+    "trained_betas": None, "variance_type": "learned_range",
+}
+FOLDERS_2_1 = {
+    "prior": ("KandinskyPriorPipeline", {
+        "prior": ("diffusers", "PriorTransformer", PRIOR_CONFIG, "diffusion_pytorch_model"),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection", TEXT_ENCODER_2_1_CONFIG, "model"),
+        "image_encoder": ("transformers", "CLIPVisionModelWithProjection", IMAGE_ENCODER_2_1_CONFIG, "model"),
+    }),
+    "decoder": ("KandinskyPipeline", {
+        "text_encoder": ("kandinsky", "MultilingualCLIP", MCLIP_CONFIG, "model"),
+        "unet": ("diffusers", "UNet2DConditionModel", _unet_2_1_config(4), "diffusion_pytorch_model"),
+        "movq": ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model"),
+    }),
+    "inpaint": ("KandinskyInpaintPipeline", {
+        "text_encoder": ("kandinsky", "MultilingualCLIP", MCLIP_CONFIG, "model"),
+        "unet": ("diffusers", "UNet2DConditionModel", _unet_2_1_config(9), "diffusion_pytorch_model"),
+        "movq": ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model"),
+    }),
+}
+
+# --- Kandinsky 3: a T5 encoder (gated-silu, as Flan-UL2), a Kandinsky3UNet and a MoVQ in one folder
+T5_CONFIG = {
+    "architectures": ["T5EncoderModel"], "model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 2,
+    "num_heads": 4, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+    "dropout_rate": 0.0, "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-silu", "dense_act_fn": "silu",
+    "is_gated_act": True, "pad_token_id": 0, "eos_token_id": 1, "vocab_size": None,  # set from the vocabulary
+}
+UNET_3_CONFIG = {
+    "_class_name": "Kandinsky3UNet", "in_channels": 4, "time_embedding_dim": 32, "groups": 8,
+    "attention_head_dim": 8, "layers_per_block": 2, "block_out_channels": [16, 32, 32, 32],
+    "cross_attention_dim": 32, "encoder_hid_dim": 32,
+}
+# The published Kandinsky 3 scheduler (kandinsky-3/scheduler/scheduler_config.json).
+DECODER_3_SCHEDULER = {
+    "_class_name": "DDPMScheduler", "beta_end": 0.012, "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.00085,
+    "clip_sample": True, "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "steps_offset": 1,
+    "thresholding": False, "timestep_spacing": "leading", "trained_betas": None, "variance_type": "fixed_small",
+}
+FOLDERS_3 = {
+    "decoder": ("Kandinsky3Pipeline", {
+        "text_encoder": ("transformers", "T5EncoderModel", T5_CONFIG, "model"),
+        "unet": ("diffusers", "Kandinsky3UNet", UNET_3_CONFIG, "diffusion_pytorch_model"),
+        "movq": ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model"),
+    }),
+}
+
 MODEL_CLASSES = {
     "PriorTransformer": "backend.models.prior_transformer",
     "CLIPTextModelWithProjection": "backend.models.clip",
     "CLIPVisionModelWithProjection": "backend.models.clip",
     "UNet2DConditionModel": "backend.models.unet_2d_condition",
     "VQModel": "backend.models.vq_model",
+    "MultilingualCLIP": "backend.models.mclip",
+    "T5EncoderModel": "backend.models.t5",
+    "Kandinsky3UNet": "backend.models.unet_kandinsky3",
+}
+# Families: key suffix, label, ModelSpec family, folders (role -> pipeline and components)
+FAMILIES = {
+    "2.2": ("kandinsky-2-2-demo", "Kandinsky 2.2 demo (tiny random weights)", FOLDERS),
+    "2.1": ("kandinsky-2-1-demo", "Kandinsky 2.1 demo (tiny random weights)", FOLDERS_2_1),
+    "3": ("kandinsky-3-demo", "Kandinsky 3 demo (tiny random weights)", FOLDERS_3),
 }
 
 
@@ -134,8 +221,9 @@ DEMO_MERGES = ["t h", "th e</w>", "a n", "an d</w>", "i n", "in g</w>", "e r", "
                "c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
 
 
-def write_tokenizer(folder: Path) -> int:
-    """A small CLIP BPE tokenizer (all bytes, a few merges); returns the vocabulary size."""
+def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> int:
+    """A small CLIP BPE tokenizer (all bytes, a few merges); returns the vocabulary size. The 2.1
+    prior's tokenizer pads with "!" (id 0), 2.2's with the end-of-text token."""
     folder.mkdir(parents=True, exist_ok=True)
     characters = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
@@ -148,11 +236,56 @@ def write_tokenizer(folder: Path) -> int:
         vocab[special] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
                "unk_token": "<|endoftext|>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
     config = dict(special, tokenizer_class="CLIPTokenizer", model_max_length=77, errors="replace")
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return len(vocab)
+
+
+# SentencePiece-style (Unigram) vocabulary for the XLM-R and T5 demo tokenizers: common words,
+# then every printable ASCII character, so any prompt tokenizes (other characters become <unk>).
+DEMO_WORDS = ["a", "the", "of", "and", "in", "on", "with", "red", "blue", "green", "cat", "dog", "fox",
+              "house", "forest", "snowy", "painting", "oil", "photo", "portrait", "lighthouse", "sea",
+              "sky", "city", "night", "light", "tree", "mountain", "river", "flower"]
+# family -> (specials in id order, unk, the template around one sequence, tokenizer class, max length)
+UNIGRAM_STYLES = {
+    "xlm-roberta": (["<s>", "<pad>", "</s>", "<unk>"], "<unk>", (["<s>"], ["</s>"]), "XLMRobertaTokenizerFast", 512),
+    "t5": (["<pad>", "</s>", "<unk>"], "<unk>", ([], ["</s>"]), "T5TokenizerFast", 128),
+}
+
+
+def write_unigram_tokenizer(folder: Path, style: str) -> int:
+    """A small tokenizer.json in the layout of the published XLM-R (2.1 decoder) or T5 (Kandinsky 3)
+    tokenizers; returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    specials, unk, (before, after), class_name, max_length = UNIGRAM_STYLES[style]
+    vocab = [(token, 0.0) for token in specials]
+    vocab += [("\u2581" + word, -2.0 - i / 100) for i, word in enumerate(DEMO_WORDS)]
+    vocab += [("\u2581", -4.0)] + [(chr(c), -5.0) for c in range(33, 127)]
+    if style == "xlm-roberta":
+        vocab.append(("<mask>", 0.0))
+    ids = {token: i for i, (token, _) in enumerate(vocab)}
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=ids[unk], byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                       pre_tokenizers.Metaspace(prepend_scheme="always")])
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="always")
+    single = " ".join([*before, "$A", *after])
+    pair = " ".join([*before, "$A", *after, *after, "$B", *after]) if before else " ".join(["$A", *after, "$B", *after])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, ids[t]) for t in dict.fromkeys(before + after)])
+    tokenizer.add_special_tokens([t for t, _ in vocab if t.startswith("<")])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    if style == "xlm-roberta":
+        special.update(bos_token="<s>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+    _write_json(folder / "special_tokens_map.json", special)
+    _write_json(folder / "tokenizer_config.json",
+                dict(special, tokenizer_class=class_name, model_max_length=max_length,
+                     clean_up_tokenization_spaces=False))
     return len(vocab)
 
 
@@ -196,26 +329,54 @@ def _write_component(folder: Path, class_name: str, config: dict, weights_name: 
     save_file(random_weights(model, seed), str(folder / f"{weights_name}.safetensors"))
 
 
-def build_folder(folder: Path, role: str, seed: int = 0) -> Path:
-    pipeline_class, components = FOLDERS[role]
+# role -> (tokenizer writer, model_index entry of the tokenizer) for the folders that read text
+def _tokenizer_for(family: str, role: str):
+    if family == "2.2" and role == "prior":
+        return write_tokenizer, ["transformers", "CLIPTokenizer"]
+    if family == "2.1" and role == "prior":
+        return (lambda folder: write_tokenizer(folder, pad_token="!")), ["transformers", "CLIPTokenizer"]
+    if family == "2.1":
+        return (lambda folder: write_unigram_tokenizer(folder, "xlm-roberta")), \
+            ["transformers", "XLMRobertaTokenizerFast"]
+    if family == "3":
+        return (lambda folder: write_unigram_tokenizer(folder, "t5")), ["transformers", "T5TokenizerFast"]
+    return None, None
+
+
+def _schedulers_for(family: str, role: str) -> dict:
+    """Subfolder -> scheduler config, as in the published repos."""
+    if role == "prior":
+        return {"scheduler": PRIOR_SCHEDULER}
+    if family == "2.1":
+        schedulers = {"scheduler": DECODER_2_1_SCHEDULER}
+        if role == "decoder":
+            schedulers["ddpm_scheduler"] = DDPM_2_1_SCHEDULER
+        return schedulers
+    if family == "3":
+        return {"scheduler": DECODER_3_SCHEDULER}
+    return {"scheduler": DECODER_SCHEDULER}
+
+
+def build_folder(folder: Path, role: str, seed: int = 0, family: str = "2.2") -> Path:
+    pipeline_class, components = FAMILIES[family][2][role]
     folder.mkdir(parents=True, exist_ok=True)
     index = {"_class_name": pipeline_class, "_diffusers_version": "0.35.2"}
     vocab_size = None
+    write, entry = _tokenizer_for(family, role)
+    if write is not None:
+        vocab_size = write(folder / "tokenizer")
+        index["tokenizer"] = entry
+    for name, config in _schedulers_for(family, role).items():
+        _write_json(folder / name / "scheduler_config.json", config)
+    index["scheduler"] = ["diffusers", _schedulers_for(family, role)["scheduler"]["_class_name"]]
     if role == "prior":
-        vocab_size = write_tokenizer(folder / "tokenizer")
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-        index["scheduler"] = ["diffusers", "UnCLIPScheduler"]
         index["image_processor"] = ["transformers", "CLIPImageProcessor"]
-        _write_json(folder / "scheduler" / "scheduler_config.json", PRIOR_SCHEDULER)
         _write_json(folder / "image_processor" / "preprocessor_config.json", IMAGE_PROCESSOR_CONFIG)
-    else:
-        index["scheduler"] = ["diffusers", "DDPMScheduler"]
-        _write_json(folder / "scheduler" / "scheduler_config.json", DECODER_SCHEDULER)
     for offset, (name, (library, class_name, config, weights_name)) in enumerate(components.items()):
         config = dict(config)
         if config.get("vocab_size", 0) is None:
             config["vocab_size"] = vocab_size
-        # the MoVQ is the same checkpoint in every decoder folder, as in the published repos
+        # the MoVQ is the same checkpoint in every decoder folder of a family, as in the published repos
         component_seed = 1000 if name == "movq" else seed * 10 + offset
         _write_component(folder / name, class_name, config, weights_name, component_seed)
         index[name] = [library, class_name]
@@ -228,24 +389,32 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
-def ensure_demo_models(root: str | os.PathLike) -> ModelSpec:
-    """Build the demo folders under `root` (once; reused while DEMO_VERSION is unchanged).
+def ensure_demo_models(root: str | os.PathLike, family: str = "2.2") -> ModelSpec:
+    """Build one family's demo folders under `root` (once; reused while DEMO_VERSION is unchanged).
 
     Engine thread only: the models are built as MindSpore cells to learn their parameter names.
     """
-    base = Path(root) / f"kandinsky-2-2-demo-v{DEMO_VERSION}"
+    key, _, folders = FAMILIES[family]
+    base = Path(root) / f"{key}-v{DEMO_VERSION}"
     done = base / "complete.json"
     if not done.is_file():
         tmp = base.with_name(base.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        for seed, role in enumerate(FOLDERS, start=1):
-            build_folder(tmp / role, role, seed)
+        for seed, role in enumerate(folders, start=1):
+            build_folder(tmp / role, role, seed, family)
         _write_json(tmp / "complete.json", {"version": DEMO_VERSION})
         shutil.rmtree(base, ignore_errors=True)
         tmp.rename(base)
-    return demo_spec(base)
+    return demo_spec(base, family)
 
 
-def demo_spec(base: Path) -> ModelSpec:
-    return ModelSpec(key=DEMO_KEY, label="Kandinsky 2.2 demo (tiny random weights)",
-                     repos={role: str(base / role) for role in FOLDERS}, demo=True)
+def ensure_demo_catalogue(root: str | os.PathLike) -> dict[str, ModelSpec]:
+    """Every family's demo model (2.2 first: the default), as a ModelManager catalogue."""
+    specs = [ensure_demo_models(root, family) for family in FAMILIES]
+    return {spec.key: spec for spec in specs}
+
+
+def demo_spec(base: Path, family: str = "2.2") -> ModelSpec:
+    key, label, folders = FAMILIES[family]
+    return ModelSpec(key=key, label=label, repos={role: str(base / role) for role in folders}, demo=True,
+                     family=family)

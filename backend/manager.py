@@ -12,6 +12,13 @@ the whole budget still loads, alone, with a warning in the status.
 
 Everything that builds or frees MindSpore objects runs on the JobRunner's engine thread;
 `status()` reads plain Python data and may be called from any thread.
+
+The three model families split their work differently:
+- 2.1 and 2.2: a prior folder (text -> CLIP image embedding) and decoder folders (embedding ->
+  image); 2.1's decoders also read the prompt through their own MultilingualCLIP.
+- 3: one folder, loaded as two units: the T5 text encoder (8.7B parameters) and the UNet + MoVQ.
+  The text encoder encodes the prompt first; when the budget cannot hold both, loading the UNet
+  evicts the encoder (least recently used), so the peak is the larger of the two, not their sum.
 """
 from __future__ import annotations
 
@@ -29,15 +36,54 @@ from backend import previews
 
 logger = logging.getLogger(__name__)
 
-# Which pipeline class each task needs, and which folder of the model it reads.
-PIPELINE_KINDS = {
-    "prior": ("KandinskyV22PriorPipeline", "prior"),
-    "text2img": ("KandinskyV22Pipeline", "decoder"),
-    "img2img": ("KandinskyV22Img2ImgPipeline", "decoder"),
-    "inpaint": ("KandinskyV22InpaintPipeline", "inpaint"),
-    "controlnet": ("KandinskyV22ControlnetPipeline", "controlnet"),
-    "controlnet_img2img": ("KandinskyV22ControlnetImg2ImgPipeline", "controlnet"),
+@dataclass(frozen=True)
+class Stage:
+    """How one kind of work is loaded: the pipeline class, the ModelSpec role (folder) it reads,
+    and, where one folder is loaded as several units, the components this unit holds."""
+
+    pipeline: str
+    role: str
+    part: str = ""                  # "" = the whole folder; else the unit's name
+    components: tuple = ()          # the components of that unit (others are left unloaded)
+
+
+_K3_ENCODER = ("tokenizer", "text_encoder")
+_K3_DECODER = ("unet", "scheduler", "movq")
+
+# family -> kind -> Stage. "prior" turns text into what the decoder kinds consume: CLIP image
+# embeddings (2.x) or T5 prompt states (3).
+STAGES = {
+    "2.2": {
+        "prior": Stage("KandinskyV22PriorPipeline", "prior"),
+        "text2img": Stage("KandinskyV22Pipeline", "decoder"),
+        "img2img": Stage("KandinskyV22Img2ImgPipeline", "decoder"),
+        "inpaint": Stage("KandinskyV22InpaintPipeline", "inpaint"),
+        "controlnet": Stage("KandinskyV22ControlnetPipeline", "controlnet"),
+        "controlnet_img2img": Stage("KandinskyV22ControlnetImg2ImgPipeline", "controlnet"),
+    },
+    "2.1": {
+        "prior": Stage("KandinskyPriorPipeline", "prior"),
+        "text2img": Stage("KandinskyPipeline", "decoder"),
+        "img2img": Stage("KandinskyImg2ImgPipeline", "decoder"),
+        "inpaint": Stage("KandinskyInpaintPipeline", "inpaint"),
+    },
+    "3": {
+        "prior": Stage("Kandinsky3Pipeline", "decoder", "text encoder", _K3_ENCODER),
+        "text2img": Stage("Kandinsky3Pipeline", "decoder", "unet", _K3_DECODER),
+        "img2img": Stage("Kandinsky3Img2ImgPipeline", "decoder", "unet", _K3_DECODER),
+    },
 }
+# The 2.2 table under its old name (the kinds every family draws from).
+PIPELINE_KINDS = {kind: (stage.pipeline, stage.role) for kind, stage in STAGES["2.2"].items()}
+KINDS = tuple(PIPELINE_KINDS)
+
+# App tasks -> the decoder kinds they need (a task is offered when its model has them all).
+TASK_KINDS = {"text2img": ("text2img",), "img2img": ("img2img",), "inpaint": ("inpaint",),
+              "interpolate": ("text2img",), "controlnet": ("controlnet", "controlnet_img2img")}
+# Interpolation mixes CLIP image embeddings: only the families with an image prior have them.
+INTERPOLATING_FAMILIES = ("2.1", "2.2")
+TASK_LABELS = {"text2img": "text to image", "img2img": "image to image", "inpaint": "inpainting",
+               "interpolate": "interpolation", "controlnet": "ControlNet depth"}
 
 # Decoder schedulers a request may ask for ("default" keeps the folder's own).
 SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
@@ -48,12 +94,50 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One selectable model: a label and the folder (repo id or path) of each role."""
+    """One selectable model: a label, its family and the folder (repo id or path) of each role."""
 
     key: str
     label: str
     repos: dict          # role -> "owner/name" or a local folder: prior, decoder, inpaint, controlnet
     demo: bool = False   # tiny random weights (backend/demo.py)
+    family: str = "2.2"  # "2.1" | "2.2" | "3": which pipelines read the folders
+
+    def stage(self, kind: str) -> Stage:
+        stages = STAGES.get(self.family)
+        if stages is None:
+            raise ValueError(f"{self.label}: family must be one of {sorted(STAGES)}; got {self.family!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {sorted(KINDS)}; got {kind!r}")
+        if kind not in stages or stages[kind].role not in self.repos:
+            raise ValueError(f"{self.label} cannot do {kind}: {self.unsupported_reason(kind)}")
+        return stages[kind]
+
+    def supports(self, task: str) -> bool:
+        """Whether the app task (text2img, img2img, inpaint, interpolate, controlnet) runs on this model."""
+        stages = STAGES.get(self.family, {})
+        if task == "interpolate" and self.family not in INTERPOLATING_FAMILIES:
+            return False
+        kinds = ("prior", *TASK_KINDS.get(task, (task,)))
+        return all(k in stages and stages[k].role in self.repos for k in kinds)
+
+    @property
+    def tasks(self) -> tuple:
+        return tuple(task for task in TASK_KINDS if self.supports(task))
+
+    def unsupported_reason(self, task: str) -> str:
+        """Why `task` is not offered, for people (empty when it is)."""
+        if self.supports(task):
+            return ""
+        if task in ("controlnet", "controlnet_img2img"):
+            return "ControlNet depth exists for Kandinsky 2.2 only (kandinsky-2-2-controlnet-depth)"
+        if self.family == "3" and task == "inpaint":
+            return ("there is no published Kandinsky 3 inpainting checkpoint in diffusers format; "
+                    "use Kandinsky 2.2 or 2.1 to inpaint")
+        if self.family == "3" and task == "interpolate":
+            return ("Kandinsky 3 has no image-embedding prior to mix texts and images; use Kandinsky 2.2 "
+                    "or 2.1 to interpolate")
+        offered = ", ".join(TASK_LABELS[t] for t in self.tasks) or "nothing"
+        return f"this model has no folder for it (it offers {offered})"
 
 
 KANDINSKY_2_2 = ModelSpec(
@@ -66,6 +150,33 @@ KANDINSKY_2_2 = ModelSpec(
         "controlnet": "kandinsky-community/kandinsky-2-2-controlnet-depth",
     },
 )
+KANDINSKY_2_1 = ModelSpec(
+    key="kandinsky-2-1",
+    label="Kandinsky 2.1",
+    repos={
+        "prior": "kandinsky-community/kandinsky-2-1-prior",
+        "decoder": "kandinsky-community/kandinsky-2-1",
+        "inpaint": "kandinsky-community/kandinsky-2-1-inpaint",
+    },
+    family="2.1",
+)
+KANDINSKY_3 = ModelSpec(
+    key="kandinsky-3",
+    label="Kandinsky 3",
+    repos={"decoder": "kandinsky-community/kandinsky-3"},
+    family="3",
+)
+# The published models, in the order the model selector lists them.
+CATALOGUE = {spec.key: spec for spec in (KANDINSKY_2_2, KANDINSKY_2_1, KANDINSKY_3)}
+
+# The scheduler each family's decoder folder ships (what "repository default" means).
+FAMILY_SCHEDULERS = {"2.2": "DDPM", "2.1": "DDIM", "3": "DDPM"}
+# The settings each family's docs use (diffusers' pipeline defaults and model cards).
+FAMILY_DEFAULTS = {
+    "2.2": {"num_inference_steps": 50, "guidance_scale": 4.0, "width": 768, "height": 768},
+    "2.1": {"num_inference_steps": 100, "guidance_scale": 4.0, "width": 768, "height": 768},
+    "3": {"num_inference_steps": 25, "guidance_scale": 3.0, "width": 1024, "height": 1024},
+}
 
 
 def parse_memory(text: str | int | float | None) -> int | None:
@@ -134,12 +245,15 @@ def safetensors_bytes(path: Path, target_itemsize: int | None = None) -> int:
     return total
 
 
-def estimate_folder_bytes(folder: Path, itemsize: int) -> int:
-    """Parameter bytes of a pipeline folder once loaded at `itemsize` bytes per float."""
+def estimate_folder_bytes(folder: Path, itemsize: int, components: tuple = ()) -> int:
+    """Parameter bytes of a pipeline folder (or of the named `components` of it) once loaded at
+    `itemsize` bytes per float."""
     from backend import weights
 
     total = 0
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if components and sub.name not in components:
+            continue
         if not any(sub.glob("*.safetensors")):
             continue
         for path in weights.find_weight_files(sub):
@@ -147,10 +261,17 @@ def estimate_folder_bytes(folder: Path, itemsize: int) -> int:
     return total
 
 
+def unit_key(source: str, stage: Stage) -> str:
+    """What `ModelManager` loads and evicts as one: a folder, or one part of it."""
+    return f"{source}#{stage.part}" if stage.part else source
+
+
 @dataclass
 class LoadedFolder:
     source: str                      # repo id or folder as named in the ModelSpec
     role: str
+    key: str                         # unit_key: the source, or source#part for a part of a folder
+    part: str                        # "" for a whole folder, else e.g. "text encoder"
     folder: Path
     components: dict                 # name -> model / scheduler / tokenizer / processor
     sizes: dict                      # model component name -> parameter bytes
@@ -185,7 +306,7 @@ class ModelManager:
         self.cache_dir = str(cache_dir) if cache_dir else None
         self.offline = offline
         self.device = device
-        self._loaded: dict[str, LoadedFolder] = {}    # source -> folder
+        self._loaded: dict[str, LoadedFolder] = {}    # unit_key -> loaded unit
         self._lock = threading.Lock()                 # guards _loaded for status() readers
         self._factors = previews.PreviewFactorCache(factors_dir)
         self.last_evicted: list[str] = []
@@ -199,12 +320,20 @@ class ModelManager:
             raise ValueError(f"model must be one of {sorted(self.catalogue)}; got {model!r}")
         return self.catalogue[model]
 
+    def check_task(self, model: str, task: str) -> ModelSpec:
+        """The model's spec, or ValueError (naming the `model` field) when it cannot do the app task."""
+        spec = self.spec(model)
+        if not spec.supports(task):
+            raise ValueError(f"model: {spec.label} cannot do {TASK_LABELS.get(task, task)}: "
+                             f"{spec.unsupported_reason(task)}")
+        return spec
+
     # ------------------------------------------------------------------ engine thread
     def pipeline(self, kind: str, model: str, scheduler: str = "default",
                  on_progress: Callable[[LoadReport], None] | None = None):
         """A ready pipeline of `kind` for `model`, loading its folder if needed (engine thread)."""
         entry = self._ensure(kind, model, on_progress)
-        return self._build(kind, entry, scheduler)
+        return self._build(kind, self.spec(model), entry, scheduler)
 
     @contextmanager
     def use(self, kind: str, model: str, scheduler: str = "default",
@@ -213,7 +342,7 @@ class ModelManager:
         entry = self._ensure(kind, model, on_progress)
         entry.pins += 1
         try:
-            yield self._build(kind, entry, scheduler)
+            yield self._build(kind, self.spec(model), entry, scheduler)
         finally:
             entry.pins -= 1
             entry.last_used = time.monotonic()
@@ -227,16 +356,19 @@ class ModelManager:
         return entry.factors
 
     def has_preview_factors(self, kind: str, model: str) -> bool:
-        entry = self._loaded.get(str(self.spec(model).repos.get(PIPELINE_KINDS[kind][1])))
+        spec = self.spec(model)
+        stage = spec.stage(kind)
+        entry = self._loaded.get(unit_key(str(spec.repos[stage.role]), stage))
         return entry is not None and entry.factors is not None
 
     def unload(self, source: str | None = None) -> list[str]:
-        """Free one folder (by source) or every folder not in use; returns what was freed."""
+        """Free one folder (by source: all of its parts) or every folder not in use; returns what was
+        freed (unit keys)."""
         with self._lock:
-            names = [s for s, e in self._loaded.items() if e.pins == 0 and (source is None or s == source)]
+            names = [k for k, e in self._loaded.items() if e.pins == 0 and (source is None or e.source == source)]
             for name in names:
                 del self._loaded[name]
-        if source is not None and not names and source in self._loaded:
+        if source is not None and not names and any(e.source == source for e in self._loaded.values()):
             raise RuntimeError(f"{source} is in use by a running job; stop it first")
         gc.collect()
         return names
@@ -249,42 +381,44 @@ class ModelManager:
         return self._evict_for(0)
 
     def _ensure(self, kind: str, model: str, on_progress) -> LoadedFolder:
-        if kind not in PIPELINE_KINDS:
-            raise ValueError(f"kind must be one of {sorted(PIPELINE_KINDS)}; got {kind!r}")
         spec = self.spec(model)
-        class_name, role = PIPELINE_KINDS[kind]
-        if role not in spec.repos:
-            raise ValueError(f"{spec.label} has no {role} model, so it cannot do {kind}")
-        source = str(spec.repos[role])
-        entry = self._loaded.get(source)
+        stage = spec.stage(kind)
+        source = str(spec.repos[stage.role])
+        entry = self._loaded.get(unit_key(source, stage))
         if entry is None:
-            entry = self._load(source, role, class_name, on_progress)
+            entry = self._load(source, stage, on_progress)
         entry.last_used = time.monotonic()
         return entry
 
-    def _load(self, source: str, role: str, class_name: str, on_progress) -> LoadedFolder:
+    def _load(self, source: str, stage: Stage, on_progress) -> LoadedFolder:
         from backend import pipelines, weights
+
+        label = f"{stage.role} {stage.part}" if stage.part else stage.role
 
         def report(component: str, done: int, total: int) -> None:
             if on_progress is not None:
-                on_progress(LoadReport(f"{role} / {component}", int(done), int(total)))
+                on_progress(LoadReport(f"{label} / {component}", int(done), int(total)))
 
         folder = weights.resolve_pretrained(source, local_files_only=self.offline or None,
                                             cache_dir=self.cache_dir,
                                             on_download=lambda name, d, t: report(f"download {name}", d, t))
         itemsize = 2 if self.dtype in ("float16", "bfloat16") else 4
-        needed = estimate_folder_bytes(folder, itemsize)
+        needed = estimate_folder_bytes(folder, itemsize, stage.components)
         self._evict_for(needed)
         started = time.monotonic()
-        pipe = getattr(pipelines, class_name).from_pretrained(str(folder), dtype=self.dtype, on_progress=report)
-        components = dict(pipe.components)
+        cls = getattr(pipelines, stage.pipeline)
+        # a part of a folder: the pipeline's other components are not loaded (None)
+        skipped = {name: None for name in cls.component_names if stage.components and name not in stage.components}
+        pipe = cls.from_pretrained(str(folder), dtype=self.dtype, on_progress=report, **skipped)
+        components = {name: value for name, value in pipe.components.items() if name not in skipped}
         sizes = {name: _parameter_bytes(value) for name, value in components.items()
                  if hasattr(value, "parameters_and_names")}
         now = time.monotonic()
-        entry = LoadedFolder(source, role, folder, components, sizes, loaded_at=now, last_used=now)
+        entry = LoadedFolder(source, stage.role, unit_key(source, stage), stage.part, folder, components, sizes,
+                             loaded_at=now, last_used=now)
         with self._lock:
-            self._loaded[source] = entry
-        logger.info("loaded %s (%s) in %.1f s", source, format_bytes(entry.total), now - started)
+            self._loaded[entry.key] = entry
+        logger.info("loaded %s (%s) in %.1f s", entry.key, format_bytes(entry.total), now - started)
         return entry
 
     def _evict_for(self, needed: int) -> list[str]:
@@ -296,9 +430,9 @@ class ModelManager:
                 if not candidates:
                     break
                 victim = min(candidates, key=lambda e: e.last_used)
-                del self._loaded[victim.source]
-            evicted.append(victim.source)
-            logger.info("evicted %s (%s) to stay within the memory budget of %s", victim.source,
+                del self._loaded[victim.key]
+            evicted.append(victim.key)
+            logger.info("evicted %s (%s) to stay within the memory budget of %s", victim.key,
                         format_bytes(victim.total), format_bytes(self.memory_budget))
             del victim
             gc.collect()
@@ -306,13 +440,12 @@ class ModelManager:
             self.last_evicted = evicted
         return evicted
 
-    def _build(self, kind: str, entry: LoadedFolder, scheduler: str):
+    def _build(self, kind: str, spec: ModelSpec, entry: LoadedFolder, scheduler: str):
         from backend import pipelines
         from backend.schedulers import scheduler_from_config
 
-        class_name, _ = PIPELINE_KINDS[kind]
-        cls = getattr(pipelines, class_name)
-        components = {name: entry.components[name] for name in cls.component_names}
+        cls = getattr(pipelines, spec.stage(kind).pipeline)
+        components = {name: entry.components.get(name) for name in cls.component_names}
         scheduler = (scheduler or "default").lower()
         if kind != "prior" and scheduler != "default":
             if scheduler not in SCHEDULERS:
@@ -327,14 +460,15 @@ class ModelManager:
             return sum(e.total for e in self._loaded.values())
 
     def is_loaded(self, model: str, role: str) -> bool:
-        spec = self.spec(model)
-        return str(spec.repos.get(role)) in self._loaded
+        source = str(self.spec(model).repos.get(role))
+        with self._lock:
+            return any(e.source == source for e in self._loaded.values())
 
     def status(self) -> dict:
         """Loaded folders with their components' sizes, device, dtype and budget (plain data)."""
         with self._lock:
             entries = sorted(self._loaded.values(), key=lambda e: e.last_used, reverse=True)
-            folders = [{"source": e.source, "role": e.role, "bytes": e.total, "in_use": e.pins > 0,
+            folders = [{"source": e.source, "role": e.role, "part": e.part, "bytes": e.total, "in_use": e.pins > 0,
                         "components": dict(sorted(e.sizes.items())),
                         "idle_s": round(time.monotonic() - e.last_used, 1)} for e in entries]
         used = sum(f["bytes"] for f in folders)

@@ -9,10 +9,18 @@
 4. saves each image with its settings (backend/metadata.py) and ends with Result, or with
    Cancelled carrying the last preview of the stopped run, saved and marked partial.
 
-Negative prompts follow diffusers' `KandinskyV22PriorPipeline.interpolate` for every task:
+Negative prompts follow diffusers' `KandinskyV22PriorPipeline.interpolate` for every 2.x task:
 `negative_prior_prompt` is the prior's own guidance negative, and its embedding is the
 decoder's negative; a `negative_prompt`, when given, replaces that decoder negative with the
 prior's embedding of the negative prompt.
+
+The families differ in what conditions the decoder (`_conditioning`):
+- 2.2: the prior's image embeddings.
+- 2.1: those and the prompt itself, which the decoder reads with its MultilingualCLIP (the negative
+  prompt is its unconditional text; interpolation decodes with an empty prompt, as diffusers' docs do).
+- 3: no prior; the T5 encoder (its own loading unit, see backend/manager.py) encodes the prompt and
+  negative prompt once per job, then the UNet runs from those states (`prompt_embeds`), so under a
+  tight budget the encoder is evicted before the UNet loads.
 """
 from __future__ import annotations
 
@@ -38,6 +46,10 @@ APP_NAME = "Kandinsky Studio"
 DECODE_STEPS_GUESS = 2.0
 LOADING_INTERVAL_S = 0.25
 NOTE_CHARS = 300          # the dropped part of a long prompt is quoted up to this length
+# What reads the prompt, per family and stage, for the note on a truncated prompt.
+TEXT_READERS = {("2.1", "prior"): "CLIP reads 77 tokens", ("2.2", "prior"): "CLIP reads 77 tokens",
+                ("2.1", "decoder"): "The decoder's MultilingualCLIP reads 77 tokens",
+                ("3", "prior"): "T5 reads 128 tokens"}
 
 
 def decoder_kind(request: GenerationRequest) -> str:
@@ -134,16 +146,20 @@ class _Run:
     # ------------------------------------------------------------------ driver
     def execute(self) -> None:
         request = self.request
+        self.family = self.manager.check_task(request.model, request.task).family
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED - request.batch_count)
         self.seeds = [(seed + b) % (MAX_SEED + 1) for b in range(request.batch_count)]
         walk = request.walk_steps if isinstance(request, InterpolateRequest) else 0
         self.progress = Progress(self.job, self._plan(walk), request.batch_count)
         try:
             generators = [np.random.default_rng(s) for s in self.seeds]
-            embeddings = [self._embeddings(gen, b) for b, gen in enumerate(generators)]
+            if self.family == "3":
+                conditioning = [self._text_states()] * len(generators)
+            else:
+                conditioning = [self._conditioning(*self._embeddings(gen, b)) for b, gen in enumerate(generators)]
             walk_ends = self._walk_ends(generators[0]) if walk else None
-            for b, (gen, (embeds, negative)) in enumerate(zip(generators, embeddings)):
-                images = self._decode(gen, embeds, negative, b)
+            for b, (gen, condition) in enumerate(zip(generators, conditioning)):
+                images = self._decode(gen, condition, b)
                 for k, image in enumerate(images):
                     self._save(image, self.seeds[b], b, k)
             if walk:
@@ -171,6 +187,8 @@ class _Run:
             prior = r.prior_num_inference_steps * (2 if r.negative_prompt else 1)
             walk_prior = 0
         runs = r.batch_count
+        if self.family == "3":  # one text encoding per job instead of a prior per run
+            return {"text": 1, "decoder": runs * decoder_steps(r), "decode": runs}
         return {"prior": runs * prior + (walk_prior if walk else 0),
                 "decoder": (runs + walk) * decoder_steps(r),
                 "decode": runs + walk}
@@ -210,20 +228,53 @@ class _Run:
                                          num_images_per_prompt=r.batch_size,
                                          num_inference_steps=r.prior_num_inference_steps, generator=generator,
                                          guidance_scale=r.prior_guidance_scale, callback=callback)
+                self._note_truncation(prior, "prior")  # before the negative prompt's run resets it
                 if r.negative_prompt:
                     negative = prior(r.negative_prompt, negative_prompt=negative_prior,
                                      num_images_per_prompt=r.batch_size,
                                      num_inference_steps=r.prior_num_inference_steps, generator=generator,
                                      guidance_scale=r.prior_guidance_scale, callback=callback)[0]
-            truncated = getattr(prior, "truncated_text", None)
-            if truncated:
-                dropped = " | ".join(truncated)
-                if len(dropped) > NOTE_CHARS:  # a 10,000-character prompt must not flood the page
-                    dropped = dropped[:NOTE_CHARS] + f"… ({len(dropped) - NOTE_CHARS} more characters)"
-                note = "CLIP reads 77 tokens; this part of the prompt was dropped: " + dropped
-                if note not in self.notes:
-                    self.notes.append(note)
+            self._note_truncation(prior, "prior")
         return embeds, negative
+
+    def _note_truncation(self, pipe, stage: str) -> None:
+        """A note for the page when a text encoder dropped the end of a prompt."""
+        truncated = getattr(pipe, "truncated_text", None)
+        if not truncated:
+            return
+        dropped = " | ".join(truncated)
+        if len(dropped) > NOTE_CHARS:  # a 10,000-character prompt must not flood the page
+            dropped = dropped[:NOTE_CHARS] + f"… ({len(dropped) - NOTE_CHARS} more characters)"
+        reader = TEXT_READERS.get((self.family, stage), "The text encoder has a token limit")
+        note = f"{reader}; this part of the prompt was dropped: {dropped}"
+        if note not in self.notes:
+            self.notes.append(note)
+
+    def _conditioning(self, embeds, negative) -> dict:
+        """Decoder arguments for one run's prior embeddings (2.1 also reads the prompt itself)."""
+        condition = {"image_embeds": embeds, "negative_image_embeds": negative}
+        if self.family == "2.1":
+            r = self.request
+            prompt = "" if isinstance(r, InterpolateRequest) else r.prompt
+            condition["prompt"] = [prompt] * len(embeds)
+            if r.negative_prompt:
+                condition["negative_prompt"] = [r.negative_prompt] * len(embeds)
+        return condition
+
+    # ------------------------------------------------------------------ Kandinsky 3 text encoder
+    def _text_states(self) -> dict:
+        """T5 states of the prompt and negative prompt (Kandinsky 3), as decoder arguments."""
+        r = self.request
+        with self.manager.use("prior", r.model, on_progress=self._on_load) as encoder:
+            self.progress.mark()
+            self.progress.emit("text", 0, 1, 1)
+            embeds, negative, mask, negative_mask = encoder.encode_prompt(
+                [r.prompt], r.guidance_scale > 1.0, 1, [r.negative_prompt] if r.negative_prompt else None)
+            self.progress.tick("text", 1, 1, 1)
+            self.job.check_cancelled()
+            self._note_truncation(encoder, "prior")
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "attention_mask": mask,
+                "negative_attention_mask": negative_mask, "num_images_per_prompt": r.batch_size}
 
     def _walk_ends(self, generator):
         """Embeddings of input 1 and input 2 alone: the walk mixes them linearly."""
@@ -241,7 +292,7 @@ class _Run:
         return ends
 
     # ------------------------------------------------------------------ decoder
-    def _decode(self, generator, embeds, negative, batch: int, seed: int | None = None) -> list[Image.Image]:
+    def _decode(self, generator, condition: dict, batch: int, seed: int | None = None) -> list[Image.Image]:
         r = self.request
         kind = decoder_kind(r)
         seed = self.seeds[batch] if seed is None else seed
@@ -252,10 +303,14 @@ class _Run:
                     self.job.emit(Loading("preview colours: fitting the latent -> RGB map", 0, 0))
                 factors = self.manager.preview_factors(kind, r.model, pipe)
             size = (r.width, r.height)
-            args = dict(image_embeds=embeds, negative_image_embeds=negative, height=r.height, width=r.width,
-                        num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale,
-                        generator=generator, callback=self._decoder_callback(pipe, factors, batch, seed))
-            if r.task == "img2img":
+            args = dict(condition, height=r.height, width=r.width, num_inference_steps=r.num_inference_steps,
+                        guidance_scale=r.guidance_scale, generator=generator,
+                        callback=self._decoder_callback(pipe, factors, batch, seed))
+            if r.task == "img2img" and self.family == "3":
+                # Kandinsky 3 works at the image's own size: give it the requested one
+                del args["height"], args["width"]
+                args.update(image=r.image.convert("RGB").resize(size, Image.BICUBIC), strength=r.strength)
+            elif r.task == "img2img":
                 args.update(image=r.image, strength=r.strength)
             elif r.task == "inpaint":
                 args.update(image=r.image, mask_image=r.repaint_mask(size))
@@ -268,6 +323,8 @@ class _Run:
             if decoder_steps(r) == 0:  # strength 0: no step callback, only the decode
                 self.progress.emit("decode", 1, 1, batch + 1)
             images = pipe(**args)[0]
+            if self.family == "2.1":
+                self._note_truncation(pipe, "decoder")
             # the decode ran since the last step's mark
             self.progress.record("decode", time.monotonic() - self.progress.last)
         if r.task == "inpaint" and r.mask_blur:
@@ -303,7 +360,7 @@ class _Run:
         for index, t in enumerate(np.linspace(0.0, 1.0, steps)):
             embeds = (1.0 - t) * start + t * end
             generator = np.random.default_rng(seed)  # the same noise along the walk: only the mix changes
-            image = self._decode(generator, embeds.astype(np.float32), negative, 0, seed=seed)[0]
+            image = self._decode(generator, self._conditioning(embeds.astype(np.float32), negative), 0, seed=seed)[0]
             self._save(image, seed, 0, 0, extra={"walk_index": index, "walk_t": float(t),
                                                  "walk_weights": [float(1 - t), float(t)]})
 

@@ -20,7 +20,8 @@ from PIL import Image
 from backend import metadata
 from backend.jobs import (Cancelled, ControlNetRequest, Failed, Image2ImageRequest, InpaintRequest,
                           InterpolateRequest, JobRunner, Result, Step, Text2ImageRequest)
-from backend.manager import ModelManager, format_bytes, parse_memory
+from backend.manager import (FAMILY_DEFAULTS, FAMILY_SCHEDULERS, TASK_KINDS, ModelManager, format_bytes,
+                             parse_memory)
 from kandinsky_ui import masks, render
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ SHARED_FIELDS = {
     "batch_count": int, "batch_size": int, "preview": str, "preview_every": int,
 }
 MODE_LABELS = {"Text to image": "text2img", "Image to image": "img2img"}
+TASKS = tuple(TASK_KINDS)          # the tabs that generate, in page order
+PRIOR_FIELDS = ("negative_prior_prompt", "prior_num_inference_steps", "prior_guidance_scale")
 
 
 @dataclass
@@ -185,6 +188,7 @@ class Studio:
         owner = self.owner_of(owner)
         try:
             request = build()
+            self.manager.check_task(request.model, request.task)
             job = self.runner.submit(request, owner)
         except (ValueError, TypeError, RuntimeError) as error:
             raise gr.Error(str(error)) from None
@@ -377,6 +381,42 @@ class Studio:
     def reuse_seed(seeds):
         first = str(seeds or "").split(",")[0].strip()
         return int(first) if first.isdigit() else -1
+
+    # ------------------------------------------------------------------ model choice
+    def model_view(self, model):
+        """What the page shows for a model: per tab a note when it cannot run there (and its Generate
+        button off), the prior's controls off where there is no prior, the scheduler the repo ships.
+        Returns (notes per task, buttons per task, prior controls, scheduler) updates, in that order."""
+        try:
+            spec = self.manager.spec(model)
+        except ValueError:
+            return (gr.skip(),) * (2 * len(TASKS) + len(PRIOR_FIELDS) + 1)
+        notes, buttons = [], []
+        for task in TASKS:
+            reason = spec.unsupported_reason(task)
+            notes.append(gr.Markdown(f"**Not available with {spec.label}**: {reason}." if reason else "",
+                                     visible=bool(reason)))
+            buttons.append(gr.Button(interactive=not reason))
+        has_prior = spec.family != "3"
+        prior_info = None if has_prior else f"{spec.label} has no prior: not used"
+        prior = [gr.update(interactive=has_prior, info=prior_info) for _ in PRIOR_FIELDS]
+        choices = [(f"Repository default ({FAMILY_SCHEDULERS.get(spec.family, 'DDPM')})", "default"),
+                   ("DDPM", "ddpm"), ("DDIM", "ddim")]
+        return (*notes, *buttons, *prior, gr.Dropdown(choices=choices))
+
+    def model_defaults(self, model, width, height, steps, guidance):
+        """The settings a family's docs use, applied when the user picks a model (demo models keep
+        their small sizes and step counts). Returns (width, height, steps, guidance, size preset)."""
+        try:
+            spec = self.manager.spec(model)
+        except ValueError:
+            return (gr.skip(),) * 5
+        values = dict(FAMILY_DEFAULTS.get(spec.family, {}))
+        if spec.demo:
+            values = {"guidance_scale": values.get("guidance_scale", guidance)}
+        width, height = values.get("width", width), values.get("height", height)
+        return (width, height, values.get("num_inference_steps", steps), values.get("guidance_scale", guidance),
+                self.preset_from_size(width, height))
 
     # ------------------------------------------------------------------ models
     def models_status(self) -> str:

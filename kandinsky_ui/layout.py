@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from kandinsky_ui import guards
-from kandinsky_ui.handlers import MAX_INPUTS, MODE_LABELS, Studio
+from kandinsky_ui.handlers import MAX_INPUTS, MODE_LABELS, PRIOR_FIELDS, Studio
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 GENERATE_LIMIT = 64     # handlers only wait on the JobRunner, which runs one job at a time
@@ -22,6 +22,7 @@ CSS = """
 .ks-bar > span { display: block; height: 100%; background: var(--color-accent); transition: width 0.2s; }
 .ks-progress[data-state="failed"] .ks-text { color: var(--error-text-color); }
 #preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+.ks-unavailable { background: var(--neutral-100); border-left: 4px solid var(--color-accent); padding: 4px 10px; }
 #demo-banner { background: #fff4d6; border: 1px solid #e7c76d; border-radius: 6px; padding: 4px 10px; color: #5a4300; }
 """
 
@@ -41,11 +42,18 @@ def build_ui(studio: Studio) -> gr.Blocks:
         selected = gr.State(None)
 
         gr.Markdown(f"# {config.title}\nText to image, image to image, inpainting, interpolation and "
-                    f"ControlNet depth with Kandinsky 2.2 on MindSpore.")
+                    f"ControlNet depth with Kandinsky 2.1, 2.2 and 3 on MindSpore.")
         if config.demo:
             gr.Markdown("**Demo mode**: tiny random-weight models built on this machine, so everything works "
                         "offline and fast, but the images are coloured noise. Start without `--demo` for the "
-                        "real Kandinsky 2.2 models.", elem_id="demo-banner")
+                        "real Kandinsky models.", elem_id="demo-banner")
+        # per tab: why the selected model cannot run there (hidden when it can)
+        default_spec = studio.manager.spec(d["model"])
+
+        def unavailable_note(task):
+            reason = default_spec.unsupported_reason(task)
+            return gr.Markdown(f"**Not available with {default_spec.label}**: {reason}." if reason else "",
+                               visible=bool(reason), elem_id=f"unavailable-{task}", elem_classes="ks-unavailable")
         for note in config.notes:
             gr.Markdown(note)
 
@@ -63,7 +71,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 with gr.Tabs(selected="text2img", elem_id="tabs") as tabs:
                     with gr.Tab("Text to image", id="text2img", elem_id="tab-text2img"):
                         gr.Markdown("Generate from the prompt.")
-                        go_text2img = gr.Button("Generate", variant="primary", elem_id="generate-text2img")
+                        note_text2img = unavailable_note("text2img")
+                        go_text2img = gr.Button("Generate", variant="primary", elem_id="generate-text2img",
+                                          interactive=default_spec.supports("text2img"))
                     with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
                         img2img_image = gr.Image(label="Start image", type="pil", image_mode=None,
                                                  elem_id="img2img-image", sources=["upload", "clipboard"])
@@ -71,7 +81,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                              "1 ignores it)", elem_id="img2img-strength")
                         gr.Examples([[str(SAMPLES / "landscape.png")], [str(SAMPLES / "portrait.png")]],
                                     inputs=[img2img_image], label="Sample images")
-                        go_img2img = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
+                        note_img2img = unavailable_note("img2img")
+                        go_img2img = gr.Button("Generate", variant="primary", elem_id="generate-img2img",
+                                          interactive=default_spec.supports("img2img"))
                     with gr.Tab("Inpaint", id="inpaint", elem_id="tab-inpaint"):
                         gr.Markdown("Upload an image, pick the brush and paint over what to repaint "
                                     "(white = repaint in an uploaded mask).")
@@ -96,7 +108,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             mask_upload = gr.Image(label="Mask (white = repaint)", type="pil",
                                                    image_mode=None, elem_id="mask-upload")
                         gr.Examples([[str(SAMPLES / "landscape.png")]], inputs=[editor], label="Sample image")
-                        go_inpaint = gr.Button("Generate", variant="primary", elem_id="generate-inpaint")
+                        note_inpaint = unavailable_note("inpaint")
+                        go_inpaint = gr.Button("Generate", variant="primary", elem_id="generate-inpaint",
+                                          interactive=default_spec.supports("inpaint"))
                     with gr.Tab("Interpolate", id="interpolate", elem_id="tab-interpolate"):
                         gr.Markdown("Mix 2 to 6 texts and images; the weights are normalised to sum to 1. "
                                     "The prompt above is not used here.")
@@ -119,7 +133,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                  elem_id="normalized-weights")
                         walk_steps = gr.Slider(0, 8, value=0, step=1, elem_id="walk-steps",
                                                label="Walk: extra images from input 1 to input 2 (0 = off, 2-8)")
-                        go_interpolate = gr.Button("Generate", variant="primary", elem_id="generate-interpolate")
+                        note_interpolate = unavailable_note("interpolate")
+                        go_interpolate = gr.Button("Generate", variant="primary", elem_id="generate-interpolate",
+                                          interactive=default_spec.supports("interpolate"))
                     with gr.Tab("ControlNet depth", id="controlnet", elem_id="tab-controlnet"):
                         with gr.Row():
                             depth = gr.Image(label="Depth map (white = near)", type="pil", image_mode=None,
@@ -134,7 +150,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                         elem_id="controlnet-image")
                             controlnet_strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Strength",
                                                             elem_id="controlnet-strength")
-                        go_controlnet = gr.Button("Generate", variant="primary", elem_id="generate-controlnet")
+                        note_controlnet = unavailable_note("controlnet")
+                        go_controlnet = gr.Button("Generate", variant="primary", elem_id="generate-controlnet",
+                                          interactive=default_spec.supports("controlnet"))
                     with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):
                         png_file = gr.File(label="Drop a PNG made by this app (or by A1111)", file_types=[".png"],
                                            type="filepath", elem_id="png-file")
@@ -333,6 +351,19 @@ def build_ui(studio: Studio) -> gr.Blocks:
             return updates
         png_apply.click(apply_png, inputs=[owner, png_file], outputs=[*controls.values(), tabs, size_preset],
                         **private)
+
+        # model choice: tabs the model cannot run say why; the prior's controls are off without a prior;
+        # picking a model (not a PNG's settings) applies its family's recommended settings
+        notes = [note_text2img, note_img2img, note_inpaint, note_interpolate, note_controlnet]
+        buttons = [go_text2img, go_img2img, go_inpaint, go_interpolate, go_controlnet]
+        prior_controls = [shared[name] for name in PRIOR_FIELDS]
+        model.change(studio.model_view, inputs=[model], outputs=[*notes, *buttons, *prior_controls, scheduler],
+                     queue=False, show_progress="hidden", **private)
+        model.input(studio.model_defaults, inputs=[model, width, height, steps, guidance],
+                    outputs=[width, height, steps, guidance, size_preset], queue=False, show_progress="hidden",
+                    **private)
+        demo.load(studio.model_view, inputs=[model], outputs=[*notes, *buttons, *prior_controls, scheduler],
+                  queue=False, show_progress="hidden", **private)
 
         # models panel
         refresh_models.click(studio.models_status, outputs=[models_md], queue=False, api_name="models_status")

@@ -8,7 +8,8 @@ from pathlib import Path
 from backend.jobs import Cancelled, Failed, Loading, Queued, Result, Step
 from backend.manager import format_bytes
 
-PHASE_NAMES = {"prior": "Prior (text → image embedding)", "decoder": "Denoising", "decode": "Decoding the image"}
+PHASE_NAMES = {"prior": "Prior (text → image embedding)", "text": "Encoding the prompt (T5)",
+               "decoder": "Denoising", "decode": "Decoding the image"}
 
 
 def _duration(seconds: float | None) -> str:

@@ -104,14 +104,18 @@ class DiffusionPipeline:
 
     # Component names in model_index.json that this pipeline needs.
     component_names: tuple[str, ...] = ()
+    # Those of them that may be None (diffusers' `_optional_components`): the pipeline checks,
+    # when a call needs one, that it is there.
+    optional_components: tuple[str, ...] = ()
 
     def __init__(self, dtype=ms.float32, **components):
-        missing = [n for n in self.component_names if components.get(n) is None]
+        missing = [n for n in self.component_names
+                   if components.get(n) is None and n not in self.optional_components]
         if missing:
             raise ValueError(f"{type(self).__name__} needs the components {missing}")
         self.dtype = weights.dtype_from_name(dtype)
         for name in self.component_names:
-            setattr(self, name, components[name])
+            setattr(self, name, components.get(name))
 
     @property
     def components(self) -> dict:

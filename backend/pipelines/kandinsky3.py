@@ -50,6 +50,9 @@ class Kandinsky3Pipeline(_DecoderPipeline):
     """Text-to-image: prompt -> T5 states -> Kandinsky3UNet denoising -> MoVQ decode."""
 
     component_names = ("tokenizer", "text_encoder", "unet", "scheduler", "movq")
+    # A model manager may load the 8.7B-parameter text encoder and the UNet + MoVQ as separate
+    # units: the encoder alone runs `encode_prompt`, the rest runs from `prompt_embeds`.
+    optional_components = component_names
     # Called as on_text_encoded(pipeline) after the prompt is encoded, before the first UNet call.
     on_text_encoded: Callable | None = None
 
@@ -57,12 +60,25 @@ class Kandinsky3Pipeline(_DecoderPipeline):
     def embed_dim(self) -> int:
         return int(self.unet.config.encoder_hid_dim)
 
-    def _encode(self, prompts: list[str]):
+    # The part of each prompt beyond the 128 tokens T5 reads, from the last encode (the UI shows it).
+    truncated_text: list = []
+
+    def _encode(self, prompts: list[str], record_truncation: bool = False):
+        self._require("tokenizer", "text_encoder", why="to encode a prompt (or pass `prompt_embeds`)")
+        if record_truncation:
+            self._record_truncation(prompts)
         tokens = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                                 return_tensors="np")
         ids, mask = tokens["input_ids"], tokens["attention_mask"].astype(np.int64)
         states = self.to_numpy(self.text_encoder(Tensor(ids.astype(np.int32)), mask)[0])  # (B, 128, D)
         return states, mask
+
+    def _record_truncation(self, prompts: list[str]) -> None:
+        untruncated = self.tokenizer(prompts, padding="longest", return_tensors="np")["input_ids"]
+        self.truncated_text = []
+        if untruncated.shape[-1] > MAX_LENGTH:
+            removed = self.tokenizer.batch_decode(untruncated[:, MAX_LENGTH - 1:], skip_special_tokens=True)
+            self.truncated_text = [r for r in removed if r.strip()]
 
     def encode_prompt(self, prompt, do_classifier_free_guidance=True, num_images_per_prompt=1,
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
@@ -70,7 +86,7 @@ class Kandinsky3Pipeline(_DecoderPipeline):
         """(prompt_embeds, negative_prompt_embeds, attention_mask, negative_attention_mask) as numpy;
         the negative pair is None without guidance."""
         if prompt_embeds is None:
-            prompt_embeds, attention_mask = self._encode(prompt)
+            prompt_embeds, attention_mask = self._encode(prompt, record_truncation=True)
             if _cut_context:
                 prompt_embeds[attention_mask == 0] = 0
                 keep = int(attention_mask.sum(-1).max()) + 1
@@ -104,6 +120,7 @@ class Kandinsky3Pipeline(_DecoderPipeline):
     def _text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, attention_mask,
                            negative_attention_mask, guidance_scale, num_images_per_prompt):
         """Checked text arguments -> (states, mask) for the UNet (negative half first when guiding), batch."""
+        self._require("unet", "scheduler", "movq", why="to generate images")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Give either `prompt` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
@@ -148,6 +165,11 @@ class Kandinsky3Pipeline(_DecoderPipeline):
             embeds = np.concatenate([negative, embeds])
             mask = np.concatenate([negative_mask, mask]).astype(bool)
         return embeds, mask, batch_size
+
+    def _require(self, *names: str, why: str) -> None:
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{type(self).__name__} was built without {', '.join(missing)}, needed {why}")
 
     def _denoise_text(self, latents, timesteps, embeds, mask, guidance_scale, generator, callback):
         do_cfg = guidance_scale > 1.0

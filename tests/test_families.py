@@ -1,0 +1,180 @@
+"""Kandinsky 2.1 and 3 in the app's engine (tiny random-weight demo models): what each family
+offers, the job a request becomes equals calling the library pipelines directly, truncated prompts
+are reported, and Kandinsky 3's text encoder is its own loading unit that the budget evicts
+before the UNet loads."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend import demo, pipelines
+from backend.jobs import (ControlNetRequest, Failed, Image2ImageRequest, InpaintRequest, InterpolateRequest,
+                          JobRunner, Result, Step, Text2ImageRequest)
+from backend.manager import CATALOGUE, ModelManager
+from backend.metadata import OutputStore, read_settings
+from backend.tasks import TaskExecutor
+
+SAMPLES = "assets/samples"
+LONG_PROMPT = "a red cat " + "in the snowy forest " * 40
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    runner = JobRunner(lambda job: None).start()
+    try:
+        yield runner.call(demo.ensure_demo_catalogue, tmp_path_factory.getbasetemp() / "demo-models")
+    finally:
+        runner.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(catalogue, tmp_path_factory):
+    holder = {}
+    runner = JobRunner(lambda job: holder["run"](job)).start()
+    manager = ModelManager(catalogue, factors_dir=tmp_path_factory.mktemp("factors"))
+    store = OutputStore(tmp_path_factory.mktemp("outputs"))
+    holder["run"] = TaskExecutor(manager, store)
+    yield runner, manager
+    runner.shutdown()
+
+
+def small(model, **kw):
+    base = dict(model=model, prompt="a red cat", width=64, height=64, num_inference_steps=4,
+                prior_num_inference_steps=3, seed=3)
+    base.update(kw)
+    return base
+
+
+def run(runner, request):
+    job = runner.submit(request, owner="families")
+    events = list(job.events(timeout=120, coalesce=False))
+    return events, events[-1]
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_each_family_offers_its_tasks_and_says_why_not_the_others(catalogue):
+    assert [s.family for s in catalogue.values()] == ["2.2", "2.1", "3"]
+    assert CATALOGUE["kandinsky-2-1"].repos == {"prior": "kandinsky-community/kandinsky-2-1-prior",
+                                                "decoder": "kandinsky-community/kandinsky-2-1",
+                                                "inpaint": "kandinsky-community/kandinsky-2-1-inpaint"}
+    assert CATALOGUE["kandinsky-3"].repos == {"decoder": "kandinsky-community/kandinsky-3"}
+    for key, spec in catalogue.items():
+        assert spec.tasks == CATALOGUE[key.replace("-demo", "")].tasks
+    v21, v3 = catalogue["kandinsky-2-1-demo"], catalogue["kandinsky-3-demo"]
+    assert v21.tasks == ("text2img", "img2img", "inpaint", "interpolate")
+    assert v3.tasks == ("text2img", "img2img")
+    assert "Kandinsky 2.2 only" in v21.unsupported_reason("controlnet")
+    assert "no published Kandinsky 3 inpainting checkpoint" in v3.unsupported_reason("inpaint")
+    assert "no image-embedding prior" in v3.unsupported_reason("interpolate")
+    assert v3.unsupported_reason("text2img") == ""
+
+
+@pytest.mark.parametrize("request_class,extra", [
+    (ControlNetRequest, {"hint": Image.new("L", (64, 64), 128)}),
+    (InpaintRequest, {"image": Image.new("RGB", (64, 64)), "mask": Image.new("L", (64, 64), 255)}),
+    (InterpolateRequest, {"inputs": ["a", "b"], "weights": [0.5, 0.5]}),
+])
+def test_a_task_the_model_cannot_do_fails_naming_the_model_field(engine, request_class, extra):
+    runner, manager = engine
+    models = ["kandinsky-3-demo"] + (["kandinsky-2-1-demo"] if request_class is ControlNetRequest else [])
+    for model in models:
+        request = request_class(**small(model), **extra)
+        with pytest.raises(ValueError, match=r"^model: Kandinsky (3|2\.1) demo .* cannot do"):
+            manager.check_task(request.model, request.task)
+        _, end = run(runner, request)   # a library caller that skips the check gets a clean failure
+        assert isinstance(end, Failed) and end.message.startswith("model:")
+
+
+def test_2_1_text_to_image_equals_the_library_pipelines_and_reports_both_truncations(engine, catalogue):
+    runner, manager = engine
+    spec = catalogue["kandinsky-2-1-demo"]
+    events, end = run(runner, Text2ImageRequest(**small(spec.key, prompt=LONG_PROMPT, negative_prompt="blurry")))
+    assert isinstance(end, Result), end
+    assert any(n.startswith("CLIP reads 77 tokens") for n in end.notes)
+    assert any(n.startswith("The decoder's MultilingualCLIP reads 77 tokens") for n in end.notes)
+    phases = [e.phase for e in events if isinstance(e, Step)]
+    assert phases.index("prior") < phases.index("decoder") < phases.index("decode")
+
+    # the same run through the diffusers-named pipelines
+    generator = np.random.default_rng(3)
+    prior = pipelines.KandinskyPriorPipeline.from_pretrained(spec.repos["prior"])
+    decoder = pipelines.KandinskyPipeline.from_pretrained(spec.repos["decoder"])
+    embeds, negative = prior(LONG_PROMPT, num_inference_steps=3, generator=generator, guidance_scale=1.0)
+    negative = prior("blurry", num_inference_steps=3, generator=generator, guidance_scale=1.0)[0]
+    (expected,) = decoder([LONG_PROMPT], embeds, negative, negative_prompt=["blurry"], height=64, width=64,
+                          num_inference_steps=4, guidance_scale=4.0, generator=generator)[0]
+    assert np.array_equal(pixels(end.images[0].image), pixels(expected))
+    settings = read_settings(end.images[0].path)
+    assert settings["model"] == spec.key and settings["repos"] == spec.repos
+
+
+def test_2_1_image_to_image_inpaint_and_interpolate_run(engine):
+    runner, _ = engine
+    model = "kandinsky-2-1-demo"
+    image = Image.open(f"{SAMPLES}/landscape.png")
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (0, 0, image.size[0] // 2, image.size[1]))
+    for request in (Image2ImageRequest(**small(model), image=image, strength=0.5),
+                    InpaintRequest(**small(model, width=128), image=image, mask=mask),
+                    InterpolateRequest(**small(model), inputs=["a cat", image], weights=[0.3, 0.7], walk_steps=2)):
+        events, end = run(runner, request)
+        assert isinstance(end, Result), (request.task, end)
+        assert any(isinstance(e, Step) and e.preview is not None for e in events)
+        assert end.images[0].image.size == (request.width, request.height)
+    assert len(end.images) == 3  # interpolation + a walk of 2
+
+
+def test_3_text_to_image_equals_the_whole_pipeline_though_encoder_and_unet_load_apart(engine, catalogue):
+    runner, manager = engine
+    spec = catalogue["kandinsky-3-demo"]
+    events, end = run(runner, Text2ImageRequest(**small(spec.key, prompt=LONG_PROMPT, negative_prompt="blurry",
+                                                        batch_size=2, width=128, guidance_scale=3.0)))
+    assert isinstance(end, Result), end
+    assert any(n.startswith("T5 reads 128 tokens; this part of the prompt was dropped:") for n in end.notes)
+    steps = [e for e in events if isinstance(e, Step)]
+    assert steps[0].phase == "text" and [e.step for e in steps if e.phase == "decoder"] == [1, 2, 3, 4]
+    parts = {f["part"] for f in manager.status()["folders"] if f["source"] == spec.repos["decoder"]}
+    assert parts == {"text encoder", "unet"}
+
+    pipe = pipelines.Kandinsky3Pipeline.from_pretrained(spec.repos["decoder"])
+    expected = pipe(LONG_PROMPT, negative_prompt="blurry", num_images_per_prompt=2, height=64, width=128,
+                    num_inference_steps=4, guidance_scale=3.0, generator=np.random.default_rng(3))[0]
+    assert [i.image.size for i in end.images] == [(128, 64)] * 2
+    for got, want in zip(end.images, expected):
+        assert np.array_equal(pixels(got.image), pixels(want))
+
+
+def test_3_image_to_image_and_consecutive_seeds(engine):
+    runner, _ = engine
+    image = Image.open(f"{SAMPLES}/portrait.png")
+    _, end = run(runner, Image2ImageRequest(**small("kandinsky-3-demo", batch_count=2), image=image, strength=0.6))
+    assert isinstance(end, Result), end
+    assert end.seeds == [3, 4] and [i.image.size for i in end.images] == [(64, 64)] * 2
+    _, single = run(runner, Image2ImageRequest(**small("kandinsky-3-demo", seed=4), image=image, strength=0.6))
+    assert np.array_equal(pixels(single.images[0].image), pixels(end.images[1].image))
+
+
+def test_3_budget_below_encoder_plus_unet_evicts_the_encoder_before_the_unet_loads(catalogue, tmp_path):
+    spec = catalogue["kandinsky-3-demo"]
+    probe = ModelManager(catalogue)
+    probe.pipeline("prior", spec.key)
+    probe.pipeline("text2img", spec.key)
+    sizes = {f["part"]: f["bytes"] for f in probe.status()["folders"]}
+    assert sizes["text encoder"] > 0 and sizes["unet"] > 0
+
+    holder = {}
+    runner = JobRunner(lambda job: holder["run"](job)).start()
+    try:
+        budget = max(sizes.values()) + min(sizes.values()) // 2     # either unit fits, not both
+        manager = ModelManager(catalogue, memory_budget=budget, factors_dir=tmp_path / "factors")
+        holder["run"] = TaskExecutor(manager, OutputStore(tmp_path / "outputs"))
+        for _ in range(2):  # the second job reloads the encoder and evicts the UNet, and back
+            _, end = run(runner, Text2ImageRequest(**small(spec.key)))
+            assert isinstance(end, Result), end
+            assert manager.last_evicted == [spec.repos["decoder"] + "#text encoder"]
+            assert [f["part"] for f in manager.status()["folders"]] == ["unet"]
+            assert manager.status()["used"] <= budget
+    finally:
+        runner.shutdown()
