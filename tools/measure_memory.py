@@ -1,0 +1,320 @@
+"""Memory needed per model family and dtype: parameter bytes per folder, and measured peaks.
+
+    python tools/measure_memory.py                    # the table (app environment, no weights needed)
+    python tools/measure_memory.py --torch-check      # also count with diffusers/transformers (meta device)
+    python tools/measure_memory.py --run unet_2_2@512:float32 [CASE ...]   # measured peak RSS
+
+Parameter counts come from the REAL component configs (../shared/reference-configs) and our
+model classes, built under MindSpore's `no_init_parameters()` so that no parameter data is
+allocated (the whole table costs ~0.4 GB of RSS, the process itself). `--torch-check` counts the same
+components with diffusers 0.35.2 / transformers 4.57.1 on the "meta" device in the reference
+environment and fails on any difference. Bytes = parameters x 4 (float32) or x 2
+(float16 / bfloat16: the engine stores every floating parameter at the chosen dtype, including
+T5's `wo` that transformers keeps in float32, and widens weights to float32 one layer at a time).
+
+`--run COMPONENT@SIZE:DTYPE` measures, in a fresh process per case, the peak resident memory of
+one component call at an image size: the model is built from the real config and filled through
+backend.weights.load_state_dict with constant weights at DTYPE (the real load path without
+files), then called once on what a text-to-image run at SIZE feeds it (batch 2 = guidance).
+Components: unet_2_2 (2.2 decoder UNet), unet_3 (Kandinsky3UNet, 64 text tokens), movq_2_2 /
+movq_3 (decode one latent), t5 (the K3 text encoder at KANDINSKY_T5_LAYERS layers, default 2, on
+2 x 128 tokens; SIZE is ignored). It prints the process baseline (after imports), the RSS with
+the weights resident, and the peak: peak - resident = the call's working memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = Path(os.environ.get("KANDINSKY_REFERENCE_CONFIGS", ROOT.parent / "shared" / "reference-configs"))
+TORCH_PYTHON = os.environ.get("KANDINSKY_TORCH_PYTHON", "/work/refenv/bin/python")
+
+# component kind -> (our module, our class, reference library class)
+CLASSES = {
+    "prior": ("backend.models.prior_transformer", "PriorTransformer", "diffusers.PriorTransformer"),
+    "clip_text": ("backend.models.clip", "CLIPTextModelWithProjection", "transformers.CLIPTextModelWithProjection"),
+    "clip_vision": ("backend.models.clip", "CLIPVisionModelWithProjection",
+                    "transformers.CLIPVisionModelWithProjection"),
+    "mclip": ("backend.models.mclip", "MultilingualCLIP", "diffusers.MultilingualCLIP"),
+    "unet": ("backend.models.unet_2d_condition", "UNet2DConditionModel", "diffusers.UNet2DConditionModel"),
+    "unet_3": ("backend.models.unet_kandinsky3", "Kandinsky3UNet", "diffusers.Kandinsky3UNet"),
+    "movq": ("backend.models.vq_model", "VQModel", "diffusers.VQModel"),
+    "t5": ("backend.models.t5", "T5EncoderModel", "transformers.T5EncoderModel"),
+}
+
+# family -> folder role -> (Hub repo, [(component, kind, reference config)])
+# 2.1's inpainting folder ships the same MCLIP and MoVQ configs as kandinsky-2-1 (the reference
+# configs hold only its unet.json), so those two are read from kandinsky-2-1.
+FAMILIES = {
+    "2.1": {
+        "prior": ("kandinsky-community/kandinsky-2-1-prior", [
+            ("prior", "prior", "kandinsky-2-1-prior/prior.json"),
+            ("text_encoder", "clip_text", "kandinsky-2-1-prior/text_encoder.json"),
+            ("image_encoder", "clip_vision", "kandinsky-2-1-prior/image_encoder.json")]),
+        "decoder": ("kandinsky-community/kandinsky-2-1", [
+            ("text_encoder", "mclip", "kandinsky-2-1/text_encoder.json"),
+            ("unet", "unet", "kandinsky-2-1/unet.json"),
+            ("movq", "movq", "kandinsky-2-1/movq.json")]),
+        "inpaint": ("kandinsky-community/kandinsky-2-1-inpaint", [
+            ("text_encoder", "mclip", "kandinsky-2-1/text_encoder.json"),
+            ("unet", "unet", "kandinsky-2-1-inpaint/unet.json"),
+            ("movq", "movq", "kandinsky-2-1/movq.json")]),
+    },
+    "2.2": {
+        "prior": ("kandinsky-community/kandinsky-2-2-prior", [
+            ("prior", "prior", "kandinsky-2-2-prior/prior.json"),
+            ("text_encoder", "clip_text", "kandinsky-2-2-prior/text_encoder.json"),
+            ("image_encoder", "clip_vision", "kandinsky-2-2-prior/image_encoder.json")]),
+        "decoder": ("kandinsky-community/kandinsky-2-2-decoder", [
+            ("unet", "unet", "kandinsky-2-2-decoder/unet.json"),
+            ("movq", "movq", "kandinsky-2-2-decoder/movq.json")]),
+        "inpaint": ("kandinsky-community/kandinsky-2-2-decoder-inpaint", [
+            ("unet", "unet", "kandinsky-2-2-decoder-inpaint/unet.json"),
+            ("movq", "movq", "kandinsky-2-2-decoder-inpaint/movq.json")]),
+        "controlnet": ("kandinsky-community/kandinsky-2-2-controlnet-depth", [
+            ("unet", "unet", "kandinsky-2-2-controlnet-depth/unet.json"),
+            ("movq", "movq", "kandinsky-2-2-controlnet-depth/movq.json")]),
+    },
+    "3": {
+        # one folder, loaded by the model manager as two units (backend/manager.py STAGES)
+        "decoder": ("kandinsky-community/kandinsky-3", [
+            ("text_encoder", "t5", "kandinsky-3/text_encoder.json"),
+            ("unet", "unet_3", "kandinsky-3/unet.json"),
+            ("movq", "movq", "kandinsky-3/movq.json")]),
+    },
+}
+
+# The units a text-to-image run loads one after the other (the model manager frees the earlier
+# one when the budget cannot hold both): 2.x prior folder then decoder folder; 3: T5, then UNet + MoVQ.
+PHASES = {
+    "2.1": [("prior folder", [("prior", None)]), ("decoder folder", [("decoder", None)])],
+    "2.2": [("prior folder", [("prior", None)]), ("decoder folder", [("decoder", None)])],
+    "3": [("T5 text encoder", [("decoder", "text_encoder")]), ("UNet + MoVQ", [("decoder", "unet"),
+                                                                             ("decoder", "movq")])],
+}
+GB = 1e9
+
+
+def read_config(path: str) -> dict:
+    return json.loads((CONFIGS / path).read_text())
+
+
+# ------------------------------------------------------------------------------ counting
+
+
+def count_ours(kind: str, config: dict) -> int:
+    """Parameters of our class built from `config`, with no parameter data allocated."""
+    import importlib
+
+    import numpy as np
+    from mindspore.nn.utils import no_init_parameters
+
+    module, cls_name, _ = CLASSES[kind]
+    cls = getattr(importlib.import_module(module), cls_name)
+    with no_init_parameters():  # parameters keep their initializer: shapes only, no memory
+        model = cls.from_config(config)
+    params = [p for _, p in model.parameters_and_names()]
+    if not all(p.has_init for p in params):
+        raise RuntimeError(f"{cls_name}: some parameters were allocated while counting")
+    return sum(int(np.prod(p.shape)) for p in params)
+
+
+def count_torch(kind: str, config: dict) -> int:
+    """Parameters of the reference class on the meta device (reference environment only)."""
+    import importlib
+
+    import torch
+
+    library, cls_name = CLASSES[kind][2].split(".")
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        if kind == "mclip":
+            from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
+            model = MultilingualCLIP(MCLIPConfig(**kwargs))
+        elif library == "transformers":
+            transformers = importlib.import_module("transformers")
+            config_cls = getattr(transformers, "T5Config" if kind == "t5" else
+                                 cls_name.replace("ModelWithProjection", "Config"))
+            model = getattr(transformers, cls_name)(config_cls(**kwargs))
+        else:
+            model = getattr(importlib.import_module(library), cls_name).from_config(kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
+def all_components():
+    for family, folders in FAMILIES.items():
+        for role, (repo, components) in folders.items():
+            for name, kind, config in components:
+                yield family, role, repo, name, kind, config
+
+
+def count_all(side: str) -> dict:
+    counter = count_ours if side == "ours" else count_torch
+    cache: dict = {}
+    counts = {}
+    for family, role, _, name, kind, config in all_components():
+        if (kind, config) not in cache:
+            cache[(kind, config)] = counter(kind, read_config(config))
+        counts[f"{family}/{role}/{name}"] = cache[(kind, config)]
+    return counts
+
+
+# --------------------------------------------------------------------------------- table
+
+
+def fmt(n_bytes: float) -> str:
+    return f"{n_bytes / GB:.2f}"
+
+
+def print_table(counts: dict) -> None:
+    print("Parameter bytes per folder (GB = 10^9 bytes), from the real configs\n")
+    print("| family | folder (Hub repo) | component | parameters | float32 GB | float16/bfloat16 GB |")
+    print("|---|---|---|---:|---:|---:|")
+    folder_totals = {}
+    for family, folders in FAMILIES.items():
+        for role, (repo, components) in folders.items():
+            total = 0
+            for name, _, _ in components:
+                n = counts[f"{family}/{role}/{name}"]
+                total += n
+                print(f"| {family} | {role} ({repo}) | {name} | {n:,} | {fmt(4 * n)} | {fmt(2 * n)} |")
+            folder_totals[(family, role)] = total
+            print(f"| {family} | **{role} total** | | **{total:,}** | **{fmt(4 * total)}** | **{fmt(2 * total)}** |")
+    print("\nText-to-image: parameters resident per phase; the peak is the largest phase when the budget "
+          "frees the earlier unit, the sum when it keeps both\n")
+    print("| family | dtype | phases (GB) | largest phase GB | all phases GB |")
+    print("|---|---|---|---:|---:|")
+    for family, phases in PHASES.items():
+        for dtype, itemsize in (("float32", 4), ("float16 / bfloat16", 2)):
+            sizes = []
+            for label, parts in phases:
+                n = sum(folder_totals[(family, role)] if name is None else counts[f"{family}/{role}/{name}"]
+                        for role, name in parts)
+                sizes.append((label, n * itemsize))
+            text = " then ".join(f"{label} {fmt(size)}" for label, size in sizes)
+            print(f"| {family} | {dtype} | {text} | {fmt(max(s for _, s in sizes))} | "
+                  f"{fmt(sum(s for _, s in sizes))} |")
+
+
+# ----------------------------------------------------------------------- measured peaks
+
+
+def run_case(case: str) -> dict:
+    """One component call at one size and dtype, in this (fresh) process; see the module docstring."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    import mindspore as ms
+    import psutil
+    from mindspore import Tensor
+
+    import importlib
+
+    from backend.weights import load_state_dict
+
+    component, rest = case.split("@")
+    size, dtype = rest.split(":")
+    size = int(size)
+    baseline = psutil.Process().memory_info().rss
+    config_path, kind = {"unet_2_2": ("kandinsky-2-2-decoder/unet.json", "unet"),
+                         "unet_3": ("kandinsky-3/unet.json", "unet_3"),
+                         "movq_2_2": ("kandinsky-2-2-decoder/movq.json", "movq"),
+                         "movq_3": ("kandinsky-3/movq.json", "movq"),
+                         "t5": ("kandinsky-3/text_encoder.json", "t5")}[component]
+    config = read_config(config_path)
+    if kind == "t5":
+        config["num_layers"] = int(os.environ.get("KANDINSKY_T5_LAYERS", "2"))
+    module, cls_name, _ = CLASSES[kind]
+    model = getattr(importlib.import_module(module), cls_name).from_config(config)
+    params = dict(model.parameters_and_names())
+    n_params = sum(int(np.prod(p.shape)) for p in params.values())
+
+    def constant_tensors():  # small fan-in-scaled constants: finite activations, real shapes and dtypes
+        for key, p in params.items():
+            shape = tuple(p.shape)
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            value = 1.0 if key.endswith(("norm.weight", "ln.weight", "layer_norm.weight")) else 0.5 / fan_in ** 0.5
+            yield key, np.full(shape, value, np.float32)
+
+    start = time.time()
+    load_state_dict(model, constant_tensors(), dtype=dtype)
+    model.set_train(False)
+    load_s = time.time() - start
+    loaded = psutil.Process().memory_info().rss
+    rng = np.random.default_rng(0)
+    f32 = lambda *shape: Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    latent = size // 8
+    cpu0 = time.process_time()
+    start = time.time()
+    if component == "unet_2_2":
+        out = model(f32(2, 4, latent, latent), 500, encoder_hidden_states=None,
+                    added_cond_kwargs={"image_embeds": f32(2, config["encoder_hid_dim"])})
+    elif component == "unet_3":
+        out = model(f32(2, 4, latent, latent), 500, encoder_hidden_states=f32(2, 64, config["encoder_hid_dim"]),
+                    encoder_attention_mask=np.ones((2, 64), np.int64))
+    elif component.startswith("movq"):
+        out = model.decode(f32(1, 4, latent, latent), force_not_quantize=True)["sample"]
+    else:
+        out = model(np.ones((2, 128), np.int64), np.ones((2, 128), np.int64)).last_hidden_state
+    wall = time.time() - start
+    cpu = time.process_time() - cpu0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    finite = bool(np.isfinite(out.asnumpy().astype(np.float32)).all())
+    return {"case": case, "parameters": n_params, "param_gb": n_params * (2 if dtype != "float32" else 4) / GB,
+            "baseline_rss_gb": baseline / GB, "loaded_rss_gb": loaded / GB, "peak_rss_gb": peak / GB,
+            "working_gb": (peak - loaded) / GB, "load_s": load_s, "call_wall_s": wall, "call_cpu_s": cpu,
+            "output_finite": finite, "loadavg": os.getloadavg()}
+
+
+# --------------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--torch-check", action="store_true", help="compare the counts with diffusers/transformers")
+    parser.add_argument("--run", nargs="+", metavar="COMPONENT@SIZE:DTYPE", help="measure peak RSS of these calls")
+    parser.add_argument("--side", choices=["ours", "torch", "case"], help=argparse.SUPPRESS)
+    parser.add_argument("case", nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side == "torch":
+        print("COUNTS " + json.dumps(count_all("torch")))
+        return
+    if args.side == "case":
+        print("RESULT " + json.dumps(run_case(args.case)), flush=True)
+        return
+    if args.run:
+        for case in args.run:
+            out = subprocess.run([sys.executable, __file__, "--side", "case", case], capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{case}: failed (exit {out.returncode})\n{out.stderr[-2000:]}", flush=True)
+                continue
+            r = json.loads(line[7:])
+            print(f"{case:22s} params {fmt(r['param_gb'] * GB)} GB  baseline {r['baseline_rss_gb']:.2f}  "
+                  f"loaded {r['loaded_rss_gb']:.2f}  peak {r['peak_rss_gb']:.2f} GB  "
+                  f"(working {r['working_gb']:.2f} GB)  call {r['call_wall_s']:.1f} s wall / "
+                  f"{r['call_cpu_s']:.1f} s CPU  load avg {r['loadavg'][0]:.2f}  finite {r['output_finite']}",
+                  flush=True)
+        return
+
+    sys.path.insert(0, str(ROOT))
+    counts = count_all("ours")
+    if args.torch_check:
+        out = subprocess.run([TORCH_PYTHON, __file__, "--side", "torch"], check=True, capture_output=True, text=True)
+        reference = json.loads(next(x[7:] for x in out.stdout.splitlines() if x.startswith("COUNTS ")))
+        wrong = {k: (counts[k], reference[k]) for k in counts if counts[k] != reference[k]}
+        if wrong:
+            raise SystemExit(f"parameter counts differ from diffusers/transformers: {wrong}")
+        print(f"All {len(counts)} component counts equal diffusers 0.35.2 / transformers 4.57.1 (meta device).\n")
+    print_table(counts)
+
+
+if __name__ == "__main__":
+    main()
