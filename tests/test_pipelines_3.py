@@ -4,6 +4,7 @@ Fixtures and reference outputs: tools/fixtures/make_pipelines_3.py (torch enviro
 weights (tiny T5 encoder, Kandinsky3UNet, MoVQ; the published DDPM scheduler config), same numpy
 noise stream on both sides; every output must match to 1e-4.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,42 @@ def test_img2img_non_square_negative(img2img, ref):
     out = img2img("the dog on a mat", image=Image.open(FIXTURES / "image_b.png"), negative_prompt="sky",
                   strength=0.5, num_inference_steps=4, guidance_scale=3.0, generator=gen(11), output_type="np")[0]
     assert_close(out, ref["img2img_128x64_neg"])
+
+
+SPIECE = Path(__file__).parent / "fixtures" / "t5_spiece"  # tools/fixtures/make_pipelines_3.py --spiece
+
+
+def test_t5_tokenizer_from_spiece_model_alone():
+    """The published kandinsky-3 tokenizer/ folder has spiece.model but no tokenizer.json: with the
+    `sentencepiece` package our tokenizer gives the ids of transformers 4.57's slow T5Tokenizer
+    (diffusers' class); without it, the error names the file and the package."""
+    from backend.pipelines import kandinsky3
+    from backend.weights import WeightsError
+
+    folder = SPIECE / "tokenizer"
+    assert not (folder / "tokenizer.json").exists()
+    reference = json.loads((SPIECE / "reference.json").read_text())
+    if kandinsky3.sentencepiece_available():
+        tokenizer = kandinsky3.load_t5_tokenizer(folder)
+        tokens = tokenizer(reference["prompts"], padding="max_length", max_length=128, truncation=True)
+        assert tokens["input_ids"] == reference["input_ids"]
+        assert tokens["attention_mask"] == reference["attention_mask"]
+    else:
+        with pytest.raises(WeightsError, match=r"spiece\.model.*`sentencepiece` package"):
+            kandinsky3.load_t5_tokenizer(folder)
+
+
+def test_t5_tokenizer_without_sentencepiece_names_the_file(monkeypatch, tmp_path):
+    from backend.pipelines import kandinsky3
+    from backend.weights import WeightsError
+
+    monkeypatch.setattr(kandinsky3, "sentencepiece_available", lambda: False)
+    with pytest.raises(WeightsError, match=r"t5_spiece/tokenizer/spiece\.model is a SentencePiece model"):
+        kandinsky3.load_t5_tokenizer(SPIECE / "tokenizer")
+    with pytest.raises(WeightsError, match="neither tokenizer.json nor spiece.model"):
+        kandinsky3.load_t5_tokenizer(tmp_path)
+    # a folder with tokenizer.json never needs sentencepiece
+    assert kandinsky3.load_t5_tokenizer(REPO / "tokenizer")(["a cat"])["input_ids"][0][-1] == 1
 
 
 def test_text_encoder_can_be_released_before_the_unet(pipe):
