@@ -398,7 +398,7 @@ class Studio:
                                      visible=bool(reason)))
             buttons.append(gr.Button(interactive=not reason))
         has_prior = spec.family != "3"
-        prior_info = None if has_prior else f"{spec.label} has no prior: not used"
+        prior_info = None if has_prior else f"Kandinsky {spec.family} has no prior: not used"
         prior = [gr.update(interactive=has_prior, info=prior_info) for _ in PRIOR_FIELDS]
         choices = [(f"Repository default ({FAMILY_SCHEDULERS.get(spec.family, 'DDPM')})", "default"),
                    ("DDPM", "ddpm"), ("DDIM", "ddim")]

@@ -70,21 +70,22 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                        placeholder="lowres, text, watermark")
                 with gr.Tabs(selected="text2img", elem_id="tabs") as tabs:
                     with gr.Tab("Text to image", id="text2img", elem_id="tab-text2img"):
-                        gr.Markdown("Generate from the prompt.")
                         note_text2img = unavailable_note("text2img")
+                        gr.Markdown("Generate from the prompt.")
                         go_text2img = gr.Button("Generate", variant="primary", elem_id="generate-text2img",
                                           interactive=default_spec.supports("text2img"))
                     with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
+                        note_img2img = unavailable_note("img2img")
                         img2img_image = gr.Image(label="Start image", type="pil", image_mode=None,
                                                  elem_id="img2img-image", sources=["upload", "clipboard"])
                         strength = gr.Slider(0, 1, value=0.3, step=0.05, label="Strength (0 keeps the image, "
                                              "1 ignores it)", elem_id="img2img-strength")
                         gr.Examples([[str(SAMPLES / "landscape.png")], [str(SAMPLES / "portrait.png")]],
                                     inputs=[img2img_image], label="Sample images")
-                        note_img2img = unavailable_note("img2img")
                         go_img2img = gr.Button("Generate", variant="primary", elem_id="generate-img2img",
                                           interactive=default_spec.supports("img2img"))
                     with gr.Tab("Inpaint", id="inpaint", elem_id="tab-inpaint"):
+                        note_inpaint = unavailable_note("inpaint")
                         gr.Markdown("Upload an image, pick the brush and paint over what to repaint "
                                     "(white = repaint in an uploaded mask).")
                         with gr.Row():
@@ -108,10 +109,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             mask_upload = gr.Image(label="Mask (white = repaint)", type="pil",
                                                    image_mode=None, elem_id="mask-upload")
                         gr.Examples([[str(SAMPLES / "landscape.png")]], inputs=[editor], label="Sample image")
-                        note_inpaint = unavailable_note("inpaint")
                         go_inpaint = gr.Button("Generate", variant="primary", elem_id="generate-inpaint",
                                           interactive=default_spec.supports("inpaint"))
                     with gr.Tab("Interpolate", id="interpolate", elem_id="tab-interpolate"):
+                        note_interpolate = unavailable_note("interpolate")
                         gr.Markdown("Mix 2 to 6 texts and images; the weights are normalised to sum to 1. "
                                     "The prompt above is not used here.")
                         input_count = gr.Slider(2, MAX_INPUTS, value=2, step=1, label="Inputs",
@@ -133,10 +134,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                  elem_id="normalized-weights")
                         walk_steps = gr.Slider(0, 8, value=0, step=1, elem_id="walk-steps",
                                                label="Walk: extra images from input 1 to input 2 (0 = off, 2-8)")
-                        note_interpolate = unavailable_note("interpolate")
                         go_interpolate = gr.Button("Generate", variant="primary", elem_id="generate-interpolate",
                                           interactive=default_spec.supports("interpolate"))
                     with gr.Tab("ControlNet depth", id="controlnet", elem_id="tab-controlnet"):
+                        note_controlnet = unavailable_note("controlnet")
                         with gr.Row():
                             depth = gr.Image(label="Depth map (white = near)", type="pil", image_mode=None,
                                              elem_id="depth", sources=["upload", "clipboard"])
@@ -150,7 +151,6 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                         elem_id="controlnet-image")
                             controlnet_strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Strength",
                                                             elem_id="controlnet-strength")
-                        note_controlnet = unavailable_note("controlnet")
                         go_controlnet = gr.Button("Generate", variant="primary", elem_id="generate-controlnet",
                                           interactive=default_spec.supports("controlnet"))
                     with gr.Tab("PNG info", id="pnginfo", elem_id="tab-pnginfo"):

@@ -215,6 +215,7 @@ def test_a_waiting_job_nobody_follows_any_more_is_dropped():
     import threading
 
     from backend.jobs import Cancelled, JobRunner, Result, Text2ImageRequest
+    from backend.manager import CATALOGUE, ModelManager
     from kandinsky_ui.handlers import Studio, UIConfig
 
     release = threading.Event()
@@ -225,7 +226,7 @@ def test_a_waiting_job_nobody_follows_any_more_is_dropped():
 
     runner = JobRunner(engine).start()
     try:
-        studio = Studio(runner, manager=None, store=None,
+        studio = Studio(runner, manager=ModelManager(CATALOGUE), store=None,
                         config=UIConfig(demo=True, models=[("demo", "demo")], defaults={}, size_presets=[]))
         first = runner.submit(Text2ImageRequest(width=64, height=64), owner=OWNER_A)
         stream = studio._submit(OWNER_B, lambda: Text2ImageRequest(width=64, height=64))

@@ -178,3 +178,16 @@ def test_3_budget_below_encoder_plus_unet_evicts_the_encoder_before_the_unet_loa
             assert manager.status()["used"] <= budget
     finally:
         runner.shutdown()
+
+
+@pytest.mark.parametrize("prompt", ["x" * 10_000, "🦊 in the snow 🌨️" * 30, "قطة حمراء في الثلج", "tab\tnew\nline\x00\x07",
+                                    ""])
+@pytest.mark.parametrize("model", ["kandinsky-2-1-demo", "kandinsky-3-demo"])
+def test_odd_prompts_work_and_long_ones_are_reported(engine, model, prompt):
+    runner, _ = engine
+    _, end = run(runner, Text2ImageRequest(**small(model, prompt=prompt, negative_prompt=prompt[:50],
+                                                   num_inference_steps=2)))
+    assert isinstance(end, Result), end
+    assert end.images[0].settings["prompt"] == prompt
+    if len(prompt) > 1000:
+        assert any("this part of the prompt was dropped" in n and len(n) < 500 for n in end.notes), end.notes
