@@ -84,3 +84,78 @@ def test_half_precision_conv_returns_half():
     conv.bias.set_data(Tensor(randn(2).astype(np.float16)))
     out = conv(Tensor(randn(1, 3, 4, 4).astype(np.float16)))
     assert out.dtype == ms.float16 and out.shape == (1, 2, 4, 4)
+
+
+def test_parallel_shares_are_serial_and_nested_calls_do_not_deadlock():
+    """Inside a share of parallel(), host_matmul runs unsplit on its thread and a nested
+    parallel() is a plain loop (the one-worker pool would otherwise wait on itself)."""
+    import threading
+
+    from backend.nn.host import host_gemm, in_parallel_share
+
+    a, b = randn(64, 300), randn(300, 2000)  # large enough to be split outside a share
+    expected = host_matmul(a, b)
+    seen, results = [], [None] * 4
+
+    def inner(j):
+        seen.append((threading.get_ident(), in_parallel_share()))
+
+    def outer(i):
+        assert in_parallel_share()
+        host_gemm().parallel(3, inner)
+        results[i] = host_matmul(a, b)
+
+    assert not in_parallel_share()
+    host_gemm().parallel(4, outer)
+    assert not in_parallel_share()
+    assert len(seen) == 12 and all(flag for _, flag in seen)
+    for r in results:
+        np.testing.assert_allclose(r, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_split_batch_concatenates_ranges_in_order():
+    from backend.nn.host import host_gemm, in_parallel_share, split_batch
+
+    threads = host_gemm().threads
+    calls = []
+
+    def forward(start, stop):
+        calls.append((start, stop, in_parallel_share()))
+        rows = np.arange(start, stop, dtype=np.float32)
+        return rows[:, None] * np.ones((1, 3), np.float32), rows
+
+    for batch in (threads, threads + 1, 5):
+        calls.clear()
+        out = split_batch(batch, forward)
+        if threads == 1:
+            assert out is None
+            continue
+        first, second = out
+        np.testing.assert_array_equal(second, np.arange(batch, dtype=np.float32))
+        np.testing.assert_array_equal(first[:, 0], np.arange(batch, dtype=np.float32))
+        assert sorted((s, e) for s, e, _ in calls)[0][0] == 0 and all(flag for *_, flag in calls)
+        assert len(calls) == threads  # one contiguous range per core
+    if threads > 1:
+        assert split_batch(threads - 1, forward) is None  # fewer samples than cores: per-layer split
+    single = split_batch(1, lambda s, e: np.zeros((e - s, 2), np.float32))
+    assert single is None
+
+
+def test_unet_batch_split_matches_one_sample_at_a_time():
+    """The UNet hands whole samples to the cores (split_batch): each sample's output equals
+    running that sample alone."""
+    from pathlib import Path
+
+    from backend.models.unet_2d_condition import UNet2DConditionModel
+    from backend.weights import load_model
+
+    model = load_model(UNet2DConditionModel, Path(__file__).parent / "fixtures" / "unet_tiny_image")
+    in_channels = model.config.in_channels
+    embed_dim = model.config.encoder_hid_dim
+    sample, embeds = randn(3, in_channels, 8, 8), randn(3, embed_dim)
+    steps = np.array([10, 500, 900], np.int64)
+    together = model(Tensor(sample), Tensor(steps), added_cond_kwargs={"image_embeds": Tensor(embeds)}).asnumpy()
+    for i in range(3):
+        alone = model(Tensor(sample[i:i + 1]), Tensor(steps[i:i + 1]),
+                      added_cond_kwargs={"image_embeds": Tensor(embeds[i:i + 1])}).asnumpy()
+        np.testing.assert_allclose(together[i:i + 1], alone, rtol=0, atol=1e-5)

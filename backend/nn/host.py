@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,6 +28,17 @@ import mindspore as ms
 
 _MIN_SPLIT_FLOPS = 2e6  # smaller products run on the calling thread: a handoff costs ~50 us
 MIN_PARALLEL_ELEMENTS = 65536  # likewise for element-wise work
+
+# Set on a thread while it runs one share of _HostGemm.parallel: everything it calls then runs on
+# that thread (products unsplit, nested parallel() calls in a loop). This makes parallel()
+# re-entrant, and lets a model hand each core a whole sample once (see split_batch) instead of
+# splitting every layer.
+_local = threading.local()
+
+
+def in_parallel_share() -> bool:
+    """True on a thread that is running one share of a parallel() call."""
+    return getattr(_local, "serial", False)
 
 
 class _HostGemm:
@@ -50,7 +62,8 @@ class _HostGemm:
 
     def run(self, tasks: list, flops: float, split: bool = True) -> None:
         """Each task is the argument tuple of one dnnl_sgemm call."""
-        if not split or self.pool is None or flops < _MIN_SPLIT_FLOPS or len(tasks) == 1:
+        if (not split or self.pool is None or flops < _MIN_SPLIT_FLOPS or len(tasks) == 1
+                or in_parallel_share()):
             self._run_all(tasks)
             return
         shares = [tasks[i::self.threads] for i in range(self.threads)]
@@ -66,16 +79,21 @@ class _HostGemm:
                 raise RuntimeError(f"dnnl_sgemm failed with status {status}")
 
     def parallel(self, count: int, fn) -> None:
-        """fn(i) for i in range(count), in round-robin shares over the cores. fn must do GIL-free
-        numpy work or host_matmul(..., split=False) only (the pool is not re-entrant)."""
-        if self.pool is None or count == 1:
+        """fn(i) for i in range(count), in round-robin shares over the cores. Each share runs with
+        in_parallel_share() set, so whatever fn calls (host_matmul, parallel) stays on its thread;
+        called from inside a share, parallel() is a plain loop."""
+        if self.pool is None or count == 1 or in_parallel_share():
             for i in range(count):
                 fn(i)
             return
 
         def share(start):
-            for i in range(start, count, self.threads):
-                fn(i)
+            _local.serial = True
+            try:
+                for i in range(start, count, self.threads):
+                    fn(i)
+            finally:
+                _local.serial = False
 
         futures = [self.pool.submit(share, start) for start in range(1, min(count, self.threads))]
         share(0)
@@ -91,6 +109,34 @@ def host_gemm() -> _HostGemm:
     if _host_gemm is None:
         _host_gemm = _HostGemm()
     return _host_gemm
+
+
+def split_batch(batch: int, forward):
+    """Whole samples per core: forward(start, stop) computes samples start:stop and returns an
+    array (or a tuple of arrays) with them along axis 0; the contiguous ranges, one per core, run
+    in parallel (each range entirely on one thread) and are concatenated. Returns None when
+    there is nothing to gain (one core, fewer samples than cores, or already inside a share):
+    the caller then runs forward(0, batch) with per-layer splitting.
+
+    Why: splitting every layer's products over the cores means a few hundred hand-offs to the
+    worker thread per UNet step; on a busy machine each one waits for a time slice (measured in
+    docs/PERFORMANCE.md). Whole samples per core make it one hand-off per call, with the same
+    per-sample products (conv2d_host and the attention already run one product per sample).
+    """
+    gemm = host_gemm()
+    if gemm.pool is None or batch < gemm.threads or in_parallel_share():
+        return None
+    edges = np.linspace(0, batch, gemm.threads + 1).astype(int).tolist()
+    ranges = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    results = [None] * len(ranges)
+
+    def one(i: int) -> None:
+        results[i] = forward(*ranges[i])
+
+    gemm.parallel(len(ranges), one)
+    if isinstance(results[0], tuple):
+        return tuple(np.concatenate(parts, axis=0) for parts in zip(*results))
+    return np.concatenate(results, axis=0)
 
 
 def _gemm_layout(x: np.ndarray):
@@ -151,7 +197,10 @@ def host_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
         products.append((ta, tb, a2.ctypes.data, lda, b2.ctypes.data, ldb, c2.ctypes.data, c_layout[1]))
 
     # Split one product into column (or row) blocks when there are fewer products than cores.
-    parts = 1 if not split or len(products) >= gemm.threads else -(-gemm.threads // len(products))
+    if not split or len(products) >= gemm.threads or in_parallel_share():
+        parts = 1
+    else:
+        parts = -(-gemm.threads // len(products))
     tasks = []
     for ta, tb, pa, lda, pb, ldb, pc, ldc in products:
         if parts > 1 and n >= m:
