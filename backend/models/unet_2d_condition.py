@@ -27,7 +27,7 @@ from mindspore import Tensor, nn, ops
 
 from backend.device import on_cpu
 from backend.nn import layers
-from backend.nn.host import MIN_PARALLEL_ELEMENTS, conv2d_host, host_gemm, host_matmul
+from backend.nn.host import MIN_PARALLEL_ELEMENTS, conv2d_host, host_gemm, host_matmul, split_batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -982,7 +982,16 @@ class UNet2DConditionModel(nn.Cell):
         sample = convert(sample)
         encoder_hidden_states = convert(encoder_hidden_states)
         added_cond_kwargs = {k: convert(v) for k, v in (added_cond_kwargs or {}).items()}
-        out = self._forward(sample, timesteps, encoder_hidden_states, added_cond_kwargs)
+        out = None
+        if host:  # whole samples per core, one hand-off per step (backend/nn/host.py split_batch)
+            def rows(x, start, stop):
+                return None if x is None else x[start:stop]
+
+            out = split_batch(b, lambda start, stop: self._forward(
+                sample[start:stop], timesteps[start:stop], rows(encoder_hidden_states, start, stop),
+                {k: rows(v, start, stop) for k, v in added_cond_kwargs.items()}))
+        if out is None:
+            out = self._forward(sample, timesteps, encoder_hidden_states, added_cond_kwargs)
         if host:
             out = Tensor.from_numpy(np.ascontiguousarray(out))
             dtype = self.conv_in.weight.dtype
