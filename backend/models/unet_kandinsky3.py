@@ -23,7 +23,7 @@ from mindspore import Tensor, nn, ops
 
 from backend.device import on_cpu
 from backend.nn import layers
-from backend.nn.host import host_matmul
+from backend.nn.host import host_matmul, split_batch
 from backend.models.unet_2d_condition import (Conv2d, GroupNorm, LayerNorm, Linear, SiLU, TimestepEmbedding,
                                               Timesteps, concat, silu)
 
@@ -418,7 +418,14 @@ class Kandinsky3UNet(nn.Cell):
                 else np.asarray(encoder_attention_mask)
             # diffusers: (1 - mask) * -10000, one row per sample, broadcast over heads and queries
             mask = convert(((1 - m.astype(np.float32)) * np.float32(-10000.0)).reshape(b, 1, 1, -1))
-        out = self._forward(convert(sample), t, convert(encoder_hidden_states), mask)
+        sample, context = convert(sample), convert(encoder_hidden_states)
+        out = None
+        if host:  # whole samples per core, one hand-off per step (backend/nn/host.py split_batch)
+            out = split_batch(b, lambda start, stop: self._forward(
+                sample[start:stop], t[start:stop], context[start:stop],
+                None if mask is None else mask[start:stop]))
+        if out is None:
+            out = self._forward(sample, t, context, mask)
         if host:
             out = Tensor.from_numpy(np.ascontiguousarray(out))
             return out.astype(self.dtype) if self.dtype != ms.float32 else out
