@@ -69,8 +69,8 @@ STAGES = {
     },
     "3": {
         "prior": Stage("Kandinsky3Pipeline", "decoder", "text encoder", _K3_ENCODER),
-        "text2img": Stage("Kandinsky3Pipeline", "decoder", "unet", _K3_DECODER),
-        "img2img": Stage("Kandinsky3Img2ImgPipeline", "decoder", "unet", _K3_DECODER),
+        "text2img": Stage("Kandinsky3Pipeline", "decoder", "unet and movq", _K3_DECODER),
+        "img2img": Stage("Kandinsky3Img2ImgPipeline", "decoder", "unet and movq", _K3_DECODER),
     },
 }
 # The 2.2 table under its old name (the kinds every family draws from).

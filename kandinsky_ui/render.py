@@ -107,10 +107,13 @@ def status_markdown(status: dict, waiting: int = 0, running: str | None = None) 
     lines.append("\n| Folder | Role | Component | Memory | State |\n|---|---|---|---|---|")
     for folder in status["folders"]:
         state = "in use" if folder["in_use"] else f"idle {folder['idle_s']:.0f} s"
-        name = folder["source"].rstrip("/").split("/")[-1]
+        parts = folder["source"].rstrip("/").split("/")
+        # a repo id or a folder named like one; the demo's role folders also need their parent's name
+        name = "/".join(parts[-2:]) if parts[-1] == folder["role"] else parts[-1]
+        role = f"{folder['role']} ({folder['part']})" if folder.get("part") else folder["role"]
         for index, (component, size) in enumerate(folder["components"].items()):
             first = index == 0
-            lines.append(f"| {name if first else ''} | {folder['role'] if first else ''} | {component} | "
+            lines.append(f"| {name if first else ''} | {role if first else ''} | {component} | "
                          f"{format_bytes(size)} | {state if first else ''} |")
         lines.append(f"| | | **total** | **{format_bytes(folder['bytes'])}** | |")
     return "\n".join(lines)

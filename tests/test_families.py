@@ -136,7 +136,7 @@ def test_3_text_to_image_equals_the_whole_pipeline_though_encoder_and_unet_load_
     steps = [e for e in events if isinstance(e, Step)]
     assert steps[0].phase == "text" and [e.step for e in steps if e.phase == "decoder"] == [1, 2, 3, 4]
     parts = {f["part"] for f in manager.status()["folders"] if f["source"] == spec.repos["decoder"]}
-    assert parts == {"text encoder", "unet"}
+    assert parts == {"text encoder", "unet and movq"}
 
     pipe = pipelines.Kandinsky3Pipeline.from_pretrained(spec.repos["decoder"])
     expected = pipe(LONG_PROMPT, negative_prompt="blurry", num_images_per_prompt=2, height=64, width=128,
@@ -162,7 +162,7 @@ def test_3_budget_below_encoder_plus_unet_evicts_the_encoder_before_the_unet_loa
     probe.pipeline("prior", spec.key)
     probe.pipeline("text2img", spec.key)
     sizes = {f["part"]: f["bytes"] for f in probe.status()["folders"]}
-    assert sizes["text encoder"] > 0 and sizes["unet"] > 0
+    assert sizes["text encoder"] > 0 and sizes["unet and movq"] > 0
 
     holder = {}
     runner = JobRunner(lambda job: holder["run"](job)).start()
@@ -174,7 +174,7 @@ def test_3_budget_below_encoder_plus_unet_evicts_the_encoder_before_the_unet_loa
             _, end = run(runner, Text2ImageRequest(**small(spec.key)))
             assert isinstance(end, Result), end
             assert manager.last_evicted == [spec.repos["decoder"] + "#text encoder"]
-            assert [f["part"] for f in manager.status()["folders"]] == ["unet"]
+            assert [f["part"] for f in manager.status()["folders"]] == ["unet and movq"]
             assert manager.status()["used"] <= budget
     finally:
         runner.shutdown()
