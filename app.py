@@ -11,6 +11,7 @@ Hugging Face Space, where the command line is fixed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -137,7 +138,7 @@ def catalogue(args: argparse.Namespace, runner) -> dict:
     """The selectable models in --models order: the tiny demo models, or the published ones (a
     folder named like the repo under --models-dir is used instead of the Hub)."""
     from backend import demo
-    from backend.manager import CATALOGUE, ModelSpec
+    from backend.manager import CATALOGUE
 
     if args.demo:
         root = Path(args.models_dir) if args.models_dir else DEFAULT_CACHE
@@ -152,7 +153,7 @@ def catalogue(args: argparse.Namespace, runner) -> dict:
                 local = Path(args.models_dir) / repo.split("/")[-1]
                 if (local / "model_index.json").is_file():
                     repos[role] = str(local)
-        models[spec.key] = ModelSpec(spec.key, spec.label, repos, family=spec.family)
+        models[spec.key] = dataclasses.replace(spec, repos=repos)
     return models
 
 

@@ -101,6 +101,7 @@ class ModelSpec:
     repos: dict          # role -> "owner/name" or a local folder: prior, decoder, inpaint, controlnet
     demo: bool = False   # tiny random weights (backend/demo.py)
     family: str = "2.2"  # "2.1" | "2.2" | "3": which pipelines read the folders
+    variant: str | None = None  # weights file variant to fetch and read ("fp16": kandinsky-3 ships only those)
 
     def stage(self, kind: str) -> Stage:
         stages = STAGES.get(self.family)
@@ -165,6 +166,9 @@ KANDINSKY_3 = ModelSpec(
     label="Kandinsky 3",
     repos={"decoder": "kandinsky-community/kandinsky-3"},
     family="3",
+    # The repo ships fp16 files only (unet/diffusion_pytorch_model.fp16.safetensors, text_encoder/
+    # model.fp16-0000N-of-00005.safetensors); they load into the app's dtype (float32 by default).
+    variant="fp16",
 )
 # The published models, in the order the model selector lists them.
 CATALOGUE = {spec.key: spec for spec in (KANDINSKY_2_2, KANDINSKY_2_1, KANDINSKY_3)}
@@ -245,7 +249,7 @@ def safetensors_bytes(path: Path, target_itemsize: int | None = None) -> int:
     return total
 
 
-def estimate_folder_bytes(folder: Path, itemsize: int, components: tuple = ()) -> int:
+def estimate_folder_bytes(folder: Path, itemsize: int, components: tuple = (), variant: str | None = None) -> int:
     """Parameter bytes of a pipeline folder (or of the named `components` of it) once loaded at
     `itemsize` bytes per float."""
     from backend import weights
@@ -256,7 +260,7 @@ def estimate_folder_bytes(folder: Path, itemsize: int, components: tuple = ()) -
             continue
         if not any(sub.glob("*.safetensors")):
             continue
-        for path in weights.find_weight_files(sub):
+        for path in weights.find_weight_files(sub, variant):
             total += safetensors_bytes(path, itemsize)
     return total
 
@@ -386,11 +390,11 @@ class ModelManager:
         source = str(spec.repos[stage.role])
         entry = self._loaded.get(unit_key(source, stage))
         if entry is None:
-            entry = self._load(source, stage, on_progress)
+            entry = self._load(source, stage, on_progress, spec.variant)
         entry.last_used = time.monotonic()
         return entry
 
-    def _load(self, source: str, stage: Stage, on_progress) -> LoadedFolder:
+    def _load(self, source: str, stage: Stage, on_progress, variant: str | None = None) -> LoadedFolder:
         from backend import pipelines, weights
 
         label = f"{stage.role} {stage.part}" if stage.part else stage.role
@@ -399,17 +403,17 @@ class ModelManager:
             if on_progress is not None:
                 on_progress(LoadReport(f"{label} / {component}", int(done), int(total)))
 
-        folder = weights.resolve_pretrained(source, local_files_only=self.offline or None,
+        folder = weights.resolve_pretrained(source, variant=variant, local_files_only=self.offline or None,
                                             cache_dir=self.cache_dir,
                                             on_download=lambda name, d, t: report(f"download {name}", d, t))
         itemsize = 2 if self.dtype in ("float16", "bfloat16") else 4
-        needed = estimate_folder_bytes(folder, itemsize, stage.components)
+        needed = estimate_folder_bytes(folder, itemsize, stage.components, variant)
         self._evict_for(needed)
         started = time.monotonic()
         cls = getattr(pipelines, stage.pipeline)
         # a part of a folder: the pipeline's other components are not loaded (None)
         skipped = {name: None for name in cls.component_names if stage.components and name not in stage.components}
-        pipe = cls.from_pretrained(str(folder), dtype=self.dtype, on_progress=report, **skipped)
+        pipe = cls.from_pretrained(str(folder), dtype=self.dtype, variant=variant, on_progress=report, **skipped)
         components = {name: value for name, value in pipe.components.items() if name not in skipped}
         sizes = {name: _parameter_bytes(value) for name, value in components.items()
                  if hasattr(value, "parameters_and_names")}

@@ -265,6 +265,19 @@ OFFLINE_HELP = (
 )
 
 
+def download_patterns(variant: str | None = None, subfolders: Iterable[str] | None = None):
+    """(allow, ignore) file patterns of a pipeline download: configs, tokenizer files, and the
+    safetensors of one variant (sharded or not), never the other formats."""
+    folders = list(subfolders) if subfolders else ["*"]
+    weights = [f"{sub}/*.{variant}.safetensors" if variant else f"{sub}/*.safetensors" for sub in folders]
+    if variant:  # sharded variants are named model.fp16-00001-of-00005.safetensors (kandinsky-3's T5)
+        weights += [f"{sub}/*.{variant}-*.safetensors" for sub in folders]
+    weights += [f"{sub}/*.safetensors.index.json" if not variant else f"{sub}/*.safetensors.index.{variant}.json"
+                for sub in folders]
+    ignore = None if variant else ["*.fp16.safetensors", "*.bf16.safetensors", "*.fp16-*", "*.bf16-*"]
+    return CONFIG_PATTERNS + weights, ignore
+
+
 def resolve_pretrained(repo_id_or_dir: str | os.PathLike, *, variant: str | None = None,
                        subfolders: Iterable[str] | None = None, local_files_only: bool | None = None,
                        cache_dir: str | os.PathLike | None = None, revision: str | None = None,
@@ -283,17 +296,13 @@ def resolve_pretrained(repo_id_or_dir: str | os.PathLike, *, variant: str | None
         raise WeightsError(f"{repo!r} is neither a local folder nor a Hugging Face repo id (owner/name)")
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    folders = list(subfolders) if subfolders else ["*"]
-    weights = [f"{sub}/*.{variant}.safetensors" if variant else f"{sub}/*.safetensors" for sub in folders]
-    weights += [f"{sub}/*.safetensors.index.json" if not variant else f"{sub}/*.safetensors.index.{variant}.json"
-                for sub in folders]
-    ignore = None if variant else ["*.fp16.safetensors", "*.bf16.safetensors", "*.fp16-*", "*.bf16-*"]
+    allow, ignore = download_patterns(variant, subfolders)
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        local = snapshot_download(repo, allow_patterns=CONFIG_PATTERNS + weights, ignore_patterns=ignore,
+        local = snapshot_download(repo, allow_patterns=allow, ignore_patterns=ignore,
                                   local_files_only=local_files_only, cache_dir=cache_dir,
                                   revision=revision, tqdm_class=_progress_class(on_download))
     except LocalEntryNotFoundError as error:

@@ -187,3 +187,27 @@ def test_missing_component_names_the_index(tmp_path):
     shutil.rmtree(tmp_path / "repo" / "movq")
     with pytest.raises(weights.WeightsError, match="movq"):
         KandinskyV22Pipeline.from_pretrained(tmp_path / "repo")
+
+
+def test_download_patterns_fetch_kandinsky_3s_fp16_shards_and_nothing_else():
+    """kandinsky-community/kandinsky-3 ships fp16 files only, the T5 encoder in five shards."""
+    from fnmatch import fnmatch
+
+    repo_files = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/spiece.model",
+                  "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+                  "text_encoder/config.json", "text_encoder/model.safetensors.index.fp16.json",
+                  *[f"text_encoder/model.fp16-0000{i}-of-00005.safetensors" for i in range(1, 6)],
+                  "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+                  "movq/config.json", "movq/diffusion_pytorch_model.fp16.safetensors",
+                  "unet/diffusion_pytorch_model.fp16.bin", "README.md"]
+
+    def fetched(variant):
+        allow, ignore = weights.download_patterns(variant)
+        return {f for f in repo_files if any(fnmatch(f, p) for p in allow)
+                and not any(fnmatch(f, p) for p in ignore or [])}
+
+    assert fetched("fp16") == set(repo_files) - {"unet/diffusion_pytorch_model.fp16.bin", "README.md"}
+    # without the variant only configs come: the manager asks for fp16 for this repo
+    assert not any(f.endswith(".safetensors") for f in fetched(None))
+    from backend.manager import CATALOGUE
+    assert CATALOGUE["kandinsky-3"].variant == "fp16" and CATALOGUE["kandinsky-2-2"].variant is None
