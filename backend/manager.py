@@ -446,6 +446,7 @@ class ModelManager:
 
     def _build(self, kind: str, spec: ModelSpec, entry: LoadedFolder, scheduler: str):
         from backend import pipelines
+        from backend.pipelines.base import load_subfolder
         from backend.schedulers import scheduler_from_config
 
         cls = getattr(pipelines, spec.stage(kind).pipeline)
@@ -454,8 +455,14 @@ class ModelManager:
         if kind != "prior" and scheduler != "default":
             if scheduler not in SCHEDULERS:
                 raise ValueError(f"scheduler must be one of {['default', *SCHEDULERS]}; got {scheduler!r}")
-            components["scheduler"] = scheduler_from_config(SCHEDULERS[scheduler],
-                                                            dict(components["scheduler"].config))
+            shipped = entry.folder / f"{scheduler}_scheduler"
+            if shipped.is_dir():
+                # the repo's own alternative (kandinsky-2-1/ddpm_scheduler: learned-range variance,
+                # thresholding), as `from_pretrained(repo, scheduler="ddpm_scheduler")` loads it
+                components["scheduler"] = load_subfolder(shipped, self.dtype)
+            else:
+                components["scheduler"] = scheduler_from_config(SCHEDULERS[scheduler],
+                                                                dict(components["scheduler"].config))
         return cls(dtype=self.dtype, **components)
 
     # ------------------------------------------------------------------ any thread

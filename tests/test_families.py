@@ -116,7 +116,7 @@ def test_2_1_image_to_image_inpaint_and_interpolate_run(engine):
     image = Image.open(f"{SAMPLES}/landscape.png")
     mask = Image.new("L", image.size, 0)
     mask.paste(255, (0, 0, image.size[0] // 2, image.size[1]))
-    for request in (Image2ImageRequest(**small(model), image=image, strength=0.5),
+    for request in (Image2ImageRequest(**small(model, scheduler="ddpm"), image=image, strength=0.5),
                     InpaintRequest(**small(model, width=128), image=image, mask=mask),
                     InterpolateRequest(**small(model), inputs=["a cat", image], weights=[0.3, 0.7], walk_steps=2)):
         events, end = run(runner, request)
@@ -191,3 +191,16 @@ def test_odd_prompts_work_and_long_ones_are_reported(engine, model, prompt):
     assert end.images[0].settings["prompt"] == prompt
     if len(prompt) > 1000:
         assert any("this part of the prompt was dropped" in n and len(n) < 500 for n in end.notes), end.notes
+
+
+def test_2_1_ddpm_means_the_repos_own_ddpm_scheduler_folder(catalogue):
+    manager = ModelManager(catalogue)
+    ddpm = manager.pipeline("text2img", "kandinsky-2-1-demo", scheduler="ddpm").scheduler
+    assert type(ddpm).__name__ == "DDPMScheduler"
+    assert ddpm.config["variance_type"] == "learned_range" and ddpm.config["thresholding"] is True
+    default = manager.pipeline("text2img", "kandinsky-2-1-demo").scheduler
+    assert type(default).__name__ == "DDIMScheduler"
+    # the inpainting repo ships no alternative: DDPM is built from its DDIM config, as for 2.2
+    inpaint = manager.pipeline("inpaint", "kandinsky-2-1-demo", scheduler="ddpm").scheduler
+    assert type(inpaint).__name__ == "DDPMScheduler" and inpaint.config["beta_end"] == 0.012
+    assert inpaint.config.get("variance_type", "fixed_small") == "fixed_small"
