@@ -45,6 +45,9 @@ class Stage:
     role: str
     part: str = ""                  # "" = the whole folder; else the unit's name
     components: tuple = ()          # the components of that unit (others are left unloaded)
+    # True: with a float32 app, the unit keeps its checkpoint's precision (weights.CHECKPOINT_PRECISION),
+    # for models that compute in float32 whatever their weights' dtype: nothing changes but memory.
+    checkpoint_precision: bool = False
 
 
 _K3_ENCODER = ("tokenizer", "text_encoder")
@@ -68,7 +71,9 @@ STAGES = {
         "inpaint": Stage("KandinskyInpaintPipeline", "inpaint"),
     },
     "3": {
-        "prior": Stage("Kandinsky3Pipeline", "decoder", "text encoder", _K3_ENCODER),
+        # T5 runs once per job and computes in float32 from half weights (backend/models/t5.py): the
+        # published fp16 shards stay half (17.4 GB + 4.3 GB of float32 `wo`) instead of 34.9 GB.
+        "prior": Stage("Kandinsky3Pipeline", "decoder", "text encoder", _K3_ENCODER, checkpoint_precision=True),
         "text2img": Stage("Kandinsky3Pipeline", "decoder", "unet and movq", _K3_DECODER),
         "img2img": Stage("Kandinsky3Img2ImgPipeline", "decoder", "unet and movq", _K3_DECODER),
     },
@@ -245,13 +250,16 @@ def safetensors_bytes(path: Path, target_itemsize: int | None = None) -> int:
         itemsize = _DTYPE_BYTES.get(entry["dtype"], 4)
         if target_itemsize is not None and entry["dtype"] in ("F64", "F32", "F16", "BF16"):
             itemsize = target_itemsize
+        elif entry["dtype"] in ("F64", "BF16"):  # kept as stored: these two load as float32
+            itemsize = 4
         total += count * itemsize
     return total
 
 
-def estimate_folder_bytes(folder: Path, itemsize: int, components: tuple = (), variant: str | None = None) -> int:
+def estimate_folder_bytes(folder: Path, itemsize: int | None, components: tuple = (),
+                          variant: str | None = None) -> int:
     """Parameter bytes of a pipeline folder (or of the named `components` of it) once loaded at
-    `itemsize` bytes per float."""
+    `itemsize` bytes per float (None: as the files store them)."""
     from backend import weights
 
     total = 0
@@ -406,14 +414,17 @@ class ModelManager:
         folder = weights.resolve_pretrained(source, variant=variant, local_files_only=self.offline or None,
                                             cache_dir=self.cache_dir,
                                             on_download=lambda name, d, t: report(f"download {name}", d, t))
+        load_dtype = self.dtype
         itemsize = 2 if self.dtype in ("float16", "bfloat16") else 4
+        if stage.checkpoint_precision and self.dtype == "float32":
+            load_dtype, itemsize = weights.CHECKPOINT_PRECISION, None
         needed = estimate_folder_bytes(folder, itemsize, stage.components, variant)
         self._evict_for(needed)
         started = time.monotonic()
         cls = getattr(pipelines, stage.pipeline)
         # a part of a folder: the pipeline's other components are not loaded (None)
         skipped = {name: None for name in cls.component_names if stage.components and name not in stage.components}
-        pipe = cls.from_pretrained(str(folder), dtype=self.dtype, variant=variant, on_progress=report, **skipped)
+        pipe = cls.from_pretrained(str(folder), dtype=load_dtype, variant=variant, on_progress=report, **skipped)
         components = {name: value for name, value in pipe.components.items() if name not in skipped}
         sizes = {name: _parameter_bytes(value) for name, value in components.items()
                  if hasattr(value, "parameters_and_names")}

@@ -2,6 +2,7 @@
 offers, the job a request becomes equals calling the library pipelines directly, truncated prompts
 are reported, and Kandinsky 3's text encoder is its own loading unit that the budget evicts
 before the UNet loads."""
+import mindspore as ms
 import numpy as np
 import pytest
 from PIL import Image
@@ -204,3 +205,37 @@ def test_2_1_ddpm_means_the_repos_own_ddpm_scheduler_folder(catalogue):
     inpaint = manager.pipeline("inpaint", "kandinsky-2-1-demo", scheduler="ddpm").scheduler
     assert type(inpaint).__name__ == "DDPMScheduler" and inpaint.config["beta_end"] == 0.012
     assert inpaint.config.get("variance_type", "fixed_small") == "fixed_small"
+
+
+def test_3_text_encoder_keeps_its_checkpoints_half_precision_in_a_float32_app(catalogue, tmp_path):
+    """The published T5 shards are fp16 with float32 `wo` matrices: kept as stored, the encoder
+    takes half the memory and its states match a float32 load of the same file (T5 computes in
+    float32 either way)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from backend.manager import ModelSpec
+    from backend.models.t5 import T5EncoderModel
+    from backend.weights import load_model
+
+    folder = tmp_path / "kandinsky-3-half"
+    shutil.copytree(catalogue["kandinsky-3-demo"].repos["decoder"], folder)
+    path = folder / "text_encoder" / "model.safetensors"
+    tensors = {k: (v if ".wo." in k else v.astype(np.float16)) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path))
+    spec = ModelSpec("k3-half", "K3 half", {"decoder": str(folder)}, family="3")
+    manager = ModelManager({spec.key: spec})
+    encoder = manager.pipeline("prior", spec.key)
+    dtypes = {name: str(p.dtype) for name, p in encoder.text_encoder.parameters_and_names()}
+    assert {d for n, d in dtypes.items() if ".wo." in n} == {"Float32"}
+    assert {d for n, d in dtypes.items() if ".wo." not in n} == {"Float16"}
+    (unit,) = manager.status()["folders"]
+    assert unit["bytes"] == sum(v.nbytes for v in tensors.values())   # what the file holds, not float32
+    assert manager.pipeline("text2img", spec.key).unet.conv_in.weight.dtype == ms.float32
+
+    full = load_model(T5EncoderModel, folder / "text_encoder", dtype="float32")
+    embeds, _, mask, _ = encoder.encode_prompt(["a red cat in the snow"], False, 1, None)
+    encoder.text_encoder = full
+    expected, _, _, _ = encoder.encode_prompt(["a red cat in the snow"], False, 1, None)
+    assert np.abs(embeds - expected).max() <= 2e-3 * max(1.0, np.abs(expected).max())

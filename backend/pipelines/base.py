@@ -128,12 +128,14 @@ class DiffusionPipeline:
                         **overrides):
         """Load from a local diffusers-layout folder or a Hub repo id.
 
-        `dtype`: "float32" | "float16" | "bfloat16" (or a MindSpore dtype); `variant="fp16"` reads
+        `dtype`: "float32" | "float16" | "bfloat16" (or a MindSpore dtype), or "checkpoint" (each
+        tensor as its file stores it; the pipeline computes in float32); `variant="fp16"` reads
         `*.fp16.safetensors`. Components passed as keyword arguments (e.g. `scheduler=...`) are
         used instead of loading them; a string names another subfolder of the pipeline to load the
         component from (`scheduler="ddpm_scheduler"` for kandinsky-2-1's alternative DDPM scheduler).
         """
-        dtype = weights.dtype_from_name(dtype)
+        if dtype != weights.CHECKPOINT_PRECISION:  # that one goes to the loader as it is
+            dtype = weights.dtype_from_name(dtype)
         download = None
         if on_progress is not None:
             download = lambda filename, done, total: on_progress(f"download {filename}", done, total)  # noqa: E731
