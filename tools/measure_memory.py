@@ -208,14 +208,13 @@ def print_table(counts: dict) -> None:
 
 def run_case(case: str) -> dict:
     """One component call at one size and dtype, in this (fresh) process; see the module docstring."""
+    import importlib
+
     import numpy as np
+    import psutil
 
     sys.path.insert(0, str(ROOT))
-    import mindspore as ms
-    import psutil
     from mindspore import Tensor
-
-    import importlib
 
     from backend.weights import load_state_dict
 
