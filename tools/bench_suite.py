@@ -1,16 +1,25 @@
 """Kandinsky 2.2 benchmark suite: our engine against diffusers/transformers on torch, same machine.
 
-    python3 tools/bench_suite.py [--cases unet512,unet768,movq512,movq768,prior_stage]
+    python3 tools/bench_suite.py [--cases unet512,unet768,movq512,movq768,prior_stage,unet21_512,k3_512]
                                  [--work /tmp/kandinsky-bench] [--steps 2] [--json out.json]
 
 Real published configs (../shared/reference-configs/kandinsky-2-2-*), random weights. Once per
 work folder, the reference environment (/work/refenv) builds each component with its library's
 own random init and writes it with save_pretrained (safetensors); both sides then LOAD THE SAME
-FILES. Every measurement runs in a fresh process (this file with --run), torch's right after
+FILES (the 2.1 and Kandinsky 3 UNets are written by a streaming writer instead, with the
+deterministic per-name values of tools/bench_unet.py `weight()`: save_pretrained would hold a
+second copy of the 12 GB model in memory). Every measurement runs in a fresh process (this file with --run), torch's right after
 ours, so only one big model is in memory at a time and peak RSS is per run:
 
 - unet512 / unet768: one kandinsky-2-2-decoder UNet step, batch 2 (classifier-free guidance),
   latent 64x64 / 96x96; warmed up on a 16x16 latent, then `--steps` timed steps (best is kept).
+- unet21_512: the same for the Kandinsky 2.1 UNet (text_image conditioning): encoder_hidden_states
+  (2, 77, 1024) (the MultilingualCLIP token states; the config's encoder_hid_dim), text_embeds
+  and image_embeds (2, 768).
+- k3_512 / k3_1024: one Kandinsky 3 UNet step (3.06 B parameters, 12.2 GB in float32), batch 2,
+  latent 64x64 / 128x128 (1024x1024 is its native size), T5 states (2, 128, 4096) with an
+  attention mask of 8 real tokens per row. Needs ~14 GB free per side: check `free -g` and run it
+  alone.
 - movq512 / movq768: one MoVQ decode (force_not_quantize) of a 64x64 / 96x96 latent, warmed up
   on 16x16.
 - prior_stage: what KandinskyV22PriorPipeline does for one prompt with guidance, one component
@@ -61,7 +70,11 @@ COMPONENTS = {
     "prior": ("kandinsky-2-2-prior/prior.json", "diffusers.PriorTransformer"),
     "text_encoder": ("kandinsky-2-2-prior/text_encoder.json", "transformers.CLIPTextModelWithProjection"),
     "image_encoder": ("kandinsky-2-2-prior/image_encoder.json", "transformers.CLIPVisionModelWithProjection"),
+    "unet21": ("kandinsky-2-1/unet.json", "diffusers.UNet2DConditionModel"),
+    "unet3": ("kandinsky-3/unet.json", "diffusers.Kandinsky3UNet"),
 }
+STREAMED = {"unet21", "unet3"}  # written by write_streamed (no second in-memory copy)
+UNETS = {"unet", "unet21", "unet3"}
 # case: (components it loads, latent side or None)
 CASES = {
     "unet512": (["unet"], 64),
@@ -69,7 +82,63 @@ CASES = {
     "movq512": (["movq"], 64),
     "movq768": (["movq"], 96),
     "prior_stage": (["text_encoder", "prior", "image_encoder"], None),
+    "unet21_512": (["unet21"], 64),
+    "k3_512": (["unet3"], 64),
+    "k3_1024": (["unet3"], 128),
 }
+DEFAULT_CASES = ["unet512", "unet768", "movq512", "movq768", "prior_stage", "unet21_512", "k3_512"]
+K3_TOKENS, K3_REAL_TOKENS = 128, 8
+
+
+def unet_step_inputs(name: str, size: int) -> dict:
+    """Numpy inputs of one guided (batch 2) step of UNet component `name` at a size x size latent:
+    {"sample", ...keyword arguments of the call}."""
+    sample, image_embeds = unet_inputs(size)
+    if name == "unet":
+        return {"sample": sample, "image_embeds": image_embeds}
+    rng = np.random.default_rng(3)
+    if name == "unet21":
+        return {"sample": sample, "encoder_hidden_states": rng.standard_normal((2, 77, 1024), dtype=np.float32),
+                "text_embeds": rng.standard_normal((2, 768), dtype=np.float32),
+                "image_embeds": rng.standard_normal((2, 768), dtype=np.float32)}
+    mask = np.zeros((2, K3_TOKENS), np.int64)
+    mask[:, :K3_REAL_TOKENS] = 1
+    states = rng.standard_normal((2, K3_TOKENS, 4096), dtype=np.float32) * mask[:, :, None].astype(np.float32)
+    return {"sample": sample, "encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+
+def write_streamed(folder: Path, name: str) -> None:
+    """Reference environment: the component's parameter names and shapes from a meta-device model,
+    values from bench_unet.weight(name, shape), written to one safetensors file a tensor at a time."""
+    import importlib
+    import struct
+
+    import torch
+    from bench_unet import weight
+
+    config_file, cls_path = COMPONENTS[name]
+    config = json.loads((CONFIGS / config_file).read_text())
+    library, cls_name = cls_path.split(".")
+    cls = getattr(importlib.import_module(library), cls_name)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    shapes = [(key, tuple(t.shape)) for key, t in model.state_dict().items()]
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape in shapes:
+        size = 4 * int(np.prod(shape, dtype=np.int64))
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / "diffusion_pytorch_model.safetensors.partial"
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key, shape in shapes:
+            f.write(np.ascontiguousarray(weight(key, shape), dtype="<f4").tobytes())
+    partial.rename(folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text((CONFIGS / config_file).read_text())
 PRIOR_STEPS = 25
 PRIOR_GUIDANCE = 4.0
 # "a red cat" / "" as CLIP BPE ids (bos ... eos, then eos as padding like the 2.2 prior tokenizer)
@@ -119,6 +188,11 @@ def prepare(work: Path, names: list[str]) -> None:
         folder = work / name
         if (folder / "config.json").exists():
             continue
+        if name in STREAMED:
+            start = time.time()
+            write_streamed(folder, name)
+            print(f"prepared {name} in {time.time() - start:.0f} s", flush=True)
+            continue
         torch.manual_seed(0)
         config_file, cls_path = COMPONENTS[name]
         config = json.loads((CONFIGS / config_file).read_text())
@@ -157,18 +231,21 @@ def run_torch(case: str, work: Path, steps: int) -> dict:
         result["load"][name] = [clock.wall, clock.cpu]
         return model
 
-    if case.startswith("unet"):
-        model = load("unet")
+    if components[0] in UNETS:
+        name = components[0]
+        model = load(name)
         for size, label in ((16, "warm"), (latent, "run")):
-            sample, image_embeds = (torch.from_numpy(a) for a in unet_inputs(size))
+            kw = {k: torch.from_numpy(v) for k, v in unet_step_inputs(name, size).items()}
+            sample = kw.pop("sample")
+            if name != "unet3":
+                kw = {"encoder_hidden_states": kw.pop("encoder_hidden_states", None), "added_cond_kwargs": kw}
             for _ in range(1 if label == "warm" else steps):
                 with Clock() as clock:
-                    model(sample, TIMESTEP, encoder_hidden_states=None,
-                          added_cond_kwargs={"image_embeds": image_embeds}, return_dict=False)
+                    model(sample, TIMESTEP, **kw, return_dict=False)
                 if label == "run":
                     result.setdefault("run", []).append([clock.wall, clock.cpu])
                 else:
-                    result["first"] = {"unet": [clock.wall, clock.cpu]}
+                    result["first"] = {name: [clock.wall, clock.cpu]}
     elif case.startswith("movq"):
         model = load("movq")
         for size, label in ((16, "warm"), (latent, "run")):
@@ -248,8 +325,10 @@ def run_ours(case: str, work: Path, steps: int) -> dict:
     components, latent = CASES[case]
 
     def load(name):
-        if name == "unet":
+        if name in ("unet", "unet21"):
             from backend.models.unet_2d_condition import UNet2DConditionModel as cls
+        elif name == "unet3":
+            from backend.models.unet_kandinsky3 import Kandinsky3UNet as cls
         elif name == "movq":
             from backend.models.vq_model import VQModel as cls
         elif name == "prior":
@@ -264,17 +343,22 @@ def run_ours(case: str, work: Path, steps: int) -> dict:
         result["load"][name] = [clock.wall, clock.cpu]
         return model
 
-    if case.startswith("unet"):
-        model = load("unet")
+    if components[0] in UNETS:
+        name = components[0]
+        model = load(name)
         for size, label in ((16, "warm"), (latent, "run")):
-            sample, image_embeds = (Tensor(a) for a in unet_inputs(size))
+            kw = {k: Tensor(v.astype(np.int32) if v.dtype == np.int64 else v)
+                  for k, v in unet_step_inputs(name, size).items()}
+            sample = kw.pop("sample")
+            if name != "unet3":
+                kw = {"encoder_hidden_states": kw.pop("encoder_hidden_states", None), "added_cond_kwargs": kw}
             for _ in range(1 if label == "warm" else steps):
                 with Clock() as clock:
-                    model(sample, TIMESTEP, added_cond_kwargs={"image_embeds": image_embeds}).asnumpy()
+                    model(sample, TIMESTEP, **kw).asnumpy()
                 if label == "run":
                     result.setdefault("run", []).append([clock.wall, clock.cpu])
                 else:
-                    result["first"] = {"unet": [clock.wall, clock.cpu]}
+                    result["first"] = {name: [clock.wall, clock.cpu]}
     elif case.startswith("movq"):
         model = load("movq")
         for size, label in ((16, "warm"), (latent, "run")):
@@ -394,7 +478,7 @@ def print_table(results: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from {list(CASES)}")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("KANDINSKY_BENCH_DIR", "/tmp/kandinsky-bench")),
                         help="where the random-weight checkpoints are kept between runs")
     parser.add_argument("--steps", type=int, default=2, help="timed UNet steps per side (the best is reported)")

@@ -1,6 +1,7 @@
 """One decoder UNet step, ours vs diffusers, on the real kandinsky-2-2-decoder config.
 
     python3 tools/bench_unet.py [--steps 3] [--size 64] [--profile]
+    python3 tools/bench_unet.py --paired 4 [--load 1]     # interleaved, under synthetic load
 
 Builds the real config (1.25 B parameters, 5 GB in float32) with random weights drawn from
 numpy generators seeded by each parameter's name, so both sides hold identical weights; runs
@@ -8,6 +9,14 @@ batch 2 (classifier-free guidance) at a 64x64 latent (512x512 images); prints ou
 torch's step time (diffusers in /work/refenv, in a subprocess started after our model is freed,
 so only one 5 GB model is in memory at a time), their ratio, and how far the outputs differ.
 --profile adds our time per layer kind (exclusive of the layers inside it).
+
+--paired N keeps both models resident (two processes, ~12 GB together: check `free -g`) and
+interleaves their steps, N rounds: ours with whole samples per core (split_batch, the engine's
+default), ours with every layer split over the cores (the previous host path), torch; the order
+rotates each round. Consecutive steps see nearly the same machine load, so the ratios are
+paired. --load K adds K busy loops (`while 1: pass`), each in its own session like another
+user's job (the kernel's autogroup shares CPU between sessions). It prints wall and CPU time
+per step, the hand-offs to the worker thread per step, and voluntary context switches.
 """
 from __future__ import annotations
 
@@ -157,6 +166,123 @@ def run_torch(steps: int, size: int, out_path: Path, threads: int) -> list[tuple
     return times[1:]
 
 
+# ------------------------------------------------------------------------------ paired mode
+
+def serve(side: str, size: int) -> None:
+    """A resident model answering "layer" / "batch" / "torch" lines with one timed step as JSON."""
+    if side == "torch":
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        torch.set_grad_enabled(False)
+        config = json.loads(CONFIG.read_text())
+        with torch.device("meta"):
+            model = UNet2DConditionModel.from_config(config)
+        model = model.to_empty(device="cpu").eval()
+        for name, param in model.named_parameters():
+            param.copy_(torch.from_numpy(weight(name, param.shape)))
+        arrays = [torch.from_numpy(a) for a in inputs(size)]
+
+        def step(mode):
+            model(arrays[0], TIMESTEP, encoder_hidden_states=None,
+                  added_cond_kwargs={"image_embeds": arrays[1]}, return_dict=False)
+        counter = None
+    else:
+        sys.path.insert(0, str(ROOT))
+        from mindspore import Tensor
+
+        import backend.models.unet_2d_condition as unet
+        from backend.nn.host import host_gemm
+
+        config = json.loads(CONFIG.read_text())
+        model = unet.UNet2DConditionModel.from_config(config)
+        for name, param in model.parameters_and_names():
+            param.set_data(Tensor.from_numpy(weight(name, param.shape)))
+        model.set_train(False)
+        arrays = [Tensor(a) for a in inputs(size)]
+        split_batch = unet.split_batch
+        pool = host_gemm().pool
+        counter = [0]
+        submit = pool.submit
+
+        def counting_submit(*args, **kwargs):
+            counter[0] += 1
+            return submit(*args, **kwargs)
+        pool.submit = counting_submit
+
+        def step(mode):
+            unet.split_batch = split_batch if mode == "batch" else (lambda batch, forward: None)
+            model(arrays[0], TIMESTEP, added_cond_kwargs={"image_embeds": arrays[1]}).asnumpy()
+
+    step("batch")  # warm-up
+    print("READY", flush=True)
+    for line in sys.stdin:
+        mode = line.strip()
+        if counter:
+            counter[0] = 0
+        switches = _context_switches()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step(mode)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        print(json.dumps({"wall": wall, "cpu": cpu, "handoffs": counter[0] if counter else None,
+                          "voluntary_switches": _context_switches() - switches}), flush=True)
+
+
+def _context_switches() -> int:
+    total = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
+        except OSError:
+            pass
+    return total
+
+
+def paired(rounds: int, size: int, load: int, threads: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    procs = {}
+    for side, python in (("ours", sys.executable), ("torch", REFERENCE_PYTHON)):
+        procs[side] = subprocess.Popen([python, __file__, "--serve", side, "--size", str(size)], env=env,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for line in procs[side].stdout:  # one model at a time while building (memory)
+            if line.startswith("READY"):
+                break
+        else:
+            raise SystemExit(f"{side} server failed")
+    busy = [subprocess.Popen([sys.executable, "-c", "while 1: pass"], start_new_session=True)
+            for _ in range(load)]
+    modes = ["batch", "layer", "torch"]
+    results = {m: [] for m in modes}
+    try:
+        time.sleep(2 if load else 0)
+        print(f"paired: {rounds} rounds, latent {size}, {load} busy loop(s) in their own sessions")
+        for r in range(rounds):
+            for mode in modes[r % 3:] + modes[:r % 3]:
+                proc = procs["torch" if mode == "torch" else "ours"]
+                proc.stdin.write(mode + "\n")
+                proc.stdin.flush()
+                step = json.loads(proc.stdout.readline())
+                step["load"] = os.getloadavg()[0]
+                results[mode].append(step)
+                print(f"  {mode:5s} {step['wall']:6.2f} s wall {step['cpu']:6.2f} s CPU  hand-offs "
+                      f"{step['handoffs'] if step['handoffs'] is not None else '-':>4}  voluntary switches "
+                      f"{step['voluntary_switches']:5d}  load {step['load']:.1f}", flush=True)
+    finally:
+        for p in busy:
+            p.kill()
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    med = {m: (float(np.median([s["wall"] for s in v])), float(np.median([s["cpu"] for s in v])))
+           for m, v in results.items()}
+    for m in ("batch", "layer"):
+        print(f"ours ({'whole samples per core' if m == 'batch' else 'every layer split'}) / torch, medians: "
+              f"wall {med[m][0] / med['torch'][0]:.2f}, CPU {med[m][1] / med['torch'][1]:.2f}  "
+              f"(ours {med[m][0]:.2f} s wall {med[m][1]:.2f} s CPU, torch {med['torch'][0]:.2f} s wall "
+              f"{med['torch'][1]:.2f} s CPU)")
+
+
 def report(label: str, times: list[tuple[float, float]]) -> None:
     wall = [t[0] for t in times]
     cpu = [t[1] for t in times]
@@ -171,8 +297,19 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="also print our time per layer kind")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
     parser.add_argument("--side", choices=["both", "ours", "torch"], default="both")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="interleave ours (two host modes) and torch for N rounds, both resident")
+    parser.add_argument("--load", type=int, default=0, help="with --paired: busy loops to add")
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["ours", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.serve:
+        serve(args.serve, args.size)
+        return 0
+    if args.paired:
+        paired(args.paired, args.size, args.load, args.torch_threads)
+        return 0
 
     if args.side == "torch":  # the subprocess
         times = run_torch(args.steps, args.size, args.out, args.torch_threads)

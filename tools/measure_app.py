@@ -2,6 +2,15 @@
 
     python tools/measure_app.py                      # demo models, CPU
     python tools/measure_app.py --sizes 64 256 --stops 10
+    python tools/measure_app.py --real-size [--steps 3]   # real-size 2.2 decoder, 512x512
+
+--real-size: the decoder folder holds the real kandinsky-2-2-decoder UNet (1.25 B parameters) and
+MoVQ configs with random weights (the checkpoints tools/bench_suite.py writes into
+/tmp/kandinsky-bench, built there if missing), the prior is the demo's tiny prior with its
+embedding widened to the real 1280 (the real prior stage is measured by bench_suite.py). It
+times, at 512x512 with classifier-free guidance (batch 2 per UNet step): Generate -> first
+preview, the run with previews "fast" / "off" / "decode" (preview overhead), and Stop ->
+Cancelled. Needs ~7 GB of memory.
 
 Runs the real JobRunner + TaskExecutor on the demo models (backend/demo.py), so the numbers
 include everything the app does per step: the step callback, the preview (linear map of x0 and
@@ -29,6 +38,113 @@ from backend.tasks import TaskExecutor  # noqa: E402
 
 # diffusers, real kandinsky-2-2-decoder UNet, 512x512 with guidance, this CPU (DESIGN.md)
 REAL_UNET_STEP_512_S = 11.0
+BENCH_DIR = Path("/tmp/kandinsky-bench")
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference-configs"
+if not CONFIGS.exists():
+    CONFIGS = Path("/work/shared/reference-configs")
+REAL_EMBED_DIM = 1280  # CLIP-bigG projection = the decoder UNet's encoder_hid_dim
+
+
+def real_size_spec(work: Path, bench_dir: Path):
+    """A 2.2 model whose decoder is real-size (random weights) and whose prior is tiny (1280-d)."""
+    import json
+    import subprocess
+
+    from backend.manager import ModelSpec
+
+    if not all((bench_dir / name / "config.json").exists() for name in ("unet", "movq")):
+        subprocess.run(["/work/refenv/bin/python", str(Path(__file__).parent / "bench_suite.py"), "--prepare",
+                        "unet,movq", "--work", str(bench_dir)], check=True)
+    base = work / "kandinsky-2-2-realsize"
+    decoder, prior = base / "decoder", base / "prior"
+    if not (base / "complete.json").exists():
+        # tiny prior: the demo's, with the embedding the real decoder expects
+        _, label, folders = demo.FAMILIES["2.2"]
+        pipeline, components = folders["prior"]
+        # the prior reads the text encoder's token states (hidden_size) and embeddings at the same width
+        widths = {"prior": ("embedding_dim",), "text_encoder": ("projection_dim", "hidden_size"),
+                  "image_encoder": ("projection_dim",)}
+        wide = {name: (lib, cls, dict(config, **{key: REAL_EMBED_DIM for key in widths.get(name, ())}), weights)
+                for name, (lib, cls, config, weights) in components.items()}
+        saved = demo.FAMILIES["2.2"]
+        demo.FAMILIES["2.2"] = (saved[0], label, dict(folders, prior=(pipeline, wide)))
+        try:
+            demo.build_folder(prior, "prior", 1, "2.2")
+        finally:
+            demo.FAMILIES["2.2"] = saved
+        index = {"_class_name": "KandinskyV22Pipeline", "_diffusers_version": "0.35.2",
+                 "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "movq": ["diffusers", "VQModel"]}
+        (decoder / "scheduler").mkdir(parents=True, exist_ok=True)
+        (decoder / "model_index.json").write_text(json.dumps(index, indent=2))
+        (decoder / "scheduler" / "scheduler_config.json").write_text(
+            (CONFIGS / "kandinsky-2-2-decoder" / "scheduler.json").read_text())
+        for name in ("unet", "movq"):  # links to the benchmark's checkpoints (5 GB: not copied)
+            (decoder / name).mkdir(exist_ok=True)
+            for file in (bench_dir / name).iterdir():
+                link = decoder / name / file.name
+                if not link.exists():
+                    link.symlink_to(file)
+        (base / "complete.json").write_text("{}")
+    return ModelSpec(key="kandinsky-2-2-realsize", label="Kandinsky 2.2, real-size decoder (random weights)",
+                     repos={"prior": str(prior), "decoder": str(decoder)}, family="2.2")
+
+
+def measure_real_size(runner, holder, work: Path, steps: int, stops: int, bench_dir: Path) -> None:
+    import os
+
+    spec = runner.call(real_size_spec, work / "models", bench_dir)
+    manager = ModelManager({spec.key: spec}, factors_dir=work / "factors", device="cpu")
+    holder["run"] = TaskExecutor(manager, OutputStore(work / "outputs"))
+
+    def request(**kw):
+        return Text2ImageRequest(model=spec.key, prompt="a red cat", width=512, height=512,
+                                 prior_num_inference_steps=2, seed=1, **kw)
+
+    def load():
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+    started = time.monotonic()
+    end = runner.submit(request(num_inference_steps=2), "measure").wait(timeout=3600)
+    assert isinstance(end, Result), end
+    print(f"## Real-size 2.2 decoder (UNet 1.25 B + MoVQ, random weights; tiny 1280-d prior), 512x512, "
+          f"guidance 4 (UNet batch 2)")
+    print(f"- first run (loads the models, fits the preview factors, 2 steps): {time.monotonic() - started:.1f} s")
+
+    print(f"\n| preview | run s | preview s | share | Generate -> first preview s | load average |")
+    print("|---|---|---|---|---|---|")
+    for mode in ("fast", "off", "decode"):
+        cpu = time.process_time()
+        job = runner.submit(request(num_inference_steps=steps, preview=mode), "measure")
+        first = None
+        for event in job.events(timeout=3600):
+            if isinstance(event, Step) and event.phase == "decoder" and event.preview is not None and first is None:
+                first = time.monotonic() - job.submitted_at
+        end = job.wait(timeout=3600)
+        assert isinstance(end, Result), end
+        first_text = f"{first:.2f}" if first is not None else "-"
+        print(f"| {mode} | {end.elapsed_s:.2f} (CPU {time.process_time() - cpu:.2f}) | {end.preview_s:.3f} | "
+              f"{100 * end.preview_s / end.elapsed_s:.2f}% | {first_text} | {load()} |", flush=True)
+
+    latencies, step_times = [], []
+    for attempt in range(stops):
+        job = runner.submit(request(num_inference_steps=50, preview="fast"), "measure")
+        times = []
+        for event in job.events(timeout=3600):
+            if isinstance(event, Step) and event.phase == "decoder":
+                times.append(time.monotonic())
+                if event.step >= 1 + attempt % 2:
+                    job.cancel()
+                    break
+        end = job.wait(timeout=3600)
+        assert isinstance(end, Cancelled) and end.partials, end
+        latencies.append(end.latency_s)
+        if len(times) > 1:
+            step_times.append(float(np.median(np.diff(times))))
+        print(f"- stop {attempt + 1}: cancel() -> Cancelled {1000 * end.latency_s:.0f} ms (load average {load()})",
+              flush=True)
+    print(f"- stop latency: median {1000 * statistics.median(latencies):.0f} ms, max {1000 * max(latencies):.0f} ms "
+          f"over {stops} stops" + (f"; one UNet step {statistics.median(step_times):.1f} s" if step_times else ""))
 
 
 def main() -> None:
@@ -38,11 +154,18 @@ def main() -> None:
     parser.add_argument("--stops", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu", "ascend"])
     parser.add_argument("--work", default=None, help="folder for demo models and outputs (default: a temp dir)")
+    parser.add_argument("--real-size", action="store_true", help="the real-size 2.2 decoder at 512x512 instead")
+    parser.add_argument("--bench-dir", type=Path, default=BENCH_DIR, help="bench_suite.py's checkpoint folder")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ks-measure-"))
 
     holder = {}
     runner = JobRunner(lambda job: holder["run"](job)).start()
+    if args.real_size:
+        steps = args.steps if args.steps != parser.get_default("steps") else 3
+        measure_real_size(runner, holder, work, steps, min(args.stops, 3), args.bench_dir)
+        runner.shutdown()
+        return
     from backend.device import select_device
     print("device:", runner.call(select_device, args.device))
     spec = runner.call(demo.ensure_demo_models, work / "models")
