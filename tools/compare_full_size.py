@@ -21,7 +21,7 @@ sides run one after the other, never together; its zero-initialised `context_mlp
 conditioning of every norm) get random weights, as the prior's clip_std does, or the comparison would
 not see time conditioning at all), movq_3 (the 2.x MoVQ with block_out_channels 256/512/512/1024),
 text_encoder_3 (the Flan-UL2 T5 encoder at REDUCED DEPTH: num_layers 2 of 32, everything else as in
-text_encoder.json (d_model 4096, d_ff 16384, 16 heads x 256, 32128 tokens), 671M parameters; the full
+text_encoder.json (d_model 4096, d_ff 16384, 16 heads x 256, 32128 tokens), 668M parameters; the full
 8.7B-parameter encoder is 34.9 GB in float32 per side, beyond this 24 GB machine. Set
 KANDINSKY_T5_LAYERS to change the depth).
 """
