@@ -12,7 +12,8 @@ environment and fails on any difference. Bytes = parameters x 4 (float32) or x 2
 (float16 / bfloat16: the engine stores every floating parameter at the chosen dtype, including
 T5's `wo` that transformers keeps in float32, and widens weights to float32 one layer at a time).
 
-`--run COMPONENT@SIZE:DTYPE` measures, in a fresh process per case, the peak resident memory of
+`--run COMPONENT@SIZE:DTYPE` (DTYPE float32, float16, bfloat16 or checkpoint = as the published fp16
+files store each tensor, which a float32 app keeps for T5) measures, in a fresh process per case, the peak resident memory of
 one component call at an image size: the model is built from the real config and filled through
 backend.weights.load_state_dict with constant weights at DTYPE (the real load path without
 files), then called once on what a text-to-image run at SIZE feeds it (batch 2 = guidance).
@@ -109,8 +110,13 @@ def read_config(path: str) -> dict:
 # ------------------------------------------------------------------------------ counting
 
 
-def count_ours(kind: str, config: dict) -> int:
-    """Parameters of our class built from `config`, with no parameter data allocated."""
+# transformers' T5 `_keep_in_fp32_modules`: the published fp16 shards store these in float32.
+KEEP_FP32 = {"t5": ".wo."}
+
+
+def count_ours(kind: str, config: dict) -> tuple[int, int]:
+    """(parameters, of which kept in float32 by the published half-precision files) of our class
+    built from `config`, with no parameter data allocated."""
     import importlib
 
     import numpy as np
@@ -120,13 +126,15 @@ def count_ours(kind: str, config: dict) -> int:
     cls = getattr(importlib.import_module(module), cls_name)
     with no_init_parameters():  # parameters keep their initializer: shapes only, no memory
         model = cls.from_config(config)
-    params = [p for _, p in model.parameters_and_names()]
-    if not all(p.has_init for p in params):
+    params = dict(model.parameters_and_names())
+    if not all(p.has_init for p in params.values()):
         raise RuntimeError(f"{cls_name}: some parameters were allocated while counting")
-    return sum(int(np.prod(p.shape)) for p in params)
+    kept = KEEP_FP32.get(kind)
+    return (sum(int(np.prod(p.shape)) for p in params.values()),
+            sum(int(np.prod(p.shape)) for k, p in params.items() if kept and kept in k))
 
 
-def count_torch(kind: str, config: dict) -> int:
+def count_torch(kind: str, config: dict) -> tuple[int, int]:
     """Parameters of the reference class on the meta device (reference environment only)."""
     import importlib
 
@@ -145,7 +153,9 @@ def count_torch(kind: str, config: dict) -> int:
             model = getattr(transformers, cls_name)(config_cls(**kwargs))
         else:
             model = getattr(importlib.import_module(library), cls_name).from_config(kwargs)
-    return sum(p.numel() for p in model.parameters())
+    kept = KEEP_FP32.get(kind)
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for k, p in model.named_parameters() if kept and kept in k))
 
 
 def all_components():
@@ -162,7 +172,9 @@ def count_all(side: str) -> dict:
     for family, role, _, name, kind, config in all_components():
         if (kind, config) not in cache:
             cache[(kind, config)] = counter(kind, read_config(config))
-        counts[f"{family}/{role}/{name}"] = cache[(kind, config)]
+        counts[f"{family}/{role}/{name}"], kept = cache[(kind, config)]
+        if kept:
+            counts[f"{family}/{role}/{name}/float32 in the fp16 files"] = kept
     return counts
 
 
@@ -187,6 +199,12 @@ def print_table(counts: dict) -> None:
                 print(f"| {family} | {role} ({repo}) | {name} | {n:,} | {fmt(4 * n)} | {fmt(2 * n)} |")
             folder_totals[(family, role)] = total
             print(f"| {family} | **{role} total** | | **{total:,}** | **{fmt(4 * total)}** | **{fmt(2 * total)}** |")
+    kept = counts["3/decoder/text_encoder/float32 in the fp16 files"]
+    t5 = counts["3/decoder/text_encoder"]
+    t5_stored = 2 * t5 + 2 * kept
+    print(f"\nK3 text encoder as the published fp16 shards store it (its {kept:,} `wo` parameters in float32): "
+          f"{fmt(t5_stored)} GB. A float32 app keeps it so (backend/manager.py: checkpoint_precision); "
+          "a float16/bfloat16 app converts `wo` too.")
     print("\nText-to-image: parameters resident per phase; the peak is the largest phase when the budget "
           "frees the earlier unit, the sum when it keeps both\n")
     print("| family | dtype | phases (GB) | largest phase GB | all phases GB |")
@@ -197,6 +215,9 @@ def print_table(counts: dict) -> None:
             for label, parts in phases:
                 n = sum(folder_totals[(family, role)] if name is None else counts[f"{family}/{role}/{name}"]
                         for role, name in parts)
+                if family == "3" and itemsize == 4 and parts == [("decoder", "text_encoder")]:
+                    sizes.append((label + " (as stored)", t5_stored))  # the float32 app's T5 (see above)
+                    continue
                 sizes.append((label, n * itemsize))
             text = " then ".join(f"{label} {fmt(size)}" for label, size in sizes)
             print(f"| {family} | {dtype} | {text} | {fmt(max(s for _, s in sizes))} | "
@@ -214,6 +235,7 @@ def run_case(case: str) -> dict:
     import psutil
 
     sys.path.insert(0, str(ROOT))
+    import mindspore as ms
     from mindspore import Tensor
 
     from backend.weights import load_state_dict
@@ -240,7 +262,9 @@ def run_case(case: str) -> dict:
             shape = tuple(p.shape)
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
             value = 1.0 if key.endswith(("norm.weight", "ln.weight", "layer_norm.weight")) else 0.5 / fan_in ** 0.5
-            yield key, np.full(shape, value, np.float32)
+            # "checkpoint": as the published fp16 files store them (half, but T5's `wo` in float32)
+            half = dtype == "checkpoint" and not (KEEP_FP32.get(kind) and KEEP_FP32[kind] in key)
+            yield key, np.full(shape, value, np.float16 if half else np.float32)
 
     start = time.time()
     load_state_dict(model, constant_tensors(), dtype=dtype)
@@ -266,7 +290,8 @@ def run_case(case: str) -> dict:
     cpu = time.process_time() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     finite = bool(np.isfinite(out.asnumpy().astype(np.float32)).all())
-    return {"case": case, "parameters": n_params, "param_gb": n_params * (2 if dtype != "float32" else 4) / GB,
+    param_bytes = sum(int(np.prod(p.shape)) * (4 if p.dtype == ms.float32 else 2) for p in params.values())
+    return {"case": case, "parameters": n_params, "param_gb": param_bytes / GB,
             "baseline_rss_gb": baseline / GB, "loaded_rss_gb": loaded / GB, "peak_rss_gb": peak / GB,
             "working_gb": (peak - loaded) / GB, "load_s": load_s, "call_wall_s": wall, "call_cpu_s": cpu,
             "output_finite": finite, "loadavg": os.getloadavg()}
