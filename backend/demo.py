@@ -84,24 +84,28 @@ DECODER_SCHEDULER = {
 }
 
 # Folder -> (pipeline class, {component: (library, class, config, weights file name)})
-FOLDERS = {
-    "prior": ("KandinskyV22PriorPipeline", {
+def _prior_folder(pipeline: str, text_config: dict, image_config: dict) -> tuple:
+    return (pipeline, {
         "prior": ("diffusers", "PriorTransformer", PRIOR_CONFIG, "diffusion_pytorch_model"),
-        "text_encoder": ("transformers", "CLIPTextModelWithProjection", TEXT_ENCODER_CONFIG, "model"),
-        "image_encoder": ("transformers", "CLIPVisionModelWithProjection", IMAGE_ENCODER_CONFIG, "model"),
-    }),
-    "decoder": ("KandinskyV22Pipeline", {
-        "unet": ("diffusers", "UNet2DConditionModel", _unet_config(4, "image"), "diffusion_pytorch_model"),
-        "movq": ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model"),
-    }),
-    "inpaint": ("KandinskyV22InpaintPipeline", {
-        "unet": ("diffusers", "UNet2DConditionModel", _unet_config(9, "image"), "diffusion_pytorch_model"),
-        "movq": ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model"),
-    }),
-    "controlnet": ("KandinskyV22ControlnetPipeline", {
-        "unet": ("diffusers", "UNet2DConditionModel", _unet_config(8, "image_hint"), "diffusion_pytorch_model"),
-        "movq": ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model"),
-    }),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection", text_config, "model"),
+        "image_encoder": ("transformers", "CLIPVisionModelWithProjection", image_config, "model"),
+    })
+
+
+def _decoder_folder(pipeline: str, unet_config: dict, text_encoder: tuple | None = None,
+                    unet_class: str = "UNet2DConditionModel") -> tuple:
+    """UNet + MoVQ (+ the text encoder 2.1 and 3 keep in the decoder folder)."""
+    components = {"text_encoder": text_encoder} if text_encoder else {}
+    components["unet"] = ("diffusers", unet_class, unet_config, "diffusion_pytorch_model")
+    components["movq"] = ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model")
+    return pipeline, components
+
+
+FOLDERS = {
+    "prior": _prior_folder("KandinskyV22PriorPipeline", TEXT_ENCODER_CONFIG, IMAGE_ENCODER_CONFIG),
+    "decoder": _decoder_folder("KandinskyV22Pipeline", _unet_config(4, "image")),
+    "inpaint": _decoder_folder("KandinskyV22InpaintPipeline", _unet_config(9, "image")),
+    "controlnet": _decoder_folder("KandinskyV22ControlnetPipeline", _unet_config(8, "image_hint")),
 }
 
 # --- Kandinsky 2.1: CLIP ViT-L-style prior (quick_gelu, "!" padding), MCLIP + text_image UNet decoders
@@ -136,22 +140,11 @@ DDPM_2_1_SCHEDULER = {
     "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": None, "thresholding": True,
     "trained_betas": None, "variance_type": "learned_range",
 }
+MCLIP = ("kandinsky", "MultilingualCLIP", MCLIP_CONFIG, "model")
 FOLDERS_2_1 = {
-    "prior": ("KandinskyPriorPipeline", {
-        "prior": ("diffusers", "PriorTransformer", PRIOR_CONFIG, "diffusion_pytorch_model"),
-        "text_encoder": ("transformers", "CLIPTextModelWithProjection", TEXT_ENCODER_2_1_CONFIG, "model"),
-        "image_encoder": ("transformers", "CLIPVisionModelWithProjection", IMAGE_ENCODER_2_1_CONFIG, "model"),
-    }),
-    "decoder": ("KandinskyPipeline", {
-        "text_encoder": ("kandinsky", "MultilingualCLIP", MCLIP_CONFIG, "model"),
-        "unet": ("diffusers", "UNet2DConditionModel", _unet_2_1_config(4), "diffusion_pytorch_model"),
-        "movq": ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model"),
-    }),
-    "inpaint": ("KandinskyInpaintPipeline", {
-        "text_encoder": ("kandinsky", "MultilingualCLIP", MCLIP_CONFIG, "model"),
-        "unet": ("diffusers", "UNet2DConditionModel", _unet_2_1_config(9), "diffusion_pytorch_model"),
-        "movq": ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model"),
-    }),
+    "prior": _prior_folder("KandinskyPriorPipeline", TEXT_ENCODER_2_1_CONFIG, IMAGE_ENCODER_2_1_CONFIG),
+    "decoder": _decoder_folder("KandinskyPipeline", _unet_2_1_config(4), MCLIP),
+    "inpaint": _decoder_folder("KandinskyInpaintPipeline", _unet_2_1_config(9), MCLIP),
 }
 
 # --- Kandinsky 3: a T5 encoder (gated-silu, as Flan-UL2), a Kandinsky3UNet and a MoVQ in one folder
@@ -173,13 +166,8 @@ DECODER_3_SCHEDULER = {
     "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "steps_offset": 1,
     "thresholding": False, "timestep_spacing": "leading", "trained_betas": None, "variance_type": "fixed_small",
 }
-FOLDERS_3 = {
-    "decoder": ("Kandinsky3Pipeline", {
-        "text_encoder": ("transformers", "T5EncoderModel", T5_CONFIG, "model"),
-        "unet": ("diffusers", "Kandinsky3UNet", UNET_3_CONFIG, "diffusion_pytorch_model"),
-        "movq": ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model"),
-    }),
-}
+T5 = ("transformers", "T5EncoderModel", T5_CONFIG, "model")
+FOLDERS_3 = {"decoder": _decoder_folder("Kandinsky3Pipeline", UNET_3_CONFIG, T5, unet_class="Kandinsky3UNet")}
 
 MODEL_CLASSES = {
     "PriorTransformer": "backend.models.prior_transformer",
