@@ -159,3 +159,18 @@ def test_unet_batch_split_matches_one_sample_at_a_time():
         alone = model(Tensor(sample[i:i + 1]), Tensor(steps[i:i + 1]),
                       added_cond_kwargs={"image_embeds": Tensor(embeds[i:i + 1])}).asnumpy()
         np.testing.assert_allclose(together[i:i + 1], alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_conv2d_host_bands_match_one_product(batch, monkeypatch):
+    """Columns built and multiplied in bands of output rows give the same result as one product."""
+    import backend.nn.host as host
+
+    x, weight, bias = randn(batch, 5, 11, 9), randn(6, 5, 3, 3), randn(6)
+    whole = conv2d_host(x, weight, bias, 1, 1)
+    strided = conv2d_host(x, weight, bias, 2, 1)
+    monkeypatch.setattr(host, "COLUMNS_BAND_BYTES", 4 * 45 * 9 * 2)  # two output rows per band
+    np.testing.assert_array_equal(conv2d_host(x, weight, bias, 1, 1), whole)
+    np.testing.assert_array_equal(conv2d_host(x, weight, bias, 2, 1), strided)
+    ref = ops.conv2d(Tensor(x), Tensor(weight), None, pad_mode="pad", padding=1).asnumpy() + bias[None, :, None, None]
+    np.testing.assert_allclose(whole, ref, atol=2e-5)
