@@ -21,7 +21,7 @@ import numpy as np
 
 from backend.manager import ModelSpec
 
-DEMO_VERSION = 1          # bump when a config below changes: old folders are rebuilt
+DEMO_VERSION = 2          # bump when a config below changes: old folders are rebuilt
 DEMO_KEY = "kandinsky-2-2-demo"   # the default demo model
 EMBED_DIM = 32            # CLIP projection = prior embedding = UNet encoder_hid_dim
 
@@ -364,8 +364,11 @@ def build_folder(folder: Path, role: str, seed: int = 0, family: str = "2.2") ->
         config = dict(config)
         if config.get("vocab_size", 0) is None:
             config["vocab_size"] = vocab_size
-        # the MoVQ is the same checkpoint in every decoder folder of a family, as in the published repos
-        component_seed = 1000 if name == "movq" else seed * 10 + offset
+        # every decoder folder of a family ships the same MoVQ, as the published repos do, and 2.1's
+        # decoder and inpainting folders the same MultilingualCLIP (so the manager's sharing of
+        # identical components is exercised; it compares content, so it shares only what is equal)
+        shared = name == "movq" or (name == "text_encoder" and role != "prior")
+        component_seed = 1000 + offset if shared else seed * 10 + offset
         _write_component(folder / name, class_name, config, weights_name, component_seed)
         index[name] = [library, class_name]
     _write_json(folder / "model_index.json", index)

@@ -13,6 +13,12 @@ the whole budget still loads, alone, with a warning in the status.
 Everything that builds or frees MindSpore objects runs on the JobRunner's engine thread;
 `status()` reads plain Python data and may be called from any thread.
 
+Folders share identical components: the published decoder, inpainting and ControlNet repos ship
+the same MoVQ, and 2.1's decoder and inpainting repos the same MultilingualCLIP (2.2 GB). Before a
+component loads, its files' content (the Hub cache names each blob by its SHA-256; other files are
+hashed once) and config are compared with what is loaded, and an identical one is reused, not
+loaded again; memory in use counts it once.
+
 The three model families split their work differently:
 - 2.1 and 2.2: a prior folder (text -> CLIP image embedding) and decoder folders (embedding ->
   image); 2.1's decoders also read the prompt through their own MultilingualCLIP.
@@ -23,8 +29,10 @@ The three model families split their work differently:
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -256,7 +264,7 @@ def safetensors_bytes(path: Path, target_itemsize: int | None = None) -> int:
     return total
 
 
-def estimate_folder_bytes(folder: Path, itemsize: int | None, components: tuple = (),
+def estimate_folder_bytes(folder: Path, itemsize: int | None, components: tuple | None = None,
                           variant: str | None = None) -> int:
     """Parameter bytes of a pipeline folder (or of the named `components` of it) once loaded at
     `itemsize` bytes per float (None: as the files store them)."""
@@ -264,7 +272,7 @@ def estimate_folder_bytes(folder: Path, itemsize: int | None, components: tuple 
 
     total = 0
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if components and sub.name not in components:
+        if components is not None and sub.name not in components:
             continue
         if not any(sub.glob("*.safetensors")):
             continue
@@ -276,6 +284,42 @@ def estimate_folder_bytes(folder: Path, itemsize: int | None, components: tuple 
 def unit_key(source: str, stage: Stage) -> str:
     """What `ModelManager` loads and evicts as one: a folder, or one part of it."""
     return f"{source}#{stage.part}" if stage.part else source
+
+
+_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+_file_digests: dict = {}          # (real path, size, mtime) -> sha256 of a file that is not a Hub blob
+
+
+def _file_identity(path: Path) -> str:
+    """The SHA-256 of a file's content: the Hub cache's blob name when it is one, else computed
+    (once per file version)."""
+    real = Path(os.path.realpath(path))
+    if _SHA256_NAME.match(real.name):
+        return real.name
+    stat = real.stat()
+    key = (str(real), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_digests:
+        digest = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(2**24), b""):
+                digest.update(block)
+        _file_digests[key] = digest.hexdigest()
+    return _file_digests[key]
+
+
+def component_identity(subfolder: Path, variant: str | None, dtype: str) -> str | None:
+    """What makes two loaded components interchangeable: config, weights content, load dtype.
+    None for a subfolder without weights (tokenizers, schedulers: cheap, never shared)."""
+    from backend import weights
+
+    if not any(subfolder.glob("*.safetensors")):
+        return None
+    digest = hashlib.sha256(dtype.encode())
+    config = subfolder / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    for path in weights.find_weight_files(subfolder, variant):
+        digest.update(_file_identity(path).encode())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -291,6 +335,7 @@ class LoadedFolder:
     last_used: float
     pins: int = 0                    # > 0 while a job uses it: never evicted then
     factors: object = None           # preview factors, once fitted
+    identities: dict = field(default_factory=dict)   # model component name -> component_identity
 
     @property
     def total(self) -> int:
@@ -418,28 +463,51 @@ class ModelManager:
         itemsize = 2 if self.dtype in ("float16", "bfloat16") else 4
         if stage.checkpoint_precision and self.dtype == "float32":
             load_dtype, itemsize = weights.CHECKPOINT_PRECISION, None
-        needed = estimate_folder_bytes(folder, itemsize, stage.components, variant)
-        self._evict_for(needed)
-        started = time.monotonic()
         cls = getattr(pipelines, stage.pipeline)
         # a part of a folder: the pipeline's other components are not loaded (None)
         skipped = {name: None for name in cls.component_names if stage.components and name not in stage.components}
-        pipe = cls.from_pretrained(str(folder), dtype=load_dtype, variant=variant, on_progress=report, **skipped)
+        identities = {}
+        for name in cls.component_names:
+            if name not in skipped and (folder / name).is_dir():
+                identity = component_identity(folder / name, variant, str(load_dtype))
+                if identity is not None:
+                    identities[name] = identity
+        reused = self._loaded_components(identities)   # identical components already in memory
+        needed = estimate_folder_bytes(folder, itemsize, tuple(n for n in (stage.components or cls.component_names)
+                                                               if n not in reused), variant)
+        self._evict_for(needed, keep=list(reused.values()))   # reused ones live on in this unit
+        started = time.monotonic()
+        pipe = cls.from_pretrained(str(folder), dtype=load_dtype, variant=variant, on_progress=report,
+                                   **skipped, **reused)
+        if reused:
+            logger.info("%s reuses the loaded %s", unit_key(source, stage), ", ".join(sorted(reused)))
         components = {name: value for name, value in pipe.components.items() if name not in skipped}
         sizes = {name: _parameter_bytes(value) for name, value in components.items()
                  if hasattr(value, "parameters_and_names")}
         now = time.monotonic()
         entry = LoadedFolder(source, stage.role, unit_key(source, stage), stage.part, folder, components, sizes,
-                             loaded_at=now, last_used=now)
+                             loaded_at=now, last_used=now, identities=identities)
         with self._lock:
             self._loaded[entry.key] = entry
         logger.info("loaded %s (%s) in %.1f s", entry.key, format_bytes(entry.total), now - started)
         return entry
 
-    def _evict_for(self, needed: int) -> list[str]:
-        """Evict unpinned folders, least recently used first, until `needed` more bytes fit."""
+    def _loaded_components(self, identities: dict) -> dict:
+        """name -> an already loaded component with the same identity."""
+        found = {}
+        with self._lock:
+            for entry in self._loaded.values():
+                for name, identity in entry.identities.items():
+                    for wanted_name, wanted in identities.items():
+                        if wanted == identity and wanted_name not in found:
+                            found[wanted_name] = entry.components[name]
+        return found
+
+    def _evict_for(self, needed: int, keep: list = ()) -> list[str]:
+        """Evict unpinned folders, least recently used first, until `needed` more bytes fit
+        (`keep`: components that stay in memory whatever is evicted)."""
         evicted = []
-        while self.used_bytes() + needed > self.memory_budget:
+        while self._used_with(keep) + needed > self.memory_budget:
             with self._lock:
                 candidates = [e for e in self._loaded.values() if e.pins == 0]
                 if not candidates:
@@ -478,8 +546,24 @@ class ModelManager:
 
     # ------------------------------------------------------------------ any thread
     def used_bytes(self) -> int:
+        """Parameter bytes in memory: a component shared by several folders counts once."""
         with self._lock:
-            return sum(e.total for e in self._loaded.values())
+            return self._used_locked()
+
+    def _used_with(self, keep: list) -> int:
+        """used_bytes, plus the components in `keep` that no loaded folder holds any more."""
+        with self._lock:
+            held = {id(e.components[n]) for e in self._loaded.values() for n in e.sizes}
+            return self._used_locked() + sum(_parameter_bytes(c) for c in keep if id(c) not in held)
+
+    def _used_locked(self) -> int:
+        seen, total = set(), 0
+        for entry in self._loaded.values():
+            for name, size in entry.sizes.items():
+                if id(entry.components[name]) not in seen:
+                    seen.add(id(entry.components[name]))
+                    total += size
+        return total
 
     def is_loaded(self, model: str, role: str) -> bool:
         source = str(self.spec(model).repos.get(role))
@@ -490,10 +574,15 @@ class ModelManager:
         """Loaded folders with their components' sizes, device, dtype and budget (plain data)."""
         with self._lock:
             entries = sorted(self._loaded.values(), key=lambda e: e.last_used, reverse=True)
+            holders: dict = {}
+            for e in entries:
+                for name in e.sizes:
+                    holders.setdefault(id(e.components[name]), []).append(e.key)
             folders = [{"source": e.source, "role": e.role, "part": e.part, "bytes": e.total, "in_use": e.pins > 0,
                         "components": dict(sorted(e.sizes.items())),
+                        "shared": sorted(n for n in e.sizes if len(holders[id(e.components[n])]) > 1),
                         "idle_s": round(time.monotonic() - e.last_used, 1)} for e in entries]
-        used = sum(f["bytes"] for f in folders)
+            used = self._used_locked()
         return {"device": self.device, "dtype": self.dtype, "budget": self.memory_budget, "used": used,
                 "over_budget": used > self.memory_budget, "folders": folders,
                 "models": {key: spec.label for key, spec in self.catalogue.items()}}

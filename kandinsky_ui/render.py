@@ -113,6 +113,8 @@ def status_markdown(status: dict, waiting: int = 0, running: str | None = None) 
         role = f"{folder['role']} ({folder['part']})" if folder.get("part") else folder["role"]
         for index, (component, size) in enumerate(folder["components"].items()):
             first = index == 0
+            if component in folder.get("shared", ()):
+                component += " (shared, counted once)"
             lines.append(f"| {name if first else ''} | {role if first else ''} | {component} | "
                          f"{format_bytes(size)} | {state if first else ''} |")
         lines.append(f"| | | **total** | **{format_bytes(folder['bytes'])}** | |")

@@ -239,3 +239,11 @@ def test_3_text_encoder_keeps_its_checkpoints_half_precision_in_a_float32_app(ca
     encoder.text_encoder = full
     expected, _, _, _ = encoder.encode_prompt(["a red cat in the snow"], False, 1, None)
     assert np.abs(embeds - expected).max() <= 2e-3 * max(1.0, np.abs(expected).max())
+
+
+def test_2_1_decoder_and_inpaint_folders_share_their_multilingual_clip_and_movq(catalogue):
+    manager = ModelManager(catalogue)
+    decoder = manager.pipeline("text2img", "kandinsky-2-1-demo")
+    inpaint = manager.pipeline("inpaint", "kandinsky-2-1-demo")
+    assert inpaint.text_encoder is decoder.text_encoder and inpaint.movq is decoder.movq
+    assert {tuple(f["shared"]) for f in manager.status()["folders"]} == {("movq", "text_encoder")}

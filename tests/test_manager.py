@@ -65,10 +65,11 @@ def test_least_recently_used_folder_is_evicted_to_fit_the_budget(spec):
     probe = manager_for(spec)
     probe.pipeline("text2img", spec.key)
     probe.pipeline("controlnet", spec.key)
+    both = probe.status()["used"]                # the two decoders share their MoVQ: counted once
     probe.pipeline("prior", spec.key)
     sizes = {f["role"]: f["bytes"] for f in probe.status()["folders"]}
     # room for the decoder and the controlnet folder, not for the prior as well
-    manager = manager_for(spec, memory_budget=sizes["controlnet"] + sizes["decoder"] + sizes["prior"] // 2)
+    manager = manager_for(spec, memory_budget=both + sizes["prior"] // 2)
     manager.pipeline("prior", spec.key)
     manager.pipeline("text2img", spec.key)       # the decoder is used after the prior: the prior is older
     manager.pipeline("controlnet", spec.key)     # needs room: the least recently used folder goes
@@ -113,3 +114,37 @@ def test_preview_factors_are_fitted_once_per_movq_checkpoint(spec, tmp_path):
     # the demo folders share one MoVQ checkpoint, like the published repos: one fit, one file
     assert manager.preview_factors("inpaint", spec.key, inpaint) is first
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_identical_components_of_different_folders_are_loaded_once(spec):
+    """The published decoder, inpainting and ControlNet repos ship the same MoVQ (as the demo
+    folders do): it is loaded once, shared, and counted once."""
+    manager = manager_for(spec)
+    decoder = manager.pipeline("text2img", spec.key)
+    inpaint = manager.pipeline("inpaint", spec.key)
+    assert inpaint.movq is decoder.movq and inpaint.unet is not decoder.unet
+    status = manager.status()
+    folders = {f["role"]: f for f in status["folders"]}
+    assert folders["decoder"]["shared"] == folders["inpaint"]["shared"] == ["movq"]
+    movq = folders["decoder"]["components"]["movq"]
+    assert status["used"] == folders["decoder"]["bytes"] + folders["inpaint"]["bytes"] - movq
+    # the shared MoVQ outlives the folder it came with
+    assert manager.unload(spec.repos["decoder"]) == [spec.repos["decoder"]]
+    assert manager.pipeline("inpaint", spec.key).movq is decoder.movq
+    assert manager.status()["used"] == folders["inpaint"]["bytes"]
+    again = manager.pipeline("text2img", spec.key)
+    assert again.movq is decoder.movq and again.unet is not decoder.unet
+
+
+def test_components_differing_in_content_or_config_are_not_shared(spec, tmp_path):
+    import shutil
+
+    from backend.manager import ModelSpec
+
+    other = tmp_path / "decoder-copy"
+    shutil.copytree(spec.repos["decoder"], other)
+    config = other / "movq" / "config.json"
+    config.write_text(config.read_text().replace('"scaling_factor": 0.18215', '"scaling_factor": 0.2'))
+    copy = ModelSpec("copy", "copy", {**spec.repos, "inpaint": str(other)})
+    manager = ModelManager({spec.key: spec, "copy": copy})
+    assert manager.pipeline("text2img", spec.key).movq is not manager.pipeline("inpaint", "copy").movq
