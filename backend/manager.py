@@ -14,10 +14,10 @@ Everything that builds or frees MindSpore objects runs on the JobRunner's engine
 `status()` reads plain Python data and may be called from any thread.
 
 Folders share identical components: the published decoder, inpainting and ControlNet repos ship
-the same MoVQ, and 2.1's decoder and inpainting repos the same MultilingualCLIP (2.2 GB). Before a
-component loads, its files' content (the Hub cache names each blob by its SHA-256; other files are
-hashed once) and config are compared with what is loaded, and an identical one is reused, not
-loaded again; memory in use counts it once.
+the same MoVQ (and 2.1's decoder and inpainting repos may share their 2.2 GB MultilingualCLIP).
+Before a component loads, its config and file sizes are compared with what is loaded; where they
+match, so is the files' content (the Hub cache names each blob by its SHA-256; other files are
+hashed once), and an identical component is reused, not loaded again; memory in use counts it once.
 
 The three model families split their work differently:
 - 2.1 and 2.2: a prior folder (text -> CLIP image embedding) and decoder folders (embedding ->
@@ -307,9 +307,10 @@ def _file_identity(path: Path) -> str:
     return _file_digests[key]
 
 
-def component_identity(subfolder: Path, variant: str | None, dtype: str) -> str | None:
-    """What makes two loaded components interchangeable: config, weights content, load dtype.
-    None for a subfolder without weights (tokenizers, schedulers: cheap, never shared)."""
+def component_signature(subfolder: Path, variant: str | None, dtype: str) -> str | None:
+    """A cheap fingerprint: load dtype, config, weight file names and sizes. Components with equal
+    signatures are compared by content (`component_content`). None for a subfolder without
+    weights (tokenizers, schedulers: cheap, never shared)."""
     from backend import weights
 
     if not any(subfolder.glob("*.safetensors")):
@@ -318,8 +319,15 @@ def component_identity(subfolder: Path, variant: str | None, dtype: str) -> str 
     config = subfolder / "config.json"
     digest.update(config.read_bytes() if config.is_file() else b"")
     for path in weights.find_weight_files(subfolder, variant):
-        digest.update(_file_identity(path).encode())
+        digest.update(f"{path.name}:{path.stat().st_size};".encode())
     return digest.hexdigest()
+
+
+def component_content(subfolder: Path, variant: str | None) -> str:
+    """The content of a component's weight files (read only when a signature matches)."""
+    from backend import weights
+
+    return ";".join(_file_identity(path) for path in weights.find_weight_files(subfolder, variant))
 
 
 @dataclass
@@ -335,7 +343,16 @@ class LoadedFolder:
     last_used: float
     pins: int = 0                    # > 0 while a job uses it: never evicted then
     factors: object = None           # preview factors, once fitted
-    identities: dict = field(default_factory=dict)   # model component name -> component_identity
+    signatures: dict = field(default_factory=dict)   # model component name -> component_signature
+    variant: str | None = None
+
+    def content(self, name: str) -> str:
+        """component_content of one component (computed once, when first compared)."""
+        if name not in self._contents:
+            self._contents[name] = component_content(self.folder / name, self.variant)
+        return self._contents[name]
+
+    _contents: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -466,13 +483,13 @@ class ModelManager:
         cls = getattr(pipelines, stage.pipeline)
         # a part of a folder: the pipeline's other components are not loaded (None)
         skipped = {name: None for name in cls.component_names if stage.components and name not in stage.components}
-        identities = {}
+        signatures = {}
         for name in cls.component_names:
             if name not in skipped and (folder / name).is_dir():
-                identity = component_identity(folder / name, variant, str(load_dtype))
-                if identity is not None:
-                    identities[name] = identity
-        reused = self._loaded_components(identities)   # identical components already in memory
+                signature = component_signature(folder / name, variant, str(load_dtype))
+                if signature is not None:
+                    signatures[name] = signature
+        reused = self._loaded_components(folder, variant, signatures)   # identical ones already in memory
         needed = estimate_folder_bytes(folder, itemsize, tuple(n for n in (stage.components or cls.component_names)
                                                                if n not in reused), variant)
         self._evict_for(needed, keep=list(reused.values()))   # reused ones live on in this unit
@@ -486,21 +503,23 @@ class ModelManager:
                  if hasattr(value, "parameters_and_names")}
         now = time.monotonic()
         entry = LoadedFolder(source, stage.role, unit_key(source, stage), stage.part, folder, components, sizes,
-                             loaded_at=now, last_used=now, identities=identities)
+                             loaded_at=now, last_used=now, signatures=signatures, variant=variant)
         with self._lock:
             self._loaded[entry.key] = entry
         logger.info("loaded %s (%s) in %.1f s", entry.key, format_bytes(entry.total), now - started)
         return entry
 
-    def _loaded_components(self, identities: dict) -> dict:
-        """name -> an already loaded component with the same identity."""
-        found = {}
+    def _loaded_components(self, folder: Path, variant: str | None, signatures: dict) -> dict:
+        """name -> an already loaded component with the same signature and the same file content."""
         with self._lock:
-            for entry in self._loaded.values():
-                for name, identity in entry.identities.items():
-                    for wanted_name, wanted in identities.items():
-                        if wanted == identity and wanted_name not in found:
-                            found[wanted_name] = entry.components[name]
+            entries = list(self._loaded.values())
+        found = {}
+        for name, signature in signatures.items():
+            for entry in entries:
+                match = next((n for n, s in entry.signatures.items() if s == signature), None)
+                if match is not None and entry.content(match) == component_content(folder / name, variant):
+                    found[name] = entry.components[match]
+                    break
         return found
 
     def _evict_for(self, needed: int, keep: list = ()) -> list[str]:

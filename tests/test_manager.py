@@ -145,6 +145,16 @@ def test_components_differing_in_content_or_config_are_not_shared(spec, tmp_path
     shutil.copytree(spec.repos["decoder"], other)
     config = other / "movq" / "config.json"
     config.write_text(config.read_text().replace('"scaling_factor": 0.18215', '"scaling_factor": 0.2'))
-    copy = ModelSpec("copy", "copy", {**spec.repos, "inpaint": str(other)})
+    same_size = tmp_path / "decoder-other-weights"     # same config and sizes, other values
+    shutil.copytree(spec.repos["decoder"], same_size)
+    weights_file = next((same_size / "movq").glob("*.safetensors"))
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(str(weights_file))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(weights_file))
+    copy = ModelSpec("copy", "copy", {**spec.repos, "inpaint": str(other), "controlnet": str(same_size)})
     manager = ModelManager({spec.key: spec, "copy": copy})
-    assert manager.pipeline("text2img", spec.key).movq is not manager.pipeline("inpaint", "copy").movq
+    decoder = manager.pipeline("text2img", spec.key)
+    assert decoder.movq is not manager.pipeline("inpaint", "copy").movq
+    assert decoder.movq is not manager.pipeline("controlnet", "copy").movq
