@@ -18,6 +18,7 @@ numpy. The mindspore.ops path is what runs on GPU and Ascend. tools/bench_movq.p
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -26,7 +27,7 @@ from mindspore import Tensor, nn, ops
 
 from backend.device import on_cpu
 from backend.nn import Embedding, Linear, layers
-from backend.nn.host import conv2d_host
+from backend.nn.host import conv2d_host, host_gemm
 # float32 matmul on host arrays through MindSpore's bundled oneDNN sgemm (AVX-512, split over the
 # cores): ~1.75x numpy's per CPU second on these convs, since the environment pins OpenBLAS to
 # its Haswell (AVX2) kernels. Defined with the UNet; falls back to np.matmul without the library.
@@ -320,27 +321,36 @@ def conv2d_padded_numpy(padded: np.ndarray, height: int, width: int, weight: np.
         w_taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1).reshape(taps * o, c))
     else:
         w_cols = np.ascontiguousarray(weight.transpose(0, 2, 3, 1).reshape(o, taps * c))
-        cols = np.empty((taps, c, rows_per_band * row), dtype=np.float32)
-    for bi in range(b):
-        for r0 in range(0, height, rows_per_band):
-            r = min(rows_per_band, height - r0)
-            n = r * row
-            base = r0 * row
-            if sum_outputs:
-                z = host_matmul(w_taps, flat[bi, :, base:base + n + offsets[-1]]).reshape(taps, o, -1)
-                y = z[0, :, :n].copy()
-                for k in range(1, taps):
-                    y += z[k, :, offsets[k]:offsets[k] + n]
-            else:
-                slabs = cols if n == cols.shape[2] else np.empty((taps, c, n), dtype=np.float32)
-                for k, offset in enumerate(offsets):
-                    slabs[k] = flat[bi, :, base + offset:base + offset + n]
-                y = host_matmul(w_cols, slabs.reshape(taps * c, n))  # (O, n)
-            band = y.reshape(o, r, row)[:, :, :width]
-            if bias is None:
-                out[bi, :, r0:r0 + r] = band
-            else:
-                np.add(band, bias.reshape(o, 1, 1), out=out[bi, :, r0:r0 + r])
+    slab_buffers = {}  # one reused (taps, C, band) buffer per thread
+    items = [(bi, r0) for bi in range(b) for r0 in range(0, height, rows_per_band)]
+
+    def one_band(index: int) -> None:
+        bi, r0 = items[index]
+        r = min(rows_per_band, height - r0)
+        n = r * row
+        base = r0 * row
+        if sum_outputs:
+            z = host_matmul(w_taps, flat[bi, :, base:base + n + offsets[-1]]).reshape(taps, o, -1)
+            y = z[0, :, :n].copy()
+            for k in range(1, taps):
+                y += z[k, :, offsets[k]:offsets[k] + n]
+        else:
+            cols = slab_buffers.get(threading.get_ident())
+            if cols is None:
+                cols = slab_buffers[threading.get_ident()] = np.empty((taps, c, rows_per_band * row), np.float32)
+            slabs = cols if n == cols.shape[2] else np.empty((taps, c, n), dtype=np.float32)
+            for k, offset in enumerate(offsets):
+                slabs[k] = flat[bi, :, base + offset:base + offset + n]
+            y = host_matmul(w_cols, slabs.reshape(taps * c, n))  # (O, n)
+        band = y.reshape(o, r, row)[:, :, :width]
+        if bias is None:
+            out[bi, :, r0:r0 + r] = band
+        else:
+            np.add(band, bias.reshape(o, 1, 1), out=out[bi, :, r0:r0 + r])
+
+    # whole bands per core (copies and product on one thread: one hand-off per convolution);
+    # a single band splits its product over the cores instead
+    host_gemm().parallel(len(items), one_band)
     return out
 
 
