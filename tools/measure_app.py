@@ -36,8 +36,8 @@ from backend.manager import ModelManager  # noqa: E402
 from backend.metadata import OutputStore  # noqa: E402
 from backend.tasks import TaskExecutor  # noqa: E402
 
-# diffusers, real kandinsky-2-2-decoder UNet, 512x512 with guidance, this CPU (DESIGN.md)
-REAL_UNET_STEP_512_S = 11.0
+# diffusers, real kandinsky-2-2-decoder UNet, 512x512 with guidance, this CPU, quiet (docs/PERFORMANCE.md)
+REAL_UNET_STEP_512_S = 5.2
 BENCH_DIR = Path("/tmp/kandinsky-bench")
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference-configs"
 if not CONFIGS.exists():
