@@ -117,9 +117,10 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         raise WeightsError(f"weights file {path} has a corrupt header: {error}") from error
     data_start = 8 + header_len
     data_len = size - data_start
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
+    # in file order: the header lists names alphabetically, the data may lie in another order
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                     key=lambda item: item[1]["data_offsets"][0])
+    for key, info in entries:
         begin, end = info["data_offsets"]
         if info.get("dtype") not in _SAFETENSORS_DTYPES:
             raise WeightsError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
@@ -148,9 +149,10 @@ def iter_safetensors(path: Path) -> Iterable[tuple[str, np.ndarray]]:
             mapped._mmap.madvise(mmap.MADV_WILLNEED)
         except (AttributeError, OSError, ValueError):
             pass
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
+    # in file order: the header lists names alphabetically, the data may lie in another order
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                     key=lambda item: item[1]["data_offsets"][0])
+    for key, info in entries:
         begin, end = info["data_offsets"]
         dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
         raw = mapped[begin:end]
@@ -218,15 +220,32 @@ def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]]
                            f"e.g. {missing[:5]}")
 
 
+FINITE_CHECK_CHUNK = 1 << 21   # elements per share of the NaN/inf check of a large tensor
+
+
 def _all_finite(array: np.ndarray) -> bool:
     """No NaN or inf in `array`. A sum is one pass without a temporary (NaN and inf propagate
     through it); only when it is not finite, which finite float32 weights can reach only by
-    overflow, is each element checked."""
+    overflow, is each element checked. Large tensors are summed in shares over the cores: this
+    pass is most of a load's CPU time once the file is in the page cache."""
     if array.dtype.kind != "f" or array.size == 0:
         return True
+    flat = array.reshape(-1)
+    shares = -(-flat.size // FINITE_CHECK_CHUNK)
+    if shares == 1:
+        return _finite_share(flat)
+    from backend.nn.host import host_gemm
+
+    results = [True] * shares
+    host_gemm().parallel(shares, lambda i: results.__setitem__(
+        i, _finite_share(flat[i * FINITE_CHECK_CHUNK:(i + 1) * FINITE_CHECK_CHUNK])))
+    return all(results)
+
+
+def _finite_share(flat: np.ndarray) -> bool:
     with np.errstate(over="ignore", invalid="ignore"):
-        total = array.sum(dtype=np.float32)
-    return bool(np.isfinite(total)) or bool(np.isfinite(array).all())
+        total = flat.sum(dtype=np.float32)
+    return bool(np.isfinite(total)) or bool(np.isfinite(flat).all())
 
 
 def _legacy_name(key: str, params: dict) -> str:

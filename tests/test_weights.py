@@ -211,3 +211,17 @@ def test_download_patterns_fetch_kandinsky_3s_fp16_shards_and_nothing_else():
     assert not any(f.endswith(".safetensors") for f in fetched(None))
     from backend.manager import CATALOGUE
     assert CATALOGUE["kandinsky-3"].variant == "fp16" and CATALOGUE["kandinsky-2-2"].variant is None
+
+
+def test_nan_in_a_large_tensor_is_found_in_any_share_of_the_parallel_check():
+    """Tensors over FINITE_CHECK_CHUNK elements are checked in shares over the cores."""
+    size = weights.FINITE_CHECK_CHUNK * 3 + 5
+    for position in (0, weights.FINITE_CHECK_CHUNK + 1, size - 1):
+        array = np.ones(size, np.float32)
+        assert weights._all_finite(array)
+        array[position] = np.nan
+        assert not weights._all_finite(array)
+        array[position] = np.inf
+        assert not weights._all_finite(array)
+    big = np.full(size, 3e38, np.float32)   # finite, but the sum overflows: checked element-wise
+    assert weights._all_finite(big)
