@@ -32,7 +32,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from backend import previews
+from backend import interrupt, previews
 from backend.jobs import (MAX_SEED, Cancelled, GeneratedImage, GenerationRequest, InterpolateRequest, Job,
                           JobCancelled, Loading, Result, Step)
 from backend.manager import LoadReport, ModelManager
@@ -126,7 +126,9 @@ class TaskExecutor:
         self.store = store
 
     def __call__(self, job: Job) -> None:
-        _Run(self.manager, self.store, job).execute()
+        # the models check for a Stop between their blocks too, not only between steps
+        with interrupt.checking(job.check_cancelled):
+            _Run(self.manager, self.store, job).execute()
 
 
 class _Run:

@@ -30,6 +30,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from backend import interrupt
 from backend.device import on_cpu
 from backend.nn.host import host_matmul
 from backend.nn.layers import Embedding, gelu, host_param, is_host, ones_parameter, silu, zeros_parameter
@@ -294,6 +295,7 @@ class T5Stack(nn.Cell):
             bias = bias + (padding if host else Tensor(padding))
         for block in self.block:
             hidden_states = block(hidden_states, bias)
+            interrupt.check()  # 32 layers of 8.7B parameters: a Stop takes effect between layers
         return self.final_layer_norm(hidden_states)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from backend import interrupt
 from backend.device import on_cpu
 from backend.nn import layers
 from backend.nn.host import MIN_PARALLEL_ELEMENTS, conv2d_host, host_gemm, host_matmul, split_batch
@@ -1052,15 +1053,18 @@ class UNet2DConditionModel(nn.Cell):
         for block in self.down_blocks:
             sample, block_skips = block(sample, emb, encoder_hidden_states)
             skips.extend(block_skips)
+            interrupt.check()  # a Stop takes effect between blocks, not after the whole step
 
         # 4. mid
         sample = self.mid_block(sample, emb, encoder_hidden_states)
+        interrupt.check()
 
         # 5. up: each block takes its len(resnets) skips from the end of the list
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             sample = block(sample, block_skips, emb, encoder_hidden_states)
+            interrupt.check()
 
         # 6. post-process
         sample = self.conv_norm_out(sample, act=True)

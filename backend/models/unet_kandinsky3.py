@@ -21,6 +21,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from backend import interrupt
 from backend.device import on_cpu
 from backend.nn import layers
 from backend.nn.host import host_matmul, split_batch
@@ -444,9 +445,11 @@ class Kandinsky3UNet(nn.Cell):
             sample = block(sample, time_embed, context, mask)
             if level != self.num_levels - 1:
                 skips.append(sample)
+            interrupt.check()  # a Stop takes effect between blocks, not after the whole step
         for level, block in enumerate(self.up_blocks):
             if level != 0:
                 sample = concat([sample, skips.pop()], axis=1)
             sample = block(sample, time_embed, context, mask)
+            interrupt.check()
         sample = self.conv_norm_out(sample, act=True)
         return self.conv_out(sample)

@@ -25,6 +25,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from backend import interrupt
 from backend.device import on_cpu
 from backend.nn import Embedding, Linear, layers
 from backend.nn.host import conv2d_host, host_gemm
@@ -637,6 +638,7 @@ class UpDecoderBlock2D(nn.Cell):
             x = resnet(x, zq)
             if self.attentions is not None:
                 x = self.attentions[i](x, zq)
+            interrupt.check()  # the full-resolution blocks take seconds: a Stop need not wait
         if self.upsamplers is not None:
             x = self.upsamplers[0](x)
         return x

@@ -96,9 +96,18 @@ class _HostGemm:
                 _local.serial = False
 
         futures = [self.pool.submit(share, start) for start in range(1, min(count, self.threads))]
-        share(0)
+        error = None
+        try:
+            share(0)
+        except BaseException as raised:  # e.g. a Stop (backend/interrupt.py): let the others end first
+            error = raised
         for future in futures:
-            future.result()
+            try:
+                future.result()
+            except BaseException as raised:
+                error = error or raised
+        if error is not None:
+            raise error
 
 
 _host_gemm: _HostGemm | None = None  # created on first use: the library handle and thread pool
