@@ -338,12 +338,12 @@ def resolve_pretrained(repo_id_or_dir: str | os.PathLike, *, variant: str | None
                                   local_files_only=local_files_only, cache_dir=cache_dir,
                                   revision=revision, tqdm_class=_progress_class(on_download))
     except LocalEntryNotFoundError as error:
-        include = "'*.json' '*.txt' '*.safetensors'"
+        include = "'*.json' '*.txt' '*.model' '*.safetensors'"
         raise WeightsError(f"the weights of {repo} are not in the local Hugging Face cache and the Hub "
                            f"cannot be reached (offline mode or no network). "
                            + OFFLINE_HELP.format(repo=repo, include=include)) from error
     except Exception as error:  # network errors come in many types (requests, httpx, OSError)
-        include = "'*.json' '*.txt' '*.safetensors'"
+        include = "'*.json' '*.txt' '*.model' '*.safetensors'"
         raise WeightsError(f"could not download {repo} from the Hugging Face Hub: {error}. "
                            + OFFLINE_HELP.format(repo=repo, include=include)) from error
     return Path(local)
