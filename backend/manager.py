@@ -145,8 +145,8 @@ class ModelSpec:
         if task in ("controlnet", "controlnet_img2img"):
             return "ControlNet depth exists for Kandinsky 2.2 only (kandinsky-2-2-controlnet-depth)"
         if self.family == "3" and task == "inpaint":
-            return ("there is no published Kandinsky 3 inpainting checkpoint in diffusers format; "
-                    "use Kandinsky 2.2 or 2.1 to inpaint")
+            return ("there is no published Kandinsky 3 inpainting checkpoint in diffusers format (diffusers "
+                    "0.35 has no Kandinsky 3 inpainting pipeline); use Kandinsky 2.2 or 2.1 to inpaint")
         if self.family == "3" and task == "interpolate":
             return ("Kandinsky 3 has no image-embedding prior to mix texts and images; use Kandinsky 2.2 "
                     "or 2.1 to interpolate")
