@@ -1,7 +1,8 @@
 """Models on demand: load on first use, keep while memory allows, evict least recently used.
 
-The unit of loading is one pipeline folder (a Hub repo or a local diffusers-layout folder):
-the prior, the decoder, the inpainting decoder, the ControlNet decoder. Pipelines that share a
+The unit of loading is one pipeline folder (a Hub repo or a local diffusers-layout folder), or a
+declared part of one (Kandinsky 3, below): the prior, the decoder, the inpainting decoder, the
+ControlNet decoder. Pipelines that share a
 folder share its components (text-to-image and image-to-image are the same UNet + MoVQ), so a
 pipeline object is cheap and built per request; the scheduler is the only part that is swapped.
 
@@ -43,6 +44,7 @@ from typing import Callable
 from backend import previews
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Stage:
