@@ -15,7 +15,6 @@ import re
 import struct
 import time
 import zlib
-from pathlib import Path
 
 import httpx
 import pytest

@@ -107,11 +107,11 @@ def measure_real_size(runner, holder, work: Path, steps: int, stops: int, bench_
     started = time.monotonic()
     end = runner.submit(request(num_inference_steps=2), "measure").wait(timeout=3600)
     assert isinstance(end, Result), end
-    print(f"## Real-size 2.2 decoder (UNet 1.25 B + MoVQ, random weights; tiny 1280-d prior), 512x512, "
-          f"guidance 4 (UNet batch 2)")
+    print("## Real-size 2.2 decoder (UNet 1.25 B + MoVQ, random weights; tiny 1280-d prior), 512x512, "
+          "guidance 4 (UNet batch 2)")
     print(f"- first run (loads the models, fits the preview factors, 2 steps): {time.monotonic() - started:.1f} s")
 
-    print(f"\n| preview | run s | preview s | share | Generate -> first preview s | load average |")
+    print("\n| preview | run s | preview s | share | Generate -> first preview s | load average |")
     print("|---|---|---|---|---|---|")
     for mode in ("fast", "off", "decode"):
         cpu = time.process_time()

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from backend.device import on_cpu
 from backend.nn.layers import Embedding, LayerNorm, Linear, gelu, is_host, scaled_dot_product_attention

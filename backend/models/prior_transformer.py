@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 
 from backend.device import on_cpu
 from backend.nn.layers import (LayerNorm, Linear, gelu, host_param, is_host, scaled_dot_product_attention, silu,

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
-import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 from PIL import Image
 
 from backend.pipelines import inputs
