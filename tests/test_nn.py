@@ -174,3 +174,23 @@ def test_conv2d_host_bands_match_one_product(batch, monkeypatch):
     np.testing.assert_array_equal(conv2d_host(x, weight, bias, 2, 1), strided)
     ref = ops.conv2d(Tensor(x), Tensor(weight), None, pad_mode="pad", padding=1).asnumpy() + bias[None, :, None, None]
     np.testing.assert_allclose(whole, ref, atol=2e-5)
+
+
+def test_host_attention_in_blocks_equals_the_whole_score_tensor(monkeypatch):
+    """Large score tensors are computed per (batch, head) and per block of query rows: the same
+    result to float32 rounding (sgemm blocks a 7-row product differently from a 96-row one)."""
+    from backend.nn import layers
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 96, 3, 8)).astype(np.float32)      # (B, N, h, d)
+    q = x.transpose(0, 2, 1, 3)                                      # strided view, as the models pass it
+    k = rng.standard_normal((2, 3, 40, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 3, 40, 8)).astype(np.float32)
+    for mask in (None, np.where(rng.random((2, 1, 1, 40)) < 0.2, -1e9, 0).astype(np.float32),
+                 rng.standard_normal((2, 1, 96, 40)).astype(np.float32)):
+        whole = layers.scaled_dot_product_attention(q, k, v, mask)
+        monkeypatch.setattr(layers, "MAX_SCORE_ELEMENTS", 7 * 40)   # 7 query rows per block
+        blocks = layers.scaled_dot_product_attention(q, k, v, mask)
+        monkeypatch.undo()
+        assert blocks.shape == whole.shape == (2, 3, 96, 8)
+        assert np.abs(blocks - whole).max() <= 1e-6

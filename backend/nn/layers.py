@@ -301,9 +301,35 @@ def scaled_dot_product_attention(q, k, v, mask=None, scale: float | None = None)
     return ops.matmul(probs, v)
 
 
+# Largest block of attention scores materialized at once (float32 elements: 128 MB). Without a
+# bound, Kandinsky 3's 64x64-token self-attention at 1024x1024 holds 12 heads x 4096^2 scores
+# (805 MB) per sample.
+MAX_SCORE_ELEMENTS = 1 << 25
+
+
 def _attention_host(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, scale: float) -> np.ndarray:
     """Host scaled_dot_product_attention. q/k/v may be strided views such as
-    x.reshape(B, N, h, d).transpose(0, 2, 1, 3): sgemm reads them in place, no copies."""
+    x.reshape(B, N, h, d).transpose(0, 2, 1, 3): sgemm reads them in place, no copies. Score
+    tensors over MAX_SCORE_ELEMENTS are computed one (batch, head) and one block of query rows
+    at a time: each row's softmax still sees all its keys, so the result is the same up to float32
+    rounding (sgemm blocks smaller products differently; measured <= 1e-6 in tests/test_nn.py)."""
+    lead, lq, lk = q.shape[:-2], q.shape[-2], k.shape[-2]
+    if math.prod(lead) * lq * lk <= MAX_SCORE_ELEMENTS or k.shape[:-2] != lead or v.shape[:-2] != lead:
+        return _attention_block(q, k, v, mask, scale)
+    if mask is not None:
+        mask = np.broadcast_to(mask, np.broadcast_shapes(mask.shape, (*lead, 1, 1)))
+    out = np.empty((*lead, lq, v.shape[-1]), np.float32)
+    rows = max(1, MAX_SCORE_ELEMENTS // lk)
+    for index in np.ndindex(*lead):
+        m = None if mask is None else mask[index]
+        for start in range(0, lq, rows):
+            block = slice(start, start + rows)
+            block_mask = None if m is None else (m if m.shape[-2] == 1 else m[block])
+            out[index][block] = _attention_block(q[index][block], k[index], v[index], block_mask, scale)
+    return out
+
+
+def _attention_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, scale: float) -> np.ndarray:
     scores = host_matmul(q, k.swapaxes(-1, -2))  # (..., Lq, Lk)
     scores *= np.float32(scale)
     if mask is not None:
