@@ -225,18 +225,18 @@ class _Run:
                     num_inference_steps=r.prior_num_inference_steps, generator=generator,
                     negative_prior_prompt=negative_prior, negative_prompt=r.negative_prompt,
                     guidance_scale=r.prior_guidance_scale, callback=callback)
+                self._note_truncation(prior, "prior")
             else:
                 embeds, negative = prior(r.prompt, negative_prompt=negative_prior,
                                          num_images_per_prompt=r.batch_size,
                                          num_inference_steps=r.prior_num_inference_steps, generator=generator,
                                          guidance_scale=r.prior_guidance_scale, callback=callback)
-                self._note_truncation(prior, "prior")  # before the negative prompt's run resets it
+                self._note_truncation(prior, "prior")  # the prompt's: the negative prompt's run resets it
                 if r.negative_prompt:
                     negative = prior(r.negative_prompt, negative_prompt=negative_prior,
                                      num_images_per_prompt=r.batch_size,
                                      num_inference_steps=r.prior_num_inference_steps, generator=generator,
                                      guidance_scale=r.prior_guidance_scale, callback=callback)[0]
-            self._note_truncation(prior, "prior")
         return embeds, negative
 
     def _note_truncation(self, pipe, stage: str) -> None:

@@ -152,9 +152,9 @@ class XLMRobertaSelfAttention(nn.Cell):
 class XLMRobertaSelfOutput(nn.Cell):
     """dense, then LayerNorm of the residual sum (post-norm)."""
 
-    def __init__(self, config: MCLIPConfig):
+    def __init__(self, config: MCLIPConfig, in_features: int | None = None):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(in_features or config.hidden_size, config.hidden_size)
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def construct(self, hidden_states, input_tensor):
@@ -185,18 +185,11 @@ class XLMRobertaIntermediate(nn.Cell):
         return _ACTIVATIONS[self.hidden_act](self.dense(hidden_states))
 
 
-class XLMRobertaOutput(nn.Cell):
-    def __init__(self, config: MCLIPConfig):
-        super().__init__()
-        self.dense = Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+class XLMRobertaOutput(XLMRobertaSelfOutput):
+    """The same after the feed-forward: dense from the intermediate width."""
 
-    def construct(self, hidden_states, input_tensor):
-        hidden_states = self.dense(hidden_states)
-        if is_host(hidden_states):
-            hidden_states += input_tensor
-            return self.LayerNorm(hidden_states)
-        return self.LayerNorm(hidden_states + input_tensor)
+    def __init__(self, config: MCLIPConfig):
+        super().__init__(config, config.intermediate_size)
 
 
 class XLMRobertaLayer(nn.Cell):

@@ -34,8 +34,6 @@ from backend.pipelines.kandinsky2_2 import (
     _DecoderPipeline,
     downscale_height_and_width,
     get_timesteps,
-    nearest_resize,
-    prepare_mask,
     prepare_mask_and_masked_image,
 )
 from backend.random import randn
@@ -267,24 +265,13 @@ class KandinskyInpaintPipeline(_KandinskyDecoder):
                                  f"give one image or one per prompt")
             pixels = np.repeat(pixels, len(prompt), axis=0)
             keep_mask = np.repeat(keep_mask, len(prompt), axis=0)
-        image_latents = self.to_numpy(self.movq.encode(self.to_tensor(pixels))["latents"])
-        keep_mask = prepare_mask(nearest_resize(keep_mask, image_latents.shape[-2:]))
-        masked_image = image_latents * keep_mask
-        keep_mask = keep_mask.repeat(num_images_per_prompt, axis=0)
-        masked_image = masked_image.repeat(num_images_per_prompt, axis=0)
-        if do_cfg:
-            keep_mask = np.concatenate([keep_mask] * 2)
-            masked_image = np.concatenate([masked_image] * 2)
-        extra = np.concatenate([masked_image, keep_mask], axis=1)
+        image_latents, _, extra = self._inpaint_channels(keep_mask, pixels, num_images_per_prompt, do_cfg)
 
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
         latent_h, latent_w = downscale_height_and_width(height, width, self.movq_scale_factor)
         latents = self._prepare_latents((batch_size, self.latent_channels, latent_h, latent_w), generator, latents)
-        if latents.shape[-2:] != image_latents.shape[-2:]:
-            raise ValueError(f"`height`/`width` {height}x{width} give latents of {latents.shape[-2:]} but the "
-                             f"image encodes to {image_latents.shape[-2:]}; use multiples of "
-                             f"{self.movq_scale_factor ** 2} pixels")
+        self._check_inpaint_size(latents, image_latents, height, width)
         if latents.shape[1] + extra.shape[1] != self.unet.config.in_channels:
             raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels but latents, masked "
                              f"image and mask make {latents.shape[1] + extra.shape[1]}; inpainting needs an "

@@ -372,6 +372,27 @@ class _DecoderPipeline(DiffusionPipeline):
             return inputs.numpy_to_pil(image)
         return image
 
+    def _inpaint_channels(self, keep_mask: np.ndarray, pixels: np.ndarray, num_images_per_prompt: int,
+                          do_cfg: bool):
+        """The image's MoVQ latents, and the inpainting UNet's extra input channels: masked image
+        latents and the keep mask (1 = keep) at latent size, repeated per image and for both
+        guidance halves. Returns (image_latents, keep_mask, extra)."""
+        image_latents = self.to_numpy(self.movq.encode(self.to_tensor(pixels))["latents"])
+        keep_mask = prepare_mask(nearest_resize(keep_mask, image_latents.shape[-2:]))
+        masked_image = image_latents * keep_mask
+        keep_mask = keep_mask.repeat(num_images_per_prompt, axis=0)
+        masked_image = masked_image.repeat(num_images_per_prompt, axis=0)
+        if do_cfg:
+            keep_mask = np.concatenate([keep_mask] * 2)
+            masked_image = np.concatenate([masked_image] * 2)
+        return image_latents, keep_mask, np.concatenate([masked_image, keep_mask], axis=1)
+
+    def _check_inpaint_size(self, latents: np.ndarray, image_latents: np.ndarray, height: int, width: int):
+        if latents.shape[-2:] != image_latents.shape[-2:]:
+            raise ValueError(f"`height`/`width` {height}x{width} give latents of {latents.shape[-2:]} but the "
+                             f"image encodes to {image_latents.shape[-2:]}; use multiples of "
+                             f"{self.movq_scale_factor ** 2} pixels")
+
     def encode_images(self, images: list, height: int, width: int) -> np.ndarray:
         """PIL images (or (H, W, 3) arrays in [0, 1]) -> MoVQ latents, as diffusers' VaeImageProcessor
         preprocesses: resize to the size rounded down to the MoVQ factor (bicubic), scale to [-1, 1]."""
@@ -539,23 +560,12 @@ class KandinskyV22InpaintPipeline(_DecoderPipeline):
         timesteps = self.scheduler.timesteps
 
         keep_mask, pixels = prepare_mask_and_masked_image(image, mask_image, height, width)
-        image_latents = self.to_numpy(self.movq.encode(self.to_tensor(pixels))["latents"])
-        keep_mask = prepare_mask(nearest_resize(keep_mask, image_latents.shape[-2:]))
-        masked_image = image_latents * keep_mask
-        keep_mask = keep_mask.repeat(num_images_per_prompt, axis=0)
-        masked_image = masked_image.repeat(num_images_per_prompt, axis=0)
-        if do_cfg:
-            keep_mask = np.concatenate([keep_mask] * 2)
-            masked_image = np.concatenate([masked_image] * 2)
-        extra = np.concatenate([masked_image, keep_mask], axis=1)
+        image_latents, keep_mask, extra = self._inpaint_channels(keep_mask, pixels, num_images_per_prompt, do_cfg)
 
         latent_h, latent_w = downscale_height_and_width(height, width, self.movq_scale_factor)
         latents = self._prepare_latents((batch_size, self.latent_channels, latent_h, latent_w), generator,
                                         latents)
-        if latents.shape[-2:] != image_latents.shape[-2:]:
-            raise ValueError(f"`height`/`width` {height}x{width} give latents of {latents.shape[-2:]} but the "
-                             f"image encodes to {image_latents.shape[-2:]}; use multiples of "
-                             f"{self.movq_scale_factor ** 2} pixels")
+        self._check_inpaint_size(latents, image_latents, height, width)
         noise = latents.copy()
         init_latents_proper, init_mask = image_latents[:1], keep_mask[:1]
 
