@@ -215,6 +215,41 @@ def quick_gelu(x):
     return x * ops.sigmoid(1.702 * x)
 
 
+def relu(x):
+    return np.maximum(x, np.float32(0)) if is_host(x) else ops.relu(x)
+
+
+def mish(x):
+    if is_host(x):
+        return x * np.tanh(np.logaddexp(np.float32(0), x))
+    return x * ops.tanh(ops.softplus(x))
+
+
+def get_timestep_embedding(timesteps: np.ndarray, embedding_dim: int, flip_sin_to_cos: bool = False,
+                           downscale_freq_shift: float = 1, scale: float = 1,
+                           max_period: int = 10000) -> np.ndarray:
+    """Sinusoidal embedding (N,) -> (N, embedding_dim) float32, as diffusers computes it
+    (models/embeddings.py get_timestep_embedding).
+
+    Every intermediate is rounded to float32 where torch's is. exp/sin/cos are evaluated in
+    float64 and rounded: correctly rounded values, which differ from torch's float32 kernels by
+    at most one unit in the last place (measured: 4 of 192 frequencies).
+    """
+    half_dim = embedding_dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half_dim, dtype=np.float32)
+    exponent = exponent / np.float32(half_dim - downscale_freq_shift)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    angles = np.asarray(timesteps).astype(np.float32)[:, None] * freqs[None, :]  # (N, half)
+    angles = np.float32(scale) * angles
+    emb = np.concatenate([np.sin(angles.astype(np.float64)), np.cos(angles.astype(np.float64))],
+                         axis=-1).astype(np.float32)
+    if flip_sin_to_cos:
+        emb = np.concatenate([emb[:, half_dim:], emb[:, :half_dim]], axis=-1)
+    if embedding_dim % 2 == 1:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
 # Element-wise activations on the host run in place over row chunks that stay in the CPU cache,
 # spread over the cores (numpy releases the GIL): measured on a (162, 8192) float32 array,
 # MindSpore's CPU gelu took 30 ms, one numpy pass per operation over the whole array ~40 ms,

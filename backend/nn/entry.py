@@ -1,0 +1,129 @@
+"""The two execution paths, and the one entry every model goes through.
+
+Two execution paths. Every layer in backend/nn takes either a numpy array or a MindSpore Tensor
+and returns the same kind:
+- host path (CPU): activations are float32 numpy arrays from a model's input to its output; the
+  heavy products run through the oneDNN that MindSpore bundles (backend/nn/host.py: sgemm,
+  convolutions as im2col in cache-sized bands, whole samples per core), the rest in numpy.
+- device path (GPU, Ascend; or CPU with `cpu_numpy_path = False`): Tensors through the portable
+  `mindspore.ops` API, which has GPU and Ascend kernels.
+Why two: on CPU, MindSpore 2.10's PyNative kernels are slow and uneven on large activations.
+Measured here on (2, 384, 64, 64) float32 with other work on the machine: group norm 90-2000 ms
+(numpy 15 ms, torch 12 ms), add 7 ms (numpy 0.7 ms), silu 4-660 ms; its CPU conv2d runs at about
+0.6 GFLOP/s against ~200 for im2col + oneDNN's sgemm (docs/PERFORMANCE.md). Parameters stay
+MindSpore Parameters either way; the host path reads them with asnumpy(), which on CPU is a view
+of the same memory.
+
+A model picks the path once, at its entry (`run_model`), and a layer never mixes the two.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from backend.device import on_cpu
+from backend.nn.host import split_batch
+
+
+class Model(nn.Cell):
+    """Base of every model: the switch between the two execution paths."""
+
+    # False runs the mindspore.ops (device) path on CPU too; the tests check both paths with it.
+    cpu_numpy_path = True
+
+    @property
+    def host_path(self) -> bool:
+        return self.cpu_numpy_path and on_cpu()
+
+    @property
+    def dtype(self):
+        """The dtype of the model's parameters (the device path computes in it)."""
+        for param in self.get_parameters():
+            return param.dtype
+        return ms.float32
+
+
+def _is_float(x) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.dtype.kind == "f"
+    if isinstance(x, Tensor):
+        return x.dtype in (ms.float16, ms.bfloat16, ms.float32, ms.float64)
+    return False
+
+
+def _tree_map(fn, value):
+    if isinstance(value, dict):
+        return {k: _tree_map(fn, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_tree_map(fn, v) for v in value)
+    return fn(value)
+
+
+def to_host(x):
+    """Float inputs as float32 numpy arrays (a Tensor's asnumpy() is a view on CPU); integer
+    Tensors as numpy arrays; anything else unchanged."""
+    if isinstance(x, Tensor):
+        x = x.asnumpy()
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype != np.float32:
+        return x.astype(np.float32)
+    return x
+
+
+def to_device(x, dtype):
+    """Float inputs as Tensors of `dtype`; integer Tensors as numpy arrays; anything else unchanged."""
+    if isinstance(x, Tensor) and not _is_float(x):
+        return x.asnumpy()
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+        x = Tensor(np.ascontiguousarray(x, dtype=np.float32))
+    if isinstance(x, Tensor) and x.dtype != dtype:
+        return x.astype(dtype)
+    return x
+
+
+def run_model(model: Model, forward: Callable, *inputs, split_samples: bool = True, dtype=None):
+    """forward(*inputs) on the model's execution path.
+
+    `inputs` are numpy arrays, Tensors, numbers, None, or dicts / lists / tuples of them. Float
+    arrays become float32 numpy arrays on the host path and Tensors of `dtype` (default: the
+    model's) on the device path; integer arrays (token ids, masks given as ints) always reach
+    `forward` as numpy arrays, for the model's own host-side index logic.
+
+    On the host path with `split_samples`, whole samples go to each core (backend/nn/host.py
+    `split_batch`): every array input whose first axis is the batch (the first array's) is cut
+    along it, and `forward` must return an array, or a tuple of arrays, with samples along axis 0.
+
+    Returns what `forward` returns: numpy float32 arrays on the host path, Tensors on the device
+    path.
+    """
+    if model.host_path:
+        inputs = _tree_map(to_host, inputs)
+        batch = _first_batch(inputs)
+        if split_samples and batch is not None:
+            def rows(start: int, stop: int):
+                def cut(x):
+                    if isinstance(x, np.ndarray) and x.ndim and x.shape[0] == batch:
+                        return x[start:stop]
+                    return x
+                return _tree_map(cut, inputs)
+
+            out = split_batch(batch, lambda start, stop: forward(*rows(start, stop)))
+            if out is not None:
+                return out
+        return forward(*inputs)
+    dtype = dtype or model.dtype
+    return forward(*_tree_map(lambda x: to_device(x, dtype), inputs))
+
+
+def _first_batch(inputs) -> int | None:
+    found = []
+
+    def look(x):
+        if not found and isinstance(x, np.ndarray) and x.ndim:
+            found.append(x.shape[0])
+        return x
+
+    _tree_map(look, inputs)
+    return found[0] if found else None
