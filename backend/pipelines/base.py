@@ -171,6 +171,9 @@ class DiffusionPipeline:
 
     @staticmethod
     def to_numpy(tensor) -> np.ndarray:
+        """A model's output as float32 numpy: the host path already returns numpy arrays."""
+        if isinstance(tensor, np.ndarray):
+            return tensor if tensor.dtype == np.float32 else tensor.astype(np.float32)
         if tensor.dtype != ms.float32:
             tensor = tensor.astype(ms.float32)
         return tensor.asnumpy()
