@@ -9,6 +9,7 @@ from backend.nn.layers import (
     GroupNorm,
     LayerNorm,
     Linear,
+    RMSNorm,
     gelu,
     get_timestep_embedding,
     group_norm,

@@ -67,10 +67,15 @@ class Linear(nn.Cell):
             if self.bias is not None:
                 y += host_param(self.bias)
             return y.reshape(*shape[:-1], self.out_features)
-        y = ops.matmul(x.reshape(-1, shape[-1]), self.weight.T)
+        # in the input's dtype: T5 keeps half-precision weights and computes in float32
+        y = ops.matmul(x.reshape(-1, shape[-1]), _as_dtype(self.weight, x.dtype).T)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + _as_dtype(self.bias, x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def _as_dtype(param, dtype):
+    return param if param.dtype == dtype else param.astype(dtype)
 
 
 class Conv2d(nn.Cell):
@@ -178,6 +183,25 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
         op = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
         _layer_norm_ops[eps] = op
     return op(x, weight, bias)[0]
+
+
+class RMSNorm(nn.Cell):
+    """T5's layer norm (transformers T5LayerNorm): x / sqrt(mean(x^2) + eps) * weight, no mean
+    subtraction, no bias, statistics in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = ones_parameter((hidden_size,))
+        self.eps = eps
+
+    def construct(self, x):
+        if is_host(x):
+            variance = np.einsum("...i,...i->...", x, x)[..., None] / np.float32(x.shape[-1])
+            y = x * (1 / np.sqrt(variance + np.float32(self.eps)))
+            y *= host_param(self.weight)
+            return y
+        variance = (x * x).mean(axis=-1, keep_dims=True)
+        return _as_dtype(self.weight, x.dtype) * (x * ops.rsqrt(variance + self.eps))
 
 
 class Embedding(nn.Cell):
