@@ -546,7 +546,7 @@ class ModelManager:
 
     def _build(self, kind: str, spec: ModelSpec, entry: LoadedFolder, scheduler: str):
         from backend import pipelines
-        from backend.pipelines.base import load_subfolder
+        from backend.pipelines.loading import load_subfolder
         from backend.schedulers import scheduler_from_config
 
         cls = getattr(pipelines, spec.stage(kind).pipeline)

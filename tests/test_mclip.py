@@ -13,7 +13,7 @@ import pytest
 from mindspore import Tensor
 
 from backend.models.mclip import MCLIPConfig, MultilingualCLIP, position_ids_from_input_ids
-from backend.pipelines.base import load_xlm_roberta_tokenizer
+from backend.pipelines.loading import load_xlm_roberta_tokenizer
 from backend.weights import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pipelines_2_1"

@@ -96,33 +96,33 @@ def test_t5_tokenizer_from_spiece_model_alone():
     """The published kandinsky-3 tokenizer/ folder has spiece.model but no tokenizer.json: with the
     `sentencepiece` package our tokenizer gives the ids of transformers 4.57's slow T5Tokenizer
     (diffusers' class); without it, the error names the file and the package."""
-    from backend.pipelines import kandinsky3
+    from backend.pipelines import loading
     from backend.weights import WeightsError
 
     folder = SPIECE / "tokenizer"
     assert not (folder / "tokenizer.json").exists()
     reference = json.loads((SPIECE / "reference.json").read_text())
-    if kandinsky3.sentencepiece_available():
-        tokenizer = kandinsky3.load_t5_tokenizer(folder)
+    if loading.sentencepiece_available():
+        tokenizer = loading.load_t5_tokenizer(folder)
         tokens = tokenizer(reference["prompts"], padding="max_length", max_length=128, truncation=True)
         assert tokens["input_ids"] == reference["input_ids"]
         assert tokens["attention_mask"] == reference["attention_mask"]
     else:
         with pytest.raises(WeightsError, match=r"spiece\.model.*`sentencepiece` package"):
-            kandinsky3.load_t5_tokenizer(folder)
+            loading.load_t5_tokenizer(folder)
 
 
 def test_t5_tokenizer_without_sentencepiece_names_the_file(monkeypatch, tmp_path):
-    from backend.pipelines import kandinsky3
+    from backend.pipelines import loading
     from backend.weights import WeightsError
 
-    monkeypatch.setattr(kandinsky3, "sentencepiece_available", lambda: False)
+    monkeypatch.setattr(loading, "sentencepiece_available", lambda: False)
     with pytest.raises(WeightsError, match=r"t5_spiece/tokenizer/spiece\.model is a SentencePiece model"):
-        kandinsky3.load_t5_tokenizer(SPIECE / "tokenizer")
+        loading.load_t5_tokenizer(SPIECE / "tokenizer")
     with pytest.raises(WeightsError, match="neither tokenizer.json nor spiece.model"):
-        kandinsky3.load_t5_tokenizer(tmp_path)
+        loading.load_t5_tokenizer(tmp_path)
     # a folder with tokenizer.json never needs sentencepiece
-    assert kandinsky3.load_t5_tokenizer(REPO / "tokenizer")(["a cat"])["input_ids"][0][-1] == 1
+    assert loading.load_t5_tokenizer(REPO / "tokenizer")(["a cat"])["input_ids"][0][-1] == 1
 
 
 def test_text_encoder_can_be_released_before_the_unet(pipe):

@@ -15,8 +15,6 @@ Differences, each on purpose (as in kandinsky2_2.py):
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -27,38 +25,6 @@ from backend.pipelines.kandinsky2_2 import _DecoderPipeline, downscale_height_an
 from backend.pipelines.base import StepCallback
 
 MAX_LENGTH = 128  # diffusers' Kandinsky 3 tokenizes every prompt to 128 tokens
-
-
-def sentencepiece_available() -> bool:
-    return importlib.util.find_spec("sentencepiece") is not None
-
-
-def load_t5_tokenizer(folder: Path):
-    """transformers' T5 tokenizer from local files only: tokenizer.json, or else spiece.model.
-
-    The published kandinsky-community/kandinsky-3 `tokenizer/` folder has spiece.model and the slow
-    tokenizer's json files but no tokenizer.json. transformers 5.x builds its (tokenizers-backed)
-    T5 tokenizer from spiece.model only with the `sentencepiece` package installed: its
-    SentencePieceExtractor requires it, and without it transformers falls back to a tiktoken reader
-    that fails with a message about tiktoken. So that case is told here, naming the file.
-    """
-    from backend import weights
-    folder = Path(folder)
-    spiece = folder / "spiece.model"
-    if not (folder / "tokenizer.json").is_file():
-        if not spiece.is_file():
-            raise weights.WeightsError(f"cannot load the T5 tokenizer from {folder}: it has neither "
-                                       "tokenizer.json nor spiece.model")
-        if not sentencepiece_available():
-            raise weights.WeightsError(
-                f"cannot load the T5 tokenizer from {folder}: {spiece} is a SentencePiece model and there is no "
-                "tokenizer.json; transformers reads spiece.model only with the `sentencepiece` package "
-                "installed (pip install sentencepiece, see requirements.txt)")
-    try:
-        from transformers import T5TokenizerFast
-        return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
-    except Exception as error:
-        raise weights.WeightsError(f"cannot load the T5 tokenizer from {folder}: {error}") from error
 
 
 def _array(name: str, value, ndim: int) -> np.ndarray:
