@@ -267,8 +267,11 @@ def test_add_noise():
     np.testing.assert_array_equal(single[0], noisy[0])
     with pytest.raises(ValueError, match="timesteps"):
         scheduler.add_noise(original, noise, np.array([1000, 0]))
+    # one sample noised with each noise of a batch, as diffusers broadcasts (2.2 inpainting)
+    broadcast = scheduler.add_noise(original[:1], noise, np.array([10]))
+    np.testing.assert_array_equal(broadcast, scheduler.add_noise(original[[0, 0]], noise, np.array([10, 10])))
     with pytest.raises(ValueError, match="noise shape"):
-        scheduler.add_noise(original, noise[:1], np.array([10, 10]))
+        scheduler.add_noise(original, noise[:, :3], np.array([10, 10]))
 
 
 def test_output_indexes_like_a_tuple():

@@ -5,9 +5,8 @@ from backend.pipelines.kandinsky2_2 import (
     KandinskyV22Img2ImgPipeline,
     KandinskyV22InpaintPipeline,
     KandinskyV22Pipeline,
-    KandinskyV22PriorEmb2EmbPipeline,
-    KandinskyV22PriorPipeline,
 )
+from backend.pipelines.prior import KandinskyV22PriorEmb2EmbPipeline, KandinskyV22PriorPipeline
 from backend.pipelines.kandinsky2_2_combined import (
     KandinskyV22CombinedPipeline,
     KandinskyV22Img2ImgCombinedPipeline,

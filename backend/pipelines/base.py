@@ -1,7 +1,9 @@
 """What every pipeline shares: `from_pretrained` from a diffusers-layout folder or Hub repo (the
-components are built by loading.py), the step callback contract, and tensor <-> numpy moves."""
+components are built by loading.py), the step callback contract, classifier-free guidance, the
+truncation notes, and tensor <-> numpy moves."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -13,19 +15,54 @@ from mindspore import Tensor
 from backend import weights
 from backend.pipelines.loading import ProgressCallback, load_component, load_subfolder
 
+logger = logging.getLogger(__name__)
+
 # Step callback: (step index, total steps, current latents, predicted clean latents x0).
 # Raising from it stops the run; the exception reaches the caller unchanged.
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
 
 
+def do_classifier_free_guidance(guidance_scale: float) -> bool:
+    """diffusers' rule: a scale above 1 runs the model on the [unconditional; conditional] batch."""
+    return guidance_scale > 1.0
+
+
+def apply_guidance(noise_pred: np.ndarray, guidance_scale: float, learned_variance: bool) -> np.ndarray:
+    """Classifier-free guidance: a (2B, C, ...) prediction for the [unconditional; conditional]
+    batch -> (B, C, ...) uncond + g * (cond - uncond).
+
+    `learned_variance`: the channels are [noise; variance] halves (the Kandinsky 2.x UNets predict
+    both, out_channels = 2 x latent channels): only the noise is guided, the variance is the
+    conditional half's (diffusers' unCLIP-style pipelines).
+    """
+    variance = None
+    if learned_variance:
+        noise_pred, variance = np.split(noise_pred, 2, axis=1)
+        variance = np.split(variance, 2)[1]
+    uncond, cond = np.split(noise_pred, 2)
+    guided = uncond + np.float32(guidance_scale) * (cond - uncond)
+    return guided if variance is None else np.concatenate([guided, variance], axis=1)
+
+
+def get_timesteps(scheduler, num_inference_steps: int, strength: float):
+    """The tail of the schedule that img2img runs: the last `strength` fraction of the steps."""
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0)
+    return scheduler.timesteps[t_start:]
+
+
 class DiffusionPipeline:
-    """Base: `from_pretrained`, `components`, dtype handling."""
+    """Base: `from_pretrained`, `components`, dtype handling, truncation notes."""
 
     # Component names in model_index.json that this pipeline needs.
     component_names: tuple[str, ...] = ()
     # Those of them that may be None (diffusers' `_optional_components`): the pipeline checks,
     # when a call needs one, that it is there.
     optional_components: tuple[str, ...] = ()
+    # The text each prompt of the last call lost to the text encoder's token limit (the tokenizer
+    # cuts it; the app shows it). Set at each call that encodes a prompt (record_truncation);
+    # empty when nothing was cut or the call read no prompt.
+    truncated_text: list[str] = []
 
     def __init__(self, dtype=ms.float32, **components):
         missing = [n for n in self.component_names
@@ -82,6 +119,17 @@ class DiffusionPipeline:
         if overrides:
             raise ValueError(f"unknown components for {cls.__name__}: {sorted(overrides)}")
         return cls(dtype=dtype, **components)
+
+    def record_truncation(self, prompts: list[str], max_length: int) -> None:
+        """Set (and log) `truncated_text`: what `self.tokenizer` cuts from `prompts` at `max_length` tokens."""
+        untruncated = self.tokenizer(prompts, padding="longest", return_tensors="np")["input_ids"]
+        self.truncated_text = []
+        if untruncated.shape[-1] > max_length:
+            removed = self.tokenizer.batch_decode(untruncated[:, max_length - 1:], skip_special_tokens=True)
+            self.truncated_text = [text for text in removed if text.strip()]
+        if self.truncated_text:
+            logger.warning("The text encoder reads %d tokens; this part of the prompt was dropped: %s",
+                           max_length, self.truncated_text)
 
     # -- tensor moves: MindSpore for the models, numpy float32 for schedulers and outputs
     def to_tensor(self, array: np.ndarray) -> Tensor:

@@ -71,10 +71,10 @@ def as_embeds(name: str, value, dim: int) -> np.ndarray:
     if value is None:
         raise ValueError(f"`{name}` is required: an array of shape (batch, {dim})")
     if isinstance(value, (list, tuple)):
-        value = np.concatenate([np.asarray(_to_numpy(v), dtype=np.float32).reshape(-1, dim)
-                                if np.asarray(_to_numpy(v)).size % dim == 0 else np.asarray(_to_numpy(v))
+        value = np.concatenate([np.asarray(as_numpy(v), dtype=np.float32).reshape(-1, dim)
+                                if np.asarray(as_numpy(v)).size % dim == 0 else np.asarray(as_numpy(v))
                                 for v in value], axis=0)
-    array = np.asarray(_to_numpy(value), dtype=np.float32)
+    array = np.asarray(as_numpy(value), dtype=np.float32)
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or array.shape[1] != dim:
@@ -87,7 +87,7 @@ def as_embeds(name: str, value, dim: int) -> np.ndarray:
 
 
 def as_latents(name: str, value, shape: tuple) -> np.ndarray:
-    array = np.asarray(_to_numpy(value), dtype=np.float32)
+    array = np.asarray(as_numpy(value), dtype=np.float32)
     if tuple(array.shape) != tuple(shape):
         raise ValueError(f"`{name}` must have shape {tuple(shape)}; got {tuple(array.shape)}")
     if not np.isfinite(array).all():
@@ -95,10 +95,19 @@ def as_latents(name: str, value, shape: tuple) -> np.ndarray:
     return array
 
 
-def _to_numpy(value):
-    if hasattr(value, "asnumpy"):  # a MindSpore Tensor
+def as_numpy(value):
+    """A MindSpore Tensor as a numpy array; anything else as it is."""
+    if hasattr(value, "asnumpy"):
         return value.asnumpy()
     return value
+
+
+def as_array(name: str, value, ndim: int) -> np.ndarray:
+    """An array (or Tensor) argument with `ndim` dimensions, as numpy."""
+    array = np.asarray(as_numpy(value))
+    if array.ndim != ndim:
+        raise ValueError(f"`{name}` must have {ndim} dimensions; got shape {tuple(array.shape)}")
+    return array
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
@@ -130,7 +139,7 @@ def to_mask(mask, name: str = "mask_image") -> Image.Image | np.ndarray:
             return to_rgb(mask, name).convert("L")
         return mask.convert("L")
     try:
-        array = np.asarray(_to_numpy(mask), dtype=np.float32)
+        array = np.asarray(as_numpy(mask), dtype=np.float32)
     except (TypeError, ValueError):  # e.g. a file name: say which argument, not "could not convert"
         raise ValueError(f"`{name}` must be a PIL image or a (H, W) array in [0, 1]; "
                          f"got {type(mask).__name__}") from None

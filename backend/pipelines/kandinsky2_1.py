@@ -23,23 +23,14 @@ guidance is off):
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from backend.pipelines import inputs
-from backend.pipelines.base import StepCallback
-from backend.pipelines.kandinsky2_2 import (
-    KandinskyV22PriorPipeline,
-    _DecoderPipeline,
-    downscale_height_and_width,
-    get_timesteps,
-    prepare_mask_and_masked_image,
-)
+from backend.pipelines.base import StepCallback, do_classifier_free_guidance, get_timesteps
+from backend.pipelines.decoder import DecoderPipeline, downscale_height_and_width, prepare_mask_and_masked_image
+from backend.pipelines.prior import KandinskyV22PriorPipeline
 from backend.random import randn
 from backend.schedulers.base import add_noise, torch_cumprod_f32, torch_linspace_f32
-
-logger = logging.getLogger(__name__)
 
 # diffusers tokenizes the decoder prompt with max_length=77, whatever the tokenizer's own limit (512).
 MAX_TEXT_TOKENS = 77
@@ -57,7 +48,7 @@ class KandinskyPriorPipeline(KandinskyV22PriorPipeline):
 # ---------------------------------------------------------------------------------- decoders
 
 
-class _KandinskyDecoder(_DecoderPipeline):
+class _KandinskyDecoder(DecoderPipeline):
     """MCLIP text encoder + UNet + scheduler + MoVQ; the shared parts of the 2.1 decoders."""
 
     component_names = ("text_encoder", "tokenizer", "unet", "scheduler", "movq")
@@ -67,15 +58,26 @@ class _KandinskyDecoder(_DecoderPipeline):
         # TextImageProjection / TextImageTimeEmbedding take image embeddings of cross_attention_dim
         return int(self.unet.config.cross_attention_dim)
 
+    def unet_inputs(self, prompt: list[str], negative_prompt: list[str] | None, image_embeds,
+                    negative_image_embeds, num_images_per_prompt: int, guided: bool) -> dict:
+        """What the 2.1 UNet reads besides the sample: the MCLIP token states (cross-attention), and
+        the pooled text and image embeddings (added to the time embedding); negative halves first
+        when guiding."""
+        image_embeds = self._image_embeds(image_embeds, negative_image_embeds, len(prompt), num_images_per_prompt,
+                                          guided)
+        text_embeds, hidden = self._encode_prompt(prompt, num_images_per_prompt, guided, negative_prompt)
+        return {"encoder_hidden_states": hidden,
+                "added_cond_kwargs": {"text_embeds": text_embeds, "image_embeds": image_embeds}}
+
     # -- text
-    def _encode_prompt(self, prompt: list[str], num_images_per_prompt: int, do_cfg: bool,
+    def _encode_prompt(self, prompt: list[str], num_images_per_prompt: int, guided: bool,
                        negative_prompt: list[str] | None):
         """MCLIP (text_embeds (B*n, D), token states (B*n, 77, H)); the negative half first when guiding."""
         text_embeds, hidden = self._encode_text(prompt)
-        self._record_truncation(prompt)
+        self.record_truncation(prompt, MAX_TEXT_TOKENS)
         text_embeds = text_embeds.repeat(num_images_per_prompt, axis=0)
         hidden = hidden.repeat(num_images_per_prompt, axis=0)
-        if not do_cfg:
+        if not guided:
             return text_embeds, hidden
         if negative_prompt is None:
             uncond_tokens = [""] * len(prompt)
@@ -99,21 +101,9 @@ class _KandinskyDecoder(_DecoderPipeline):
                                                 tokens["attention_mask"].astype(np.int64))
         return self.to_numpy(text_embeds), self.to_numpy(hidden)
 
-    def _record_truncation(self, prompt: list[str]) -> None:
-        """Record (and log) the part of each prompt beyond the decoder's 77 tokens; the UI shows
-        `truncated_text`."""
-        untruncated = self.tokenizer(prompt, padding="longest", return_tensors="np")["input_ids"]
-        self.truncated_text = []
-        if untruncated.shape[-1] > MAX_TEXT_TOKENS:
-            removed = self.tokenizer.batch_decode(untruncated[:, MAX_TEXT_TOKENS - 1:], skip_special_tokens=True)
-            self.truncated_text = [r for r in removed if r.strip()]
-            if self.truncated_text:
-                logger.warning("The text encoder reads %d tokens; this part of the prompt was dropped: %s",
-                               MAX_TEXT_TOKENS, self.truncated_text)
-
     # -- image embeddings
-    def _image_cond(self, image_embeds, negative_image_embeds, prompt_batch: int, num_images_per_prompt: int,
-                    do_cfg: bool) -> np.ndarray:
+    def _image_embeds(self, image_embeds, negative_image_embeds, prompt_batch: int, num_images_per_prompt: int,
+                      guided: bool) -> np.ndarray:
         """(B*n, D) image embeddings (negative half first when guiding), one per prompt."""
         image_embeds = inputs.as_embeds("image_embeds", image_embeds, self.embed_dim)
         negative = inputs.as_embeds("negative_image_embeds", negative_image_embeds, self.embed_dim)
@@ -129,41 +119,14 @@ class _KandinskyDecoder(_DecoderPipeline):
             negative = np.repeat(negative, prompt_batch, axis=0)
         image_embeds = image_embeds.repeat(num_images_per_prompt, axis=0)
         negative = negative.repeat(num_images_per_prompt, axis=0)
-        return np.concatenate([negative, image_embeds]) if do_cfg else image_embeds
+        return np.concatenate([negative, image_embeds]) if guided else image_embeds
 
-    def _prompts(self, prompt, negative_prompt):
+    @staticmethod
+    def _prompts(prompt, negative_prompt):
         prompt = inputs.prompts_list("prompt", prompt)
         if negative_prompt is not None:
             negative_prompt = inputs.prompts_list("negative_prompt", negative_prompt)
         return prompt, negative_prompt
-
-    # -- denoising
-    def _denoise(self, latents, timesteps, text_embeds, hidden, image_cond, guidance_scale, generator,
-                 callback: StepCallback | None, extra_channels=None):
-        do_cfg = guidance_scale > 1.0
-        added = {"text_embeds": self.to_tensor(text_embeds), "image_embeds": self.to_tensor(image_cond)}
-        hidden_t = self.to_tensor(hidden)
-        channels = latents.shape[1]
-        total = len(timesteps)
-        for i, t in enumerate(timesteps):
-            model_input = np.concatenate([latents] * 2) if do_cfg else latents
-            if extra_channels is not None:  # inpainting: masked image latents and mask
-                model_input = np.concatenate([model_input, extra_channels], axis=1)
-            noise_pred = self.to_numpy(self.unet(self.to_tensor(model_input), int(t), encoder_hidden_states=hidden_t,
-                                                 added_cond_kwargs=added))
-            if do_cfg:
-                noise_pred, variance_pred = noise_pred[:, :channels], noise_pred[:, channels:]
-                noise_uncond, noise_text = np.split(noise_pred, 2)
-                _, variance_text = np.split(variance_pred, 2)
-                noise_pred = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
-                noise_pred = np.concatenate([noise_pred, variance_text], axis=1)
-            if self.scheduler.config.get("variance_type") not in ("learned", "learned_range"):
-                noise_pred = noise_pred[:, :channels]
-            out = self.scheduler.step(noise_pred, t, latents, generator=generator)
-            latents = out.prev_sample
-            if callback is not None:
-                callback(i, total, latents, out.pred_original_sample)
-        return latents
 
 
 class KandinskyPipeline(_KandinskyDecoder):
@@ -175,21 +138,22 @@ class KandinskyPipeline(_KandinskyDecoder):
                  output_type: str = "pil", callback: StepCallback | None = None):
         prompt, negative_prompt = self._prompts(prompt, negative_prompt)
         height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type = \
-            self._check_common(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                               output_type)
-        do_cfg = guidance_scale > 1.0
+            self.check_inputs(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                              output_type)
+        guided = do_classifier_free_guidance(guidance_scale)
         batch_size = len(prompt) * num_images_per_prompt
-        image_cond = self._image_cond(image_embeds, negative_image_embeds, len(prompt), num_images_per_prompt,
-                                      do_cfg)
-        text_embeds, hidden = self._encode_prompt(prompt, num_images_per_prompt, do_cfg, negative_prompt)
-
+        # image embeddings and MCLIP text, negative halves first when guiding
+        unet_kwargs = self.unet_inputs(prompt, negative_prompt, image_embeds, negative_image_embeds,
+                                       num_images_per_prompt, guided)
+        # timesteps and initial latents
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
         latent_h, latent_w = downscale_height_and_width(height, width, self.movq_scale_factor)
-        latents = self._prepare_latents((batch_size, self.unet.config.in_channels, latent_h, latent_w), generator,
-                                        latents)
-        latents = self._denoise(latents, timesteps, text_embeds, hidden, image_cond, guidance_scale, generator,
-                                callback)
+        latents = self.prepare_latents((batch_size, self.unet.config.in_channels, latent_h, latent_w), generator,
+                                       latents)
+        # denoising loop
+        latents = self.denoise(latents, timesteps, unet_kwargs, guidance_scale, generator, callback)
+        # MoVQ decode
         return (self.decode(latents, output_type),)
 
 
@@ -210,15 +174,15 @@ class KandinskyImg2ImgPipeline(_KandinskyDecoder):
                  callback: StepCallback | None = None):
         prompt, negative_prompt = self._prompts(prompt, negative_prompt)
         height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type = \
-            self._check_common(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                               output_type)
+            self.check_inputs(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                              output_type)
         strength = inputs.check_strength(strength)
-        do_cfg = guidance_scale > 1.0
-        image_cond = self._image_cond(image_embeds, negative_image_embeds, len(prompt), num_images_per_prompt,
-                                      do_cfg)
-        text_embeds, hidden = self._encode_prompt(prompt, num_images_per_prompt, do_cfg, negative_prompt)
+        guided = do_classifier_free_guidance(guidance_scale)
+        # image embeddings and MCLIP text, negative halves first when guiding
+        unet_kwargs = self.unet_inputs(prompt, negative_prompt, image_embeds, negative_image_embeds,
+                                       num_images_per_prompt, guided)
 
-        # the image, encoded by the MoVQ, one per prompt
+        # the image, encoded by the MoVQ, one per prompt and image
         latents = self.encode_images(inputs.images_list("image", image), height, width)
         if latents.shape[0] != len(prompt):
             if latents.shape[0] != 1:
@@ -227,6 +191,7 @@ class KandinskyImg2ImgPipeline(_KandinskyDecoder):
             latents = np.repeat(latents, len(prompt), axis=0)
         latents = latents.repeat(num_images_per_prompt, axis=0)
 
+        # the last `strength` of the schedule, and the latents noised for it
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = get_timesteps(self.scheduler, num_inference_steps, strength)
         latents = latents * np.float32(self.scheduler.init_noise_sigma)
@@ -235,8 +200,9 @@ class KandinskyImg2ImgPipeline(_KandinskyDecoder):
             noise_timestep = max(int(self.scheduler.config["num_train_timesteps"] * strength) - 2, 0)
             noise = randn(latents.shape, generator)
             latents = add_noise_linear_ddpm(latents, noise, np.full(latents.shape[0], noise_timestep))
-        latents = self._denoise(latents, timesteps, text_embeds, hidden, image_cond, guidance_scale, generator,
-                                callback)
+        # denoising loop
+        latents = self.denoise(latents, timesteps, unet_kwargs, guidance_scale, generator, callback)
+        # MoVQ decode
         return (self.decode(latents, output_type),)
 
 
@@ -249,15 +215,15 @@ class KandinskyInpaintPipeline(_KandinskyDecoder):
                  output_type: str = "pil", callback: StepCallback | None = None):
         prompt, negative_prompt = self._prompts(prompt, negative_prompt)
         height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type = \
-            self._check_common(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                               output_type)
-        do_cfg = guidance_scale > 1.0
+            self.check_inputs(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                              output_type)
+        guided = do_classifier_free_guidance(guidance_scale)
         batch_size = len(prompt) * num_images_per_prompt
-        image_cond = self._image_cond(image_embeds, negative_image_embeds, len(prompt), num_images_per_prompt,
-                                      do_cfg)
-        text_embeds, hidden = self._encode_prompt(prompt, num_images_per_prompt, do_cfg, negative_prompt)
+        # image embeddings and MCLIP text, negative halves first when guiding
+        unet_kwargs = self.unet_inputs(prompt, negative_prompt, image_embeds, negative_image_embeds,
+                                       num_images_per_prompt, guided)
 
-        # the kept part of the image and the mask (1 = keep), at latent size, as extra UNet channels
+        # the masked image latents and the mask (1 = keep), at latent size, as extra UNet channels
         keep_mask, pixels = prepare_mask_and_masked_image(image, mask_image, height, width)
         if pixels.shape[0] != len(prompt):
             if pixels.shape[0] != 1:
@@ -265,17 +231,20 @@ class KandinskyInpaintPipeline(_KandinskyDecoder):
                                  f"give one image or one per prompt")
             pixels = np.repeat(pixels, len(prompt), axis=0)
             keep_mask = np.repeat(keep_mask, len(prompt), axis=0)
-        image_latents, _, extra = self._inpaint_channels(keep_mask, pixels, num_images_per_prompt, do_cfg)
+        image_latents, _, extra = self.inpaint_channels(keep_mask, pixels, num_images_per_prompt, guided)
 
+        # timesteps and initial latents
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
         latent_h, latent_w = downscale_height_and_width(height, width, self.movq_scale_factor)
-        latents = self._prepare_latents((batch_size, self.latent_channels, latent_h, latent_w), generator, latents)
-        self._check_inpaint_size(latents, image_latents, height, width)
+        latents = self.prepare_latents((batch_size, self.latent_channels, latent_h, latent_w), generator, latents)
+        self.check_inpaint_size(latents, image_latents, height, width)
         if latents.shape[1] + extra.shape[1] != self.unet.config.in_channels:
             raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels but latents, masked "
                              f"image and mask make {latents.shape[1] + extra.shape[1]}; inpainting needs an "
                              f"inpainting UNet (kandinsky-2-1-inpaint)")
-        latents = self._denoise(latents, timesteps, text_embeds, hidden, image_cond, guidance_scale, generator,
-                                callback, extra_channels=extra)
+        # denoising loop (diffusers' 2.1 inpainting does not put the known region back)
+        latents = self.denoise(latents, timesteps, unet_kwargs, guidance_scale, generator, callback,
+                               extra_channels=extra)
+        # MoVQ decode
         return (self.decode(latents, output_type),)

@@ -1,22 +1,19 @@
 """Prior + decoder in one call, as diffusers' `pipelines/kandinsky/pipeline_kandinsky_combined.py`.
 
-`from_pretrained(decoder_repo)` also loads the prior: diffusers finds it through the decoder
-repo's model card (`prior: kandinsky-community/kandinsky-2-1-prior`); we keep that mapping in
-`DEFAULT_PRIORS` and accept `prior_pretrained_model_name_or_path` for anything else. As in
-diffusers, the decoder gets the prompt repeated to one per image embedding and no negative
+The shared part is combined.py. As in diffusers, the decoder gets the prompt repeated to one per image embedding and no negative
 prompt (its unconditional text is ""); `negative_prompt` steers the prior only.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from backend.pipelines.combined import CombinedPipeline
 from backend.pipelines.kandinsky2_1 import (
     KandinskyImg2ImgPipeline,
     KandinskyInpaintPipeline,
     KandinskyPipeline,
     KandinskyPriorPipeline,
 )
-from backend.pipelines.kandinsky2_2_combined import _Combined
 
 DEFAULT_PRIORS = {
     "kandinsky-community/kandinsky-2-1": "kandinsky-community/kandinsky-2-1-prior",
@@ -24,19 +21,11 @@ DEFAULT_PRIORS = {
 }
 
 
-class _Combined21(_Combined):
+class _Combined21(CombinedPipeline):
     prior_class = KandinskyPriorPipeline
-    decoder_class = KandinskyPipeline
     default_priors = DEFAULT_PRIORS
     # `scheduler=` (e.g. "ddpm_scheduler") is the decoder's; other kwargs go to both loads.
     decoder_only_kwargs = ("scheduler",)
-
-    @property
-    def truncated_text(self) -> list[str]:
-        """What the last call dropped from the prompt: beyond CLIP's 77 tokens (prior), then beyond
-        the multilingual encoder's 77 tokens (decoder)."""
-        return list(getattr(self.prior_pipe, "truncated_text", [])) + \
-            list(getattr(self.decoder_pipe, "truncated_text", []))
 
 
 class KandinskyCombinedPipeline(_Combined21):

@@ -21,20 +21,13 @@ import numpy as np
 from mindspore import Tensor
 
 from backend.pipelines import inputs
-from backend.pipelines.kandinsky2_2 import _DecoderPipeline, downscale_height_and_width, get_timesteps
-from backend.pipelines.base import StepCallback
+from backend.pipelines.base import StepCallback, do_classifier_free_guidance, get_timesteps
+from backend.pipelines.decoder import DecoderPipeline, downscale_height_and_width
 
 MAX_LENGTH = 128  # diffusers' Kandinsky 3 tokenizes every prompt to 128 tokens
 
 
-def _array(name: str, value, ndim: int) -> np.ndarray:
-    array = np.asarray(value.asnumpy() if hasattr(value, "asnumpy") else value)
-    if array.ndim != ndim:
-        raise ValueError(f"`{name}` must have {ndim} dimensions; got shape {tuple(array.shape)}")
-    return array
-
-
-class Kandinsky3Pipeline(_DecoderPipeline):
+class Kandinsky3Pipeline(DecoderPipeline):
     """Text-to-image: prompt -> T5 states -> Kandinsky3UNet denoising -> MoVQ decode."""
 
     component_names = ("tokenizer", "text_encoder", "unet", "scheduler", "movq")
@@ -44,37 +37,24 @@ class Kandinsky3Pipeline(_DecoderPipeline):
     # Called as on_text_encoded(pipeline) after the prompt is encoded, before the first UNet call.
     on_text_encoded: Callable | None = None
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.unet.config.encoder_hid_dim)
-
-    # The part of each prompt beyond the 128 tokens T5 reads, from the last encode (the UI shows it).
-    truncated_text: list = []
-
-    def _encode(self, prompts: list[str], record_truncation: bool = False):
+    def _encode(self, prompts: list[str]):
+        """T5 states (B, 128, D) and attention mask (B, 128) of `prompts`."""
         self._require("tokenizer", "text_encoder", why="to encode a prompt (or pass `prompt_embeds`)")
-        if record_truncation:
-            self._record_truncation(prompts)
         tokens = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                                 return_tensors="np")
         ids, mask = tokens["input_ids"], tokens["attention_mask"].astype(np.int64)
         states = self.to_numpy(self.text_encoder(Tensor(ids.astype(np.int32)), mask)[0])  # (B, 128, D)
         return states, mask
 
-    def _record_truncation(self, prompts: list[str]) -> None:
-        untruncated = self.tokenizer(prompts, padding="longest", return_tensors="np")["input_ids"]
-        self.truncated_text = []
-        if untruncated.shape[-1] > MAX_LENGTH:
-            removed = self.tokenizer.batch_decode(untruncated[:, MAX_LENGTH - 1:], skip_special_tokens=True)
-            self.truncated_text = [r for r in removed if r.strip()]
-
     def encode_prompt(self, prompt, do_classifier_free_guidance=True, num_images_per_prompt=1,
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                       attention_mask=None, negative_attention_mask=None, _cut_context=True):
         """(prompt_embeds, negative_prompt_embeds, attention_mask, negative_attention_mask) as numpy;
         the negative pair is None without guidance."""
+        self.truncated_text = []
         if prompt_embeds is None:
-            prompt_embeds, attention_mask = self._encode(prompt, record_truncation=True)
+            prompt_embeds, attention_mask = self._encode(prompt)
+            self.record_truncation(prompt, MAX_LENGTH)
             if _cut_context:
                 prompt_embeds[attention_mask == 0] = 0
                 keep = int(attention_mask.sum(-1).max()) + 1
@@ -107,7 +87,7 @@ class Kandinsky3Pipeline(_DecoderPipeline):
 
     def _text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, attention_mask,
                            negative_attention_mask, guidance_scale, num_images_per_prompt):
-        """Checked text arguments -> (states, mask) for the UNet (negative half first when guiding), batch."""
+        """Checked text arguments -> (the UNet's T5 states and mask, negative half first when guiding; batch)."""
         self._require("unet", "scheduler", "movq", why="to generate images")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Give either `prompt` or `prompt_embeds`, not both")
@@ -120,10 +100,10 @@ class Kandinsky3Pipeline(_DecoderPipeline):
         if negative_prompt is not None:
             negative_prompt = inputs.prompts_list("negative_prompt", negative_prompt)
         if prompt_embeds is not None:
-            prompt_embeds = _array("prompt_embeds", prompt_embeds, 3).astype(np.float32)
+            prompt_embeds = inputs.as_array("prompt_embeds", prompt_embeds, 3).astype(np.float32)
             if attention_mask is None:
                 raise ValueError("Give `attention_mask` along with `prompt_embeds`")
-            attention_mask = _array("attention_mask", attention_mask, 2).astype(np.int64)
+            attention_mask = inputs.as_array("attention_mask", attention_mask, 2).astype(np.int64)
             if prompt_embeds.shape[:2] != attention_mask.shape:
                 raise ValueError(f"`prompt_embeds` {prompt_embeds.shape[:2]} and `attention_mask` "
                                  f"{attention_mask.shape} must have the same batch size and token length")
@@ -132,50 +112,40 @@ class Kandinsky3Pipeline(_DecoderPipeline):
             if not np.isfinite(prompt_embeds).all():
                 raise ValueError("`prompt_embeds` contains NaN or infinite values")
         if negative_prompt_embeds is not None:
-            negative_prompt_embeds = _array("negative_prompt_embeds", negative_prompt_embeds, 3).astype(np.float32)
+            negative_prompt_embeds = inputs.as_array("negative_prompt_embeds", negative_prompt_embeds,
+                                                     3).astype(np.float32)
             if negative_attention_mask is None:
                 raise ValueError("Give `negative_attention_mask` along with `negative_prompt_embeds`")
-            negative_attention_mask = _array("negative_attention_mask", negative_attention_mask, 2).astype(np.int64)
+            negative_attention_mask = inputs.as_array("negative_attention_mask", negative_attention_mask,
+                                                      2).astype(np.int64)
             if negative_prompt_embeds.shape[:2] != negative_attention_mask.shape:
                 raise ValueError("`negative_prompt_embeds` and `negative_attention_mask` must have the same batch "
                                  "size and token length")
             if prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
                 raise ValueError(f"`prompt_embeds` {prompt_embeds.shape} and `negative_prompt_embeds` "
                                  f"{negative_prompt_embeds.shape} must have the same shape")
-        do_cfg = guidance_scale > 1.0
+        guided = do_classifier_free_guidance(guidance_scale)
         embeds, negative, mask, negative_mask = self.encode_prompt(
-            prompt, do_cfg, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            prompt, guided, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
             attention_mask, negative_attention_mask)
         if self.on_text_encoded is not None:
             self.on_text_encoded(self)
         batch_size = embeds.shape[0]
-        if do_cfg:
+        if guided:
             embeds = np.concatenate([negative, embeds])
-            mask = np.concatenate([negative_mask, mask]).astype(bool)
-        return embeds, mask, batch_size
+            mask = np.concatenate([negative_mask, mask]).astype(bool)  # as diffusers
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask.astype(np.float32)}, batch_size
 
     def _require(self, *names: str, why: str) -> None:
         missing = [name for name in names if getattr(self, name) is None]
         if missing:
             raise ValueError(f"{type(self).__name__} was built without {', '.join(missing)}, needed {why}")
 
-    def _denoise_text(self, latents, timesteps, embeds, mask, guidance_scale, generator, callback):
-        do_cfg = guidance_scale > 1.0
-        embeds_t = self.to_tensor(embeds)
-        mask = mask.astype(np.float32)
-        total = len(timesteps)
-        for i, t in enumerate(timesteps):
-            model_input = np.concatenate([latents] * 2) if do_cfg else latents
-            noise_pred = self.to_numpy(self.unet(self.to_tensor(model_input), int(t), embeds_t, mask))
-            if do_cfg:
-                uncond, text = np.split(noise_pred, 2)
-                g = np.float32(guidance_scale)
-                noise_pred = (g + np.float32(1.0)) * text - g * uncond
-            out = self.scheduler.step(noise_pred, t, latents, generator=generator)
-            latents = out.prev_sample
-            if callback is not None:
-                callback(i, total, latents, out.pred_original_sample)
-        return latents
+    def guide(self, noise_pred: np.ndarray, guidance_scale: float) -> np.ndarray:
+        """diffusers' Kandinsky 3 form of classifier-free guidance (its UNet predicts no variance)."""
+        uncond, text = np.split(noise_pred, 2)
+        g = np.float32(guidance_scale)
+        return (g + np.float32(1.0)) * text - g * uncond
 
     def __call__(self, prompt=None, num_inference_steps: int = 25, guidance_scale: float = 3.0,
                  negative_prompt=None, num_images_per_prompt: int = 1, height: int = 1024, width: int = 1024,
@@ -183,16 +153,20 @@ class Kandinsky3Pipeline(_DecoderPipeline):
                  attention_mask=None, negative_attention_mask=None, output_type: str = "pil", latents=None,
                  callback: StepCallback | None = None):
         height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type = \
-            self._check_common(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                               output_type)
-        embeds, mask, batch_size = self._text_conditioning(
+            self.check_inputs(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+                              output_type)
+        # T5 states and mask, negative half first when guiding
+        unet_kwargs, batch_size = self._text_conditioning(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, attention_mask,
             negative_attention_mask, guidance_scale, num_images_per_prompt)
+        # timesteps and initial latents
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
         latent_h, latent_w = downscale_height_and_width(height, width, 8)
-        latents = self._prepare_latents((batch_size, 4, latent_h, latent_w), generator, latents)
-        latents = self._denoise_text(latents, timesteps, embeds, mask, guidance_scale, generator, callback)
+        latents = self.prepare_latents((batch_size, 4, latent_h, latent_w), generator, latents)
+        # denoising loop
+        latents = self.denoise(latents, timesteps, unet_kwargs, guidance_scale, generator, callback)
+        # MoVQ decode
         return (self.decode(latents, output_type),)
 
 
@@ -227,19 +201,21 @@ class Kandinsky3Img2ImgPipeline(Kandinsky3Pipeline):
         if (height - height % factor) % unet_factor or (width - width % factor) % unet_factor:
             raise ValueError(f"`image` is {width}x{height}; Kandinsky 3 needs each side (rounded down to a "
                              f"multiple of {factor}) to be a multiple of {unet_factor} pixels")
-        embeds, mask, batch_size = self._text_conditioning(
+        # T5 states and mask, negative half first when guiding
+        unet_kwargs, batch_size = self._text_conditioning(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, attention_mask,
             negative_attention_mask, guidance_scale, num_images_per_prompt)
+        # the images' MoVQ latents, one per prompt and image
         latents = self.encode_images(images, height, width)  # (N, 4, h, w)
         latents = np.repeat(latents, num_images_per_prompt, axis=0)
         if latents.shape[0] != batch_size:
             raise ValueError(f"`image` has {len(images)} images but there are {batch_size // num_images_per_prompt} "
                              "prompts; give one image per prompt")
+        # the last `strength` of the schedule, and the latents noised to its first step
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = get_timesteps(self.scheduler, num_inference_steps, strength)
-        if len(timesteps):
-            from backend.random import randn
-            noise = randn(latents.shape, generator)
-            latents = self.scheduler.add_noise(latents, noise, np.repeat(timesteps[:1], batch_size))
-        latents = self._denoise_text(latents, timesteps, embeds, mask, guidance_scale, generator, callback)
+        latents = self.noise_to_strength(latents, timesteps, generator)
+        # denoising loop
+        latents = self.denoise(latents, timesteps, unet_kwargs, guidance_scale, generator, callback)
+        # MoVQ decode
         return (self.decode(latents, output_type),)

@@ -229,11 +229,16 @@ def clip_or_threshold(pred_original_sample: np.ndarray, config: dict) -> np.ndar
 
 def add_noise(alphas_cumprod: np.ndarray, original_samples, noise, timesteps) -> np.ndarray:
     """q(x_t | x_0) = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * noise, one timestep per batch item
-    (or one for all), computed in the samples' dtype as diffusers does."""
+    (or one for all), computed in the samples' dtype as diffusers does. Samples and noise broadcast
+    against each other as in diffusers (the 2.2 inpainting pipeline noises its one image with the
+    noise of every image of the batch)."""
     original_samples = np.asarray(original_samples)
     noise = np.asarray(noise, dtype=original_samples.dtype)
-    if noise.shape != original_samples.shape:
-        raise ValueError(f"noise shape {noise.shape} must equal original_samples shape {original_samples.shape}")
+    try:
+        np.broadcast_shapes(noise.shape, original_samples.shape)
+    except ValueError:
+        raise ValueError(f"noise shape {noise.shape} does not broadcast with original_samples shape "
+                         f"{original_samples.shape}") from None
     timesteps = np.asarray(timesteps).reshape(-1)
     if not np.issubdtype(timesteps.dtype, np.integer):
         raise ValueError(f"timesteps must be integers; got dtype {timesteps.dtype}")
