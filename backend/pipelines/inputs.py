@@ -12,9 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-MAX_SIDE = 4096          # pixels per side; 4096x4096 already needs ~1 GB of activations per UNet block
-MAX_STEPS = 1000         # the schedulers' num_train_timesteps
-MAX_BATCH = 64
+from backend.limits import MAX_BATCH, MAX_SIDE, MAX_STEPS  # the library's limits (the app's are lower)
 
 
 def check_positive_int(name: str, value, maximum: int) -> int:
