@@ -26,6 +26,7 @@ from backend.pipelines import (
     KandinskyPriorPipeline,
 )
 from backend.schedulers import DDIMScheduler, DDPMScheduler
+from tests.conftest import assert_close
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pipelines_2_1"
 IMAGES = Path(__file__).parent / "fixtures" / "pipelines"
@@ -78,19 +79,12 @@ def gen(seed):
     return np.random.default_rng(seed)
 
 
-def assert_close(ours, theirs):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape
-    diff = float(np.abs(ours - theirs).max())
-    assert diff <= TOL, f"max abs difference {diff:.2e} > {TOL}"
-
-
 def run(pipe, ref, key, *args, **kwargs):
     """Call with output_type "np"; compare the images and the last step's latents with diffusers'."""
     steps = []
     out = pipe(*args, output_type="np", callback=lambda i, total, latents, x0: steps.append(latents), **kwargs)[0]
-    assert_close(steps[-1], ref[key + "_latents"])
-    assert_close(out, ref[key])
+    assert_close(steps[-1], ref[key + "_latents"], TOL)
+    assert_close(out, ref[key], TOL)
     return out, steps
 
 
@@ -99,8 +93,8 @@ def run(pipe, ref, key, *args, **kwargs):
 
 def test_prior_text_to_embedding(prior, ref):
     emb, neg = prior("a red cat", num_inference_steps=3, generator=gen(0), guidance_scale=4.0)
-    assert_close(emb, ref["prior_image_embeds"])
-    assert_close(neg, ref["prior_negative_image_embeds"])
+    assert_close(emb, ref["prior_image_embeds"], TOL)
+    assert_close(neg, ref["prior_negative_image_embeds"], TOL)
 
 
 def test_prior_pads_with_exclamation_mark(prior):
@@ -113,21 +107,21 @@ def test_prior_pads_with_exclamation_mark(prior):
 def test_prior_negative_prompt_and_images_per_prompt(prior, ref):
     emb, neg = prior(["the dog", "a cat"], negative_prompt=["red", "the"], num_images_per_prompt=2,
                      num_inference_steps=2, generator=gen(1), guidance_scale=3.0)
-    assert_close(emb, ref["prior_neg_image_embeds"])
-    assert_close(neg, ref["prior_neg_negative_image_embeds"])
+    assert_close(emb, ref["prior_neg_image_embeds"], TOL)
+    assert_close(neg, ref["prior_neg_negative_image_embeds"], TOL)
 
 
 def test_prior_without_guidance(prior, ref):
     emb, neg = prior("the cat", num_inference_steps=2, generator=gen(2), guidance_scale=1.0)
-    assert_close(emb, ref["prior_noguid_image_embeds"])
-    assert_close(neg, ref["prior_noguid_negative_image_embeds"])
+    assert_close(emb, ref["prior_noguid_image_embeds"], TOL)
+    assert_close(neg, ref["prior_noguid_negative_image_embeds"], TOL)
 
 
 def test_prior_interpolate(prior, ref):
     emb, neg = prior.interpolate(["a cat", image("image_a.png"), "red dog", image("image_b.png")],
                                  [0.3, 0.2, 0.4, 0.1], num_inference_steps=2, generator=gen(3))
-    assert_close(emb, ref["interp_image_embeds"])
-    assert_close(neg, ref["interp_negative_image_embeds"])
+    assert_close(emb, ref["interp_image_embeds"], TOL)
+    assert_close(neg, ref["interp_negative_image_embeds"], TOL)
 
 
 # ---------------------------------------------------------------------------------- decoders
@@ -141,7 +135,7 @@ def test_text2img_published_ddim_latents(decoder, ref):
             height=64, width=64, num_inference_steps=3, guidance_scale=4.0, generator=gen(10), output_type="latent",
             callback=lambda i, total, latents, x0: steps.append(latents))
     assert np.abs(steps[-1]).max() > 10  # why the image itself is not compared (module docstring)
-    assert_close(steps[-1], ref["text2img_published_ddim_latents"])
+    assert_close(steps[-1], ref["text2img_published_ddim_latents"], TOL)
 
 
 def test_text2img(decoder_clipped, ref):
@@ -173,7 +167,7 @@ def test_scheduler_as_component(decoder, ref):
     out = pipe(["a red cat", "the dog on the mat"], ref["image_embeds"], ref["negative_image_embeds"],
                negative_prompt=["the", "red dog"], height=64, width=128, num_inference_steps=3, guidance_scale=5.0,
                num_images_per_prompt=2, generator=gen(11), output_type="np")[0]
-    assert_close(out, ref["text2img_ddpm_64x128"])
+    assert_close(out, ref["text2img_ddpm_64x128"], TOL)
 
 
 def test_img2img(decoder_clipped, ref):
@@ -219,6 +213,29 @@ def test_inpaint_non_square(inpaint, ref):
                  negative_image_embeds=ref["negative_image_embeds"][:1], height=64, width=128,
                  num_inference_steps=3, guidance_scale=4.0, generator=gen(16))
     assert out.shape == (1, 64, 128, 3)
+
+
+@pytest.fixture(scope="module")
+def ref_two():
+    """Final latents of every decoder with num_images_per_prompt=2 (make_pipelines_2_1.py)."""
+    return dict(np.load(FIXTURES / "reference_two_per_prompt.npz"))
+
+
+@pytest.mark.parametrize("case", ["text2img", "img2img", "inpaint"])
+def test_two_images_per_prompt(decoder_clipped, inpaint, ref, ref_two, case):
+    common = dict(image_embeds=ref["image_embeds"][:1], negative_image_embeds=ref["negative_image_embeds"][:1],
+                  height=64, width=64, guidance_scale=4.0, num_images_per_prompt=2, output_type="latent")
+    if case == "text2img":
+        out = decoder_clipped("a red cat", num_inference_steps=3, generator=gen(20), **common)[0]
+    elif case == "img2img":
+        pipe = KandinskyImg2ImgPipeline(**decoder_clipped.components)
+        out = pipe("a red cat", image=image("image_a.png"), strength=0.6, num_inference_steps=4, generator=gen(21),
+                   **common)[0]
+    else:
+        out = inpaint("the dog", image=image("image_a.png"), mask_image=image("mask.png"), num_inference_steps=3,
+                      generator=gen(22), **common)[0]
+    assert out.shape == (2, 4, 8, 8)
+    assert_close(out, ref_two[case], TOL)
 
 
 def test_inpaint_needs_an_inpainting_unet(decoder):

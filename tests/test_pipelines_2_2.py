@@ -21,6 +21,7 @@ from backend.pipelines import (
 )
 from backend import weights
 from backend.schedulers import DDIMScheduler, DDPMScheduler
+from tests.conftest import assert_close
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pipelines"
 PRIOR = FIXTURES / "kandinsky-2-2-prior-tiny"
@@ -33,6 +34,12 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def ref():
     return dict(np.load(FIXTURES / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def ref_two():
+    """Final latents of every decoder with num_images_per_prompt=2 (make_pipelines.py)."""
+    return dict(np.load(FIXTURES / "reference_two_per_prompt.npz"))
 
 
 @pytest.fixture(scope="module")
@@ -53,51 +60,44 @@ def gen(seed):
     return np.random.default_rng(seed)
 
 
-def assert_close(ours, theirs):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape
-    diff = float(np.abs(ours - theirs).max())
-    assert diff <= TOL, f"max abs difference {diff:.2e} > {TOL}"
-
-
 def test_prior_text_to_embedding(prior, ref):
     emb, neg = prior("a red cat", num_inference_steps=3, generator=gen(0), guidance_scale=4.0)
-    assert_close(emb, ref["prior_image_embeds"])
-    assert_close(neg, ref["prior_negative_image_embeds"])
+    assert_close(emb, ref["prior_image_embeds"], TOL)
+    assert_close(neg, ref["prior_negative_image_embeds"], TOL)
 
 
 def test_prior_negative_prompt_and_images_per_prompt(prior, ref):
     emb, neg = prior(["the dog", "a cat"], negative_prompt=["red", "the"], num_images_per_prompt=2,
                      num_inference_steps=2, generator=gen(1), guidance_scale=3.0)
-    assert_close(emb, ref["prior_neg_image_embeds"])
-    assert_close(neg, ref["prior_neg_negative_image_embeds"])
+    assert_close(emb, ref["prior_neg_image_embeds"], TOL)
+    assert_close(neg, ref["prior_neg_negative_image_embeds"], TOL)
 
 
 def test_prior_without_guidance(prior, ref):
     emb, neg = prior("the cat", num_inference_steps=2, generator=gen(2), guidance_scale=1.0)
-    assert_close(emb, ref["prior_noguid_image_embeds"])
-    assert_close(neg, ref["prior_noguid_negative_image_embeds"])
+    assert_close(emb, ref["prior_noguid_image_embeds"], TOL)
+    assert_close(neg, ref["prior_noguid_negative_image_embeds"], TOL)
 
 
 def test_prior_interpolate(prior, ref):
     emb, neg = prior.interpolate(["a cat", image("image_a.png"), "red dog", image("image_b.png")],
                                  [0.3, 0.2, 0.4, 0.1], num_inference_steps=2, generator=gen(3))
-    assert_close(emb, ref["interp_image_embeds"])
-    assert_close(neg, ref["interp_negative_image_embeds"])
+    assert_close(emb, ref["interp_image_embeds"], TOL)
+    assert_close(neg, ref["interp_negative_image_embeds"], TOL)
 
 
 def test_prior_emb2emb(prior, ref):
     pipe = KandinskyV22PriorEmb2EmbPipeline(**prior.components)
     emb, neg = pipe("a cat", image=image("image_a.png"), strength=0.5, num_inference_steps=4, generator=gen(4),
                     guidance_scale=4.0)
-    assert_close(emb, ref["emb2emb_image_embeds"])
-    assert_close(neg, ref["emb2emb_negative_image_embeds"])
+    assert_close(emb, ref["emb2emb_image_embeds"], TOL)
+    assert_close(neg, ref["emb2emb_negative_image_embeds"], TOL)
 
 
 def test_text2img(decoder, ref):
     out = decoder(ref["image_embeds"], ref["negative_image_embeds"], height=64, width=64, num_inference_steps=3,
                   guidance_scale=4.0, generator=gen(10), output_type="np")[0]
-    assert_close(out, ref["text2img"])
+    assert_close(out, ref["text2img"], TOL)
 
 
 def test_text2img_non_square_ddim_two_per_prompt(decoder, ref):
@@ -106,7 +106,7 @@ def test_text2img_non_square_ddim_two_per_prompt(decoder, ref):
     out = pipe(ref["image_embeds"], ref["negative_image_embeds"], height=64, width=128, num_inference_steps=3,
                guidance_scale=5.0, num_images_per_prompt=2, generator=gen(11), output_type="np")[0]
     assert out.shape == (2, 64, 128, 3)
-    assert_close(out, ref["text2img_ddim_64x128"])
+    assert_close(out, ref["text2img_ddim_64x128"], TOL)
 
 
 def test_text2img_pil_output(decoder):
@@ -120,7 +120,7 @@ def test_img2img(decoder, ref):
     out = pipe(image_embeds=ref["image_embeds"], image=image("image_a.png"),
                negative_image_embeds=ref["negative_image_embeds"], height=64, width=64, strength=0.6,
                num_inference_steps=5, guidance_scale=4.0, generator=gen(12), output_type="np")[0]
-    assert_close(out, ref["img2img"])
+    assert_close(out, ref["img2img"], TOL)
 
 
 def test_img2img_non_square(decoder, ref):
@@ -129,18 +129,14 @@ def test_img2img_non_square(decoder, ref):
                negative_image_embeds=ref["negative_image_embeds"], height=64, width=96, strength=0.5,
                num_inference_steps=4, guidance_scale=4.0, generator=gen(13), output_type="np")[0]
     assert out.shape == (1, 64, 96, 3)
-    assert_close(out, ref["img2img_64x96"])
+    assert_close(out, ref["img2img_64x96"], TOL)
 
 
 def test_inpaint(ref):
-    # Run with the decoder's scheduler (clip_sample true), as the fixture script explains: with the
-    # published inpaint scheduler a random tiny model saturates and fp32 rounding alone exceeds 1e-4.
-    decoder_scheduler = DDPMScheduler.from_config(weights.read_config(DECODER / "scheduler", "scheduler_config.json"))
-    pipe = KandinskyV22InpaintPipeline.from_pretrained(INPAINT, scheduler=decoder_scheduler)
-    out = pipe(image_embeds=ref["image_embeds"], image=image("image_a.png"), mask_image=image("mask.png"),
+    out = inpaint_pipeline()(image_embeds=ref["image_embeds"], image=image("image_a.png"), mask_image=image("mask.png"),
                negative_image_embeds=ref["negative_image_embeds"], height=64, width=64, num_inference_steps=3,
                guidance_scale=4.0, generator=gen(14), output_type="np")[0]
-    assert_close(out, ref["inpaint"])
+    assert_close(out, ref["inpaint"], TOL)
 
 
 def test_controlnet(ref):
@@ -148,19 +144,49 @@ def test_controlnet(ref):
     out = pipe(image_embeds=ref["image_embeds"], negative_image_embeds=ref["negative_image_embeds"],
                hint=ref["hint"], height=64, width=64, num_inference_steps=3, guidance_scale=4.0, generator=gen(15),
                output_type="np")[0]
-    assert_close(out, ref["controlnet"])
+    assert_close(out, ref["controlnet"], TOL)
     img2img = KandinskyV22ControlnetImg2ImgPipeline(**pipe.components)
     out = img2img(image_embeds=ref["image_embeds"], image=image("image_a.png"),
                   negative_image_embeds=ref["negative_image_embeds"], hint=ref["hint"], height=64, width=64,
                   strength=0.5, num_inference_steps=4, guidance_scale=4.0, generator=gen(16), output_type="np")[0]
-    assert_close(out, ref["controlnet_img2img"])
+    assert_close(out, ref["controlnet_img2img"], TOL)
+
+
+def inpaint_pipeline():
+    # Run with the decoder's scheduler (clip_sample true), as the fixture script explains: with the
+    # published inpaint scheduler a random tiny model saturates and fp32 rounding alone exceeds 1e-4.
+    decoder_scheduler = DDPMScheduler.from_config(weights.read_config(DECODER / "scheduler", "scheduler_config.json"))
+    return KandinskyV22InpaintPipeline.from_pretrained(INPAINT, scheduler=decoder_scheduler)
+
+
+@pytest.mark.parametrize("case", ["text2img", "img2img", "inpaint", "controlnet", "controlnet_img2img"])
+def test_two_images_per_prompt(decoder, ref, ref_two, case):
+    common = dict(image_embeds=ref["image_embeds"], negative_image_embeds=ref["negative_image_embeds"], height=64,
+                  width=64, guidance_scale=4.0, num_images_per_prompt=2, output_type="latent")
+    if case == "text2img":
+        out = decoder(num_inference_steps=3, generator=gen(20), **common)[0]
+    elif case == "img2img":
+        pipe = KandinskyV22Img2ImgPipeline(**decoder.components)
+        out = pipe(image=image("image_a.png"), strength=0.6, num_inference_steps=4, generator=gen(21), **common)[0]
+    elif case == "inpaint":
+        out = inpaint_pipeline()(image=image("image_a.png"), mask_image=image("mask.png"), num_inference_steps=3,
+                                 generator=gen(22), **common)[0]
+    elif case == "controlnet":
+        pipe = KandinskyV22ControlnetPipeline.from_pretrained(CONTROLNET)
+        out = pipe(hint=ref["hint"], num_inference_steps=3, generator=gen(23), **common)[0]
+    else:
+        pipe = KandinskyV22ControlnetImg2ImgPipeline.from_pretrained(CONTROLNET)
+        out = pipe(image=image("image_a.png"), hint=ref["hint"], strength=0.5, num_inference_steps=4,
+                   generator=gen(24), **common)[0]
+    assert out.shape == (2, 4, 8, 8)
+    assert_close(out, ref_two[case], TOL)
 
 
 def test_combined(prior, decoder, ref):
     pipe = KandinskyV22CombinedPipeline(prior, decoder)
     out = pipe("a red cat", negative_prompt="the dog", num_inference_steps=2, prior_num_inference_steps=2,
                height=64, width=64, generator=gen(17), output_type="np")[0]
-    assert_close(out, ref["combined"])
+    assert_close(out, ref["combined"], TOL)
 
 
 def test_combined_from_pretrained_with_explicit_prior():

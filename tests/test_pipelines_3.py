@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from backend.pipelines.kandinsky3 import Kandinsky3Img2ImgPipeline, Kandinsky3Pipeline
+from tests.conftest import assert_close
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pipelines_3"
 REPO = FIXTURES / "kandinsky-3-tiny"
@@ -37,13 +38,6 @@ def gen(seed):
     return np.random.default_rng(seed)
 
 
-def assert_close(ours, theirs):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape
-    diff = float(np.abs(ours - theirs).max())
-    assert diff <= TOL, f"max abs difference {diff:.2e} > {TOL}"
-
-
 def test_tokenizer_matches_reference(pipe, ref):
     tokens = pipe.tokenizer(["a red cat on the mat", "blue sky xyz"], padding="max_length", max_length=128,
                             truncation=True, return_tensors="np")
@@ -55,38 +49,58 @@ def test_text2img(pipe, ref):
     steps = []
     out = pipe("a red cat on the mat", num_inference_steps=3, guidance_scale=3.0, height=64, width=64,
                generator=gen(0), output_type="np", callback=lambda i, n, lat, x0: steps.append((i, n, x0.shape)))[0]
-    assert_close(out, ref["text2img"])
+    assert_close(out, ref["text2img"], TOL)
     assert steps == [(0, 3, (1, 4, 8, 8)), (1, 3, (1, 4, 8, 8)), (2, 3, (1, 4, 8, 8))]
 
 
 def test_text2img_negative_prompts_non_square(pipe, ref):
     out = pipe(["a red cat", "the blue sky"], negative_prompt=["dog", "photo of a mat"], num_inference_steps=2,
                guidance_scale=4.0, height=64, width=128, generator=gen(1), output_type="np")[0]
-    assert_close(out, ref["text2img_neg_64x128"])
+    assert_close(out, ref["text2img_neg_64x128"], TOL)
 
 
 def test_text2img_without_guidance_two_images(pipe, ref):
     out = pipe("a dog", num_inference_steps=2, guidance_scale=1.0, height=64, width=64, num_images_per_prompt=2,
                generator=gen(2), output_type="np")[0]
-    assert_close(out, ref["text2img_noguid_2"])
+    assert_close(out, ref["text2img_noguid_2"], TOL)
 
 
 def test_text2img_from_prompt_embeds(pipe, ref):
     out = pipe(prompt_embeds=ref["given_embeds"], attention_mask=ref["given_mask"], num_inference_steps=2,
                guidance_scale=3.0, height=64, width=64, generator=gen(3), output_type="np")[0]
-    assert_close(out, ref["text2img_embeds"])
+    assert_close(out, ref["text2img_embeds"], TOL)
 
 
 def test_img2img(img2img, ref):
     out = img2img("a red cat", image=Image.open(FIXTURES / "image_a.png"), strength=0.6, num_inference_steps=5,
                   guidance_scale=3.0, generator=gen(10), output_type="np")[0]
-    assert_close(out, ref["img2img"])
+    assert_close(out, ref["img2img"], TOL)
 
 
 def test_img2img_non_square_negative(img2img, ref):
     out = img2img("the dog on a mat", image=Image.open(FIXTURES / "image_b.png"), negative_prompt="sky",
                   strength=0.5, num_inference_steps=4, guidance_scale=3.0, generator=gen(11), output_type="np")[0]
-    assert_close(out, ref["img2img_128x64_neg"])
+    assert_close(out, ref["img2img_128x64_neg"], TOL)
+
+
+@pytest.fixture(scope="module")
+def ref_two():
+    """Final latents of both pipelines with num_images_per_prompt=2 (make_pipelines_3.py)."""
+    return dict(np.load(FIXTURES / "reference_two_per_prompt.npz"))
+
+
+def test_text2img_two_images_per_prompt(pipe, ref_two):
+    out = pipe("a red cat on the mat", num_inference_steps=3, guidance_scale=3.0, height=64, width=64,
+               num_images_per_prompt=2, generator=gen(20), output_type="latent")[0]
+    assert out.shape == (2, 4, 8, 8)
+    assert_close(out, ref_two["text2img"], TOL)
+
+
+def test_img2img_two_images_per_prompt(img2img, ref_two):
+    out = img2img("a red cat", image=Image.open(FIXTURES / "image_a.png"), strength=0.6, num_inference_steps=4,
+                  guidance_scale=3.0, num_images_per_prompt=2, generator=gen(21), output_type="latent")[0]
+    assert out.shape == (2, 4, 8, 8)
+    assert_close(out, ref_two["img2img"], TOL)
 
 
 SPIECE = Path(__file__).parent / "fixtures" / "t5_spiece"  # tools/fixtures/make_pipelines_3.py --spiece

@@ -23,6 +23,7 @@ from backend.schedulers import (
     UnCLIPScheduler,
     scheduler_from_config,
 )
+from tests.conftest import assert_close
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "schedulers")
 CONFIGS = "/work/shared/reference-configs"
@@ -92,17 +93,14 @@ def test_matches_diffusers(path):
     else:
         np.testing.assert_allclose(scheduler.alphas_cumprod, fixture["alphas_cumprod"], rtol=0, atol=1e-6)
 
-    assert prev_samples.shape == fixture["prev_samples"].shape
-    prev_diff = np.abs(prev_samples - fixture["prev_samples"]).max()
-    x0_diff = np.abs(pred_originals - fixture["pred_original_samples"]).max()
-    assert prev_diff <= TOLERANCE, f"prev_sample differs by {prev_diff}"
-    assert x0_diff <= TOLERANCE, f"pred_original_sample differs by {x0_diff}"
+    assert_close(prev_samples, fixture["prev_samples"], TOLERANCE)
+    assert_close(pred_originals, fixture["pred_original_samples"], TOLERANCE)
 
     noisy = scheduler.add_noise(
         fixture["add_noise_original"], fixture["add_noise_noise"], fixture["add_noise_timesteps"]
     )
     assert noisy.dtype == np.float32
-    assert np.abs(noisy - fixture["add_noise_result"]).max() <= 1e-6
+    assert_close(noisy, fixture["add_noise_result"], 1e-6)
 
 
 def test_fixtures_cover_the_published_configs():
