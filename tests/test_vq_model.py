@@ -14,8 +14,10 @@ import pytest
 from mindspore import Tensor
 
 from backend.models import vq_model
-from backend.models.vq_model import VQModel, interpolate_nearest, torch_nearest_indices
+from backend.models.vq_model import VQModel
+from backend.nn import attention
 from backend.weights import load_model
+from tests.conftest import as_numpy, assert_close
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = Path("/work/shared/reference-configs")
@@ -35,102 +37,57 @@ def group():
             np.load(FIXTURES / "movq_tiny_group" / "reference.npz"))
 
 
-def assert_close(actual, expected, tolerance=TOLERANCE):
-    actual = actual.asnumpy() if isinstance(actual, Tensor) else np.asarray(actual)
-    assert actual.shape == expected.shape
-    diff = float(np.abs(actual - expected).max())
-    assert diff <= tolerance, f"max abs diff {diff:.3g} > {tolerance}"
+@pytest.fixture(params=[True, False], ids=["cpu-numpy-path", "mindspore-ops-path"])
+def host(request, spatial, group):
+    """Runs a test on both execution paths (the models' cpu_numpy_path switch)."""
+    for model, _ in (spatial, group):
+        model.cpu_numpy_path = request.param
+    yield request.param
+    for model, _ in (spatial, group):
+        model.cpu_numpy_path = True
 
 
 @pytest.mark.parametrize("name", ["spatial", "group"])
-def test_encode_matches_diffusers(name, request):
+def test_encode_matches_diffusers(name, host, request):
     model, ref = request.getfixturevalue(name)
     latents = model.encode(Tensor(ref["image"]))["latents"]
-    assert_close(latents, ref["encoded"])
+    assert isinstance(latents, np.ndarray if host else Tensor)
+    assert_close(latents, ref["encoded"], TOLERANCE)
 
 
 @pytest.mark.parametrize("name", ["spatial", "group"])
-def test_decode_not_quantized_matches_diffusers(name, request):
+def test_decode_not_quantized_matches_diffusers(name, host, request):
     model, ref = request.getfixturevalue(name)
     sample = model.decode(Tensor(ref["latents"]), force_not_quantize=True)["sample"]
-    assert sample.shape == (2, 3, 32, 48)
-    assert_close(sample, ref["decoded_not_quantized"])
+    assert isinstance(sample, np.ndarray if host else Tensor) and sample.shape == (2, 3, 32, 48)
+    assert_close(sample, ref["decoded_not_quantized"], TOLERANCE)
 
 
 @pytest.mark.parametrize("name", ["spatial", "group"])
-def test_decode_quantized_matches_diffusers(name, request):
+def test_decode_quantized_matches_diffusers(name, host, request):
     model, ref = request.getfixturevalue(name)
-    quantized, indices = model.quantize(Tensor(ref["latents"]))
-    np.testing.assert_array_equal(indices.asnumpy(), ref["quantized_indices"])
+    latents = ref["latents"] if host else Tensor(ref["latents"])
+    quantized, indices = model.quantize(latents)
+    np.testing.assert_array_equal(as_numpy(indices), ref["quantized_indices"])
     assert_close(quantized, ref["quantized"], 0.0)
     # diffusers' default is force_not_quantize=False
-    assert_close(model.decode(Tensor(ref["latents"]))["sample"], ref["decoded_quantized"])
+    assert_close(model.decode(Tensor(ref["latents"]))["sample"], ref["decoded_quantized"], TOLERANCE)
     # quantizing changes the result, so the test above tests the quantizer
     assert np.abs(ref["decoded_quantized"] - ref["decoded_not_quantized"]).max() > 1e-2
 
 
-def test_roundtrip_matches_diffusers(spatial):
+def test_roundtrip_matches_diffusers(spatial, host):
     model, ref = spatial
-    assert_close(model(Tensor(ref["image"])), ref["roundtrip"])
+    assert_close(model(Tensor(ref["image"])), ref["roundtrip"], TOLERANCE)
 
 
-@pytest.mark.parametrize("host", [True, False])
-def test_chunked_attention_and_quantizer_match(spatial, monkeypatch, host):
+def test_chunked_attention_and_quantizer_match(spatial, host, monkeypatch):
     """The query-block and distance-block loops give the unchunked result (both paths)."""
     model, ref = spatial
-    if not host:
-        use_mindspore_ops(monkeypatch)
-    monkeypatch.setattr(vq_model, "MAX_SCORE_ELEMENTS", 384 * 100)  # 16x24 latent: 4 query blocks
+    monkeypatch.setattr(attention, "SCORE_BLOCK_ELEMENTS", 384 * 100)  # 16x24 latent: 4 query blocks
     monkeypatch.setattr(vq_model, "MAX_DISTANCE_ELEMENTS", 48 * 300)  # 768 pixels: 3 blocks
     latents = Tensor(ref["latents"][:1])
-    assert_close(model.decode(latents)["sample"], ref["decoded_quantized"][:1])
-
-
-def use_mindspore_ops(monkeypatch):
-    """Run the GPU/Ascend code path (mindspore.ops everywhere, ops.conv2d too) on CPU kernels."""
-    import backend.nn.conv
-
-    monkeypatch.setattr(vq_model, "on_cpu", lambda: False)
-    monkeypatch.setattr(backend.nn.conv, "on_cpu", lambda: False)
-
-
-@pytest.mark.parametrize("name, batch", [("spatial", 1), ("group", 2)])
-def test_accelerator_code_path_matches(name, batch, request, monkeypatch):
-    """The GPU/Ascend path (ops.conv2d, ops.pad, BatchNorm group norms, gathers) on CPU kernels."""
-    model, ref = request.getfixturevalue(name)
-    use_mindspore_ops(monkeypatch)
-    image = Tensor(ref["image"][:batch])
-    assert_close(model.encode(image)["latents"], ref["encoded"][:batch])
-    latents = Tensor(ref["latents"][:batch])
-    assert_close(model.decode(latents, force_not_quantize=True)["sample"], ref["decoded_not_quantized"][:batch])
-
-
-@pytest.mark.parametrize("host", [True, False])
-def test_spatial_norm_fractional_ratio(spatial, host):
-    """SpatialNorm over a feature map 1.25x the latent size uses torch's nearest rule."""
-    model, ref = spatial
-    f, zq = ref["spatial_norm_f"], ref["spatial_norm_zq"]
-    out = model.decoder.conv_norm_out(f, zq) if host else model.decoder.conv_norm_out(Tensor(f), Tensor(zq))
-    assert isinstance(out, np.ndarray) == host
-    assert_close(out, ref["spatial_norm_out"])
-
-
-@pytest.mark.parametrize("host", [True, False])
-def test_interpolate_nearest_matches_torch(spatial, host):
-    _, ref = spatial
-    keys = [k for k in ref.files if k.startswith("nearest_in_")]
-    assert len(keys) == 6
-    for key in keys:
-        expected = ref[key.replace("nearest_in_", "nearest_out_")]
-        source = ref[key] if host else Tensor(ref[key])
-        assert_close(interpolate_nearest(source, expected.shape[2:]), expected, 0.0)
-
-
-def test_torch_nearest_indices_rule():
-    np.testing.assert_array_equal(torch_nearest_indices(4, 8), [0, 0, 1, 1, 2, 2, 3, 3])
-    np.testing.assert_array_equal(torch_nearest_indices(4, 4), [0, 1, 2, 3])
-    # floor(i * 5/12) in float32
-    np.testing.assert_array_equal(torch_nearest_indices(5, 12), [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4])
+    assert_close(model.decode(latents)["sample"], ref["decoded_quantized"][:1], TOLERANCE)
 
 
 def test_vae_scale_factor_and_config(spatial, group):

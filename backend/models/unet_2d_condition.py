@@ -7,10 +7,11 @@ Ported operation for operation from diffusers 0.35.2:
                                       ResnetUpsampleBlock2D
   models/resnet.py                    ResnetBlock2D (time_embedding_norm "scale_shift"/"default",
                                       nearest up / average-pool down inside the block)
-  models/embeddings.py                get_timestep_embedding, Timesteps, TimestepEmbedding,
-                                      ImageProjection, ImageTimeEmbedding, ImageHintTimeEmbedding,
+  models/embeddings.py                ImageProjection, ImageTimeEmbedding, ImageHintTimeEmbedding,
                                       TextImageProjection, TextImageTimeEmbedding
   models/attention_processor.py       Attention with added_kv_proj_dim + AttnAddedKVProcessor2_0
+The layers (convs, norms, linears, the attention kernel, Timesteps / TimestepEmbedding) are
+backend/nn's; this file is the architecture.
 
 Only the block types used by the published Kandinsky 2.x configs are implemented; any other
 config value that changes the architecture raises ValueError in `from_config`.
@@ -18,17 +19,14 @@ Attribute paths equal the diffusers checkpoint keys (`down_blocks.1.attentions.0
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
-import numpy as np
-import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import nn
 
 from backend import interrupt
-from backend.device import on_cpu
-from backend.nn import layers
-from backend.nn.host import MIN_PARALLEL_ELEMENTS, conv2d_host, host_gemm, host_matmul, split_batch
+from backend.nn import (Conv2d, GroupNorm, LayerNorm, Linear, Model, SiLU, TimestepEmbedding, Timesteps, add_,
+                        avg_pool_2x, batch_timesteps, concat, get_activation, run_model,
+                        scaled_dot_product_attention, silu, upsample_nearest_2x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,238 +146,8 @@ def _per_block(value, n: int, name: str) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------
-# Two execution paths
-# --------------------------------------------------------------------------------------------
-# Why: on CPU, MindSpore 2.10's PyNative kernels are slow and erratic on this model's large
-# activations. Measured here on (2, 384, 64, 64) float32 with other work on the machine:
-# group norm 90-2000 ms (numpy 15 ms, torch 12 ms), add 7 ms (numpy 0.7 ms), silu 4-660 ms.
-# So on CPU the activations are numpy arrays from the input to the output ("host path"): every
-# layer below takes a numpy array or a Tensor and returns the same kind. Numpy arrays go through
-# numpy and a fast sgemm (below; convolutions as im2col + sgemm); Tensors go through
-# mindspore.ops, which is what runs on GPU and Ascend. Parameters stay MindSpore Parameters; the
-# host path reads them with asnumpy(), a view of the same memory on CPU, not a copy.
-# UNet2DConditionModel.cpu_numpy_path = False runs the mindspore.ops path on CPU too.
-
-def _host(x) -> bool:
-    return isinstance(x, np.ndarray)
-
-
-def _np(param) -> np.ndarray:
-    """float32 numpy view of a parameter (a converted copy for half-precision weights)."""
-    array = param.asnumpy()
-    return array if array.dtype == np.float32 else array.astype(np.float32)
-
-
-
-def silu(x):
-    if not _host(x):
-        return layers.silu(x)
-    with np.errstate(over="ignore"):  # exp(-x) -> inf for x << 0 gives x / inf = -0, as torch
-        denominator = np.exp(-x)
-    denominator += 1
-    return np.divide(x, denominator, out=denominator)
-
-
-def _silu_inplace(x: np.ndarray) -> np.ndarray:
-    denominator = np.negative(x)
-    with np.errstate(over="ignore"):
-        np.exp(denominator, out=denominator)
-    denominator += 1
-    return np.divide(x, denominator, out=x)
-
-
-def concat(tensors, axis: int):
-    if _host(tensors[0]):
-        return np.concatenate(tensors, axis=axis)
-    return ops.concat(tensors, axis=axis)
-
-
-def upsample_nearest_2x(x):
-    """F.interpolate(x, scale_factor=2, mode="nearest"): each pixel repeated 2x2. (B, C, 2H, 2W)."""
-    b, c, h, w = x.shape
-    if _host(x):
-        return np.broadcast_to(x[:, :, :, None, :, None], (b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
-    x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
-    return x.reshape(b, c, 2 * h, 2 * w)
-
-
-def avg_pool_2x(x):
-    """F.avg_pool2d(x, 2, 2) (floor mode: a trailing odd row/column is dropped). (B, C, H/2, W/2)."""
-    b, c, h, w = x.shape
-    h2, w2 = h // 2, w // 2
-    if _host(x):
-        # the window summed in torch's order, then divided by 4
-        out = x[:, :, 0:2 * h2:2, 0:2 * w2:2] + x[:, :, 0:2 * h2:2, 1:2 * w2:2]
-        out += x[:, :, 1:2 * h2:2, 0:2 * w2:2]
-        out += x[:, :, 1:2 * h2:2, 1:2 * w2:2]
-        out *= np.float32(0.25)
-        return out
-    if h != 2 * h2 or w != 2 * w2:
-        x = x[:, :, : 2 * h2, : 2 * w2]
-    return x.reshape(b, c, h2, 2, w2, 2).mean(axis=(3, 5))
-
-
-# --------------------------------------------------------------------------------------------
-# Layers: backend.nn.layers ones (same parameter names) that also take numpy arrays
-# --------------------------------------------------------------------------------------------
-
-class Linear(layers.Linear):
-    def construct(self, x):
-        if not _host(x):
-            return super().construct(x)
-        y = host_matmul(x.reshape(-1, x.shape[-1]), _np(self.weight).T)
-        if self.bias is not None:
-            y += _np(self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def channels_first(self, x: np.ndarray) -> np.ndarray:
-        """Host path: (B, in, N) -> (B, out, N), i.e. a 1x1 convolution, so no transposes."""
-        y = host_matmul(_np(self.weight), x)
-        if self.bias is not None:
-            y += _np(self.bias)[:, None]
-        return y
-
-
-class Conv2d(layers.Conv2d):
-    def construct(self, x):
-        if not _host(x):
-            return super().construct(x)
-        bias = None if self.bias is None else _np(self.bias)
-        return conv2d_host(x, _np(self.weight), bias, self.stride, self.padding)
-
-
-class LayerNorm(layers.LayerNorm):
-    def construct(self, x):
-        if not _host(x):
-            return super().construct(x)
-        centered = x - x.mean(axis=-1, keepdims=True)
-        var = (centered * centered).mean(axis=-1, keepdims=True)
-        y = centered / np.sqrt(var + np.float32(self.eps))
-        if self.weight is not None:
-            y = y * _np(self.weight)
-            if self.bias is not None:
-                y += _np(self.bias)
-        return y
-
-
-class GroupNorm(layers.GroupNorm):
-    """torch GroupNorm, optionally followed by `* (1 + scale) + shift` (per sample and channel,
-    the resnet's "scale_shift" time conditioning) and SiLU, fused on the host path."""
-
-    def construct(self, x, scale=None, shift=None, act: bool = False):
-        if _host(x):
-            return self._host_forward(x, scale, shift, act)
-        y = super().construct(x)
-        if scale is not None:
-            bshape = scale.shape + (1,) * (len(x.shape) - 2)
-            y = y * (1 + scale.reshape(bshape)) + shift.reshape(bshape)
-        return layers.silu(y) if act else y
-
-    def _host_forward(self, x, scale, shift, act):
-        b, c = x.shape[0], x.shape[1]
-        g = self.num_groups
-        weight = _np(self.weight) if self.affine else np.ones((c,), np.float32)
-        bias = _np(self.bias) if self.affine else np.zeros((c,), np.float32)
-        out = np.empty(x.shape, np.float32)
-
-        def one_sample(i: int) -> None:
-            groups = x[i].reshape(g, -1)
-            y = out[i].reshape(g, -1)
-            np.subtract(groups, groups.mean(axis=-1, keepdims=True), out=y)
-            var = np.einsum("gi,gi->g", y, y) / np.float32(y.shape[-1])
-            inv_std = 1 / np.sqrt(var + np.float32(self.eps))  # (G,)
-            # the normalization and the affine (and scale/shift) as one multiply-add per channel
-            mul = (inv_std[:, None] * weight.reshape(g, -1)).reshape(c)
-            add = bias
-            if scale is not None:
-                # torch: (y * w + b) * (1 + scale) + shift
-                mul = mul * (1 + scale[i])
-                add = bias * (1 + scale[i]) + shift[i]
-            y = y.reshape(c, -1)
-            y *= mul[:, None]
-            y += add[:, None]
-            if act:
-                _silu_inplace(y)
-
-        if x.size >= MIN_PARALLEL_ELEMENTS:
-            host_gemm().parallel(b, one_sample)
-        else:
-            for i in range(b):
-                one_sample(i)
-        return out
-
-
-class SiLU(nn.Cell):
-    def construct(self, x):
-        return silu(x)
-
-
-# --------------------------------------------------------------------------------------------
 # Embeddings (models/embeddings.py)
 # --------------------------------------------------------------------------------------------
-
-def get_timestep_embedding(timesteps: np.ndarray, embedding_dim: int, flip_sin_to_cos: bool = False,
-                           downscale_freq_shift: float = 1, scale: float = 1,
-                           max_period: int = 10000) -> np.ndarray:
-    """Sinusoidal embedding (N,) -> (N, embedding_dim) float32, as diffusers computes it.
-
-    Every intermediate is rounded to float32 where torch's is. exp/sin/cos are evaluated in
-    float64 and rounded: correctly rounded values, which differ from torch's float32 kernels by
-    at most one unit in the last place (measured: 4 of 192 frequencies).
-    """
-    half_dim = embedding_dim // 2
-    exponent = np.float32(-math.log(max_period)) * np.arange(half_dim, dtype=np.float32)
-    exponent = exponent / np.float32(half_dim - downscale_freq_shift)
-    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
-    angles = timesteps.astype(np.float32)[:, None] * freqs[None, :]  # (N, half)
-    angles = np.float32(scale) * angles
-    emb = np.concatenate([np.sin(angles.astype(np.float64)), np.cos(angles.astype(np.float64))],
-                         axis=-1).astype(np.float32)
-    if flip_sin_to_cos:
-        emb = np.concatenate([emb[:, half_dim:], emb[:, :half_dim]], axis=-1)
-    if embedding_dim % 2 == 1:
-        emb = np.pad(emb, ((0, 0), (0, 1)))
-    return emb
-
-
-class Timesteps(nn.Cell):
-    """No parameters: (N,) timesteps (numpy) -> (N, num_channels) float32 sinusoidal embedding."""
-
-    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float):
-        super().__init__()
-        self.num_channels = num_channels
-        self.flip_sin_to_cos = flip_sin_to_cos
-        self.downscale_freq_shift = downscale_freq_shift
-
-    def construct(self, timesteps: np.ndarray) -> np.ndarray:
-        return get_timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos,
-                                      self.downscale_freq_shift)
-
-
-def _activation(name: str | None):
-    if name is None:
-        return None
-    if name in ("silu", "swish"):
-        return silu
-    raise ValueError(f"activation {name!r} is not supported (only 'silu')")
-
-
-class TimestepEmbedding(nn.Cell):
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu",
-                 post_act_fn: str | None = None):
-        super().__init__()
-        self.linear_1 = Linear(in_channels, time_embed_dim)
-        self.linear_2 = Linear(time_embed_dim, time_embed_dim)
-        self.act = _activation(act_fn)
-        self.post_act = _activation(post_act_fn)
-
-    def construct(self, sample):
-        sample = self.act(self.linear_1(sample))
-        sample = self.linear_2(sample)
-        if self.post_act is not None:
-            sample = self.post_act(sample)
-        return sample
-
 
 class ImageProjection(nn.Cell):
     """Kandinsky 2.2 encoder_hid_proj: image embedding (B, D) -> 32 tokens (B, 32, cross_dim)."""
@@ -508,11 +276,7 @@ class ResnetBlock2D(nn.Cell):
 
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-        if _host(hidden):
-            hidden += input_tensor
-            out = hidden
-        else:
-            out = input_tensor + hidden
+        out = add_(hidden, input_tensor)
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out
@@ -522,18 +286,14 @@ class ResnetBlock2D(nn.Cell):
 # Attention with added key/value projections (attention_processor.py, AttnAddedKVProcessor2_0)
 # --------------------------------------------------------------------------------------------
 
-# Host path: the attention scores are computed for a few heads at a time, so that their buffer
-# stays near this size whatever the resolution.
-_SCORES_CHUNK_BYTES = 64 * 2**20
-
-
 class Attention(nn.Cell):
     """Self-attention over the pixels whose keys/values are prefixed by the encoder's tokens.
 
     keys   = [add_k_proj(encoder_hidden_states), to_k(group_norm(x))]   (encoder first)
     values = [add_v_proj(encoder_hidden_states), to_v(group_norm(x))]
     out    = x + to_out.0(softmax(q k^T / sqrt(d)) v)
-    With only_cross_attention the self keys/values are left out.
+    With only_cross_attention the self keys/values are left out. Computed channels-first
+    ((B, channels, tokens), the feature map's own layout), so nothing is transposed in memory.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, added_kv_proj_dim: int,
@@ -558,76 +318,27 @@ class Attention(nn.Cell):
         self.to_out = nn.CellList([Linear(inner_dim, query_dim)])
 
     def construct(self, hidden_states, encoder_hidden_states=None):
-        if _host(hidden_states):
-            return self._host_forward(hidden_states, encoder_hidden_states)
-        residual = hidden_states
         b, c, h, w = hidden_states.shape
         n = h * w
-        normed = self.group_norm(hidden_states.reshape(b, c, n)).swapaxes(1, 2)  # (B, N, C)
-        if encoder_hidden_states is None:
-            # diffusers uses the un-normalized pixels as the "encoder" states in this case
-            encoder_hidden_states = hidden_states.reshape(b, c, n).swapaxes(1, 2)
-
-        query = self._split_heads(self.to_q(normed))
-        key = self._split_heads(self.add_k_proj(encoder_hidden_states))  # (B, h, L, d)
-        value = self._split_heads(self.add_v_proj(encoder_hidden_states))
-        if not self.only_cross_attention:
-            key = ops.concat([key, self._split_heads(self.to_k(normed))], axis=2)  # (B, h, L+N, d)
-            value = ops.concat([value, self._split_heads(self.to_v(normed))], axis=2)
-
-        scores = ops.matmul(query, key.swapaxes(-1, -2)) * self.scale  # (B, h, N, L+N)
-        probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(value.dtype)
-        out = ops.matmul(probs, value)  # (B, h, N, d)
-        out = out.transpose(0, 2, 1, 3).reshape(b, n, self.heads * self.dim_head)
-        out = self.to_out[0](out)  # (B, N, C)
-        out = out.swapaxes(1, 2).reshape(b, c, h, w)
-        return out + residual
-
-    def _split_heads(self, x):
-        b, n, _ = x.shape
-        return x.reshape(b, n, self.heads, self.dim_head).transpose(0, 2, 1, 3)  # (B, h, N, d)
-
-    def _host_forward(self, hidden_states, encoder_hidden_states):
-        """Channels-first throughout: projections are (out, in) @ (B, in, N) products and the
-        per-head matrices are strided views, so nothing is transposed in memory."""
-        b, c, h, w = hidden_states.shape
-        n = h * w
-        heads, d = self.heads, self.dim_head
         x = hidden_states.reshape(b, c, n)
         normed = self.group_norm(x)  # (B, C, N)
         if encoder_hidden_states is None:
-            encoder_hidden_states = x.transpose(0, 2, 1)
-        query = self.to_q.channels_first(normed)  # (B, h*d, N)
-        query *= np.float32(self.scale)
-        key = self.add_k_proj(encoder_hidden_states).transpose(0, 2, 1)  # (B, h*d, L)
-        value = self.add_v_proj(encoder_hidden_states).transpose(0, 2, 1)
+            # diffusers uses the un-normalized pixels as the "encoder" states in this case
+            encoder_hidden_states = x.swapaxes(1, 2)
+        # the 1/sqrt(d) of the scores applied to the (smaller) query
+        query = self.to_q.channels_first(normed) * self.scale  # (B, h*d, N)
+        key = self.add_k_proj(encoder_hidden_states).swapaxes(1, 2)  # (B, h*d, L)
+        value = self.add_v_proj(encoder_hidden_states).swapaxes(1, 2)
         if not self.only_cross_attention:
-            key = np.concatenate([key, self.to_k.channels_first(normed)], axis=2)  # (B, h*d, L+N)
-            value = np.concatenate([value, self.to_v.channels_first(normed)], axis=2)
+            key = concat([key, self.to_k.channels_first(normed)], axis=2)  # (B, h*d, L+N)
+            value = concat([value, self.to_v.channels_first(normed)], axis=2)
         m = key.shape[2]
-        query = query.reshape(b, heads, d, n)
-        key = key.reshape(b, heads, d, m)
-        value = value.reshape(b, heads, d, m)
-
-        out = np.empty((b, heads, d, n), np.float32)
-        step = max(1, min(heads, _SCORES_CHUNK_BYTES // (4 * n * m)))
-        items = [(i, slice(j, j + step)) for i in range(b) for j in range(0, heads, step)]
-
-        def one_item(index: int) -> None:  # one sample, a few heads: products, softmax, products
-            i, heads_slice = items[index]
-            # (h', N, d) @ (h', d, M) -> (h', N, M)
-            scores = host_matmul(query[i, heads_slice].transpose(0, 2, 1), key[i, heads_slice], split=False)
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            # (h', d, M) @ (h', M, N) -> (h', d, N)
-            host_matmul(value[i, heads_slice], scores.transpose(0, 2, 1), out=out[i, heads_slice],
-                        split=False)
-
-        host_gemm().parallel(len(items), one_item)
+        heads, d = self.heads, self.dim_head
+        out = scaled_dot_product_attention(query.reshape(b, heads, d, n), key.reshape(b, heads, d, m),
+                                           value.reshape(b, heads, d, m), scale=1.0,
+                                           channels_first=True)  # (B, h, d, N)
         out = self.to_out[0].channels_first(out.reshape(b, heads * d, n))  # (B, C, N)
-        out += x
-        return out.reshape(b, c, h, w)
+        return add_(out, x).reshape(b, c, h, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -774,7 +485,7 @@ class SimpleCrossAttnUpBlock2D(nn.Cell):
 # The model (unets/unet_2d_condition.py)
 # --------------------------------------------------------------------------------------------
 
-class UNet2DConditionModel(nn.Cell):
+class UNet2DConditionModel(Model):
     """Noise predictor of the Kandinsky 2.x decoders.
 
     __call__(sample (B, C, H, W), timestep, encoder_hidden_states=None, added_cond_kwargs=None)
@@ -784,8 +495,6 @@ class UNet2DConditionModel(nn.Cell):
     def __init__(self, config: UNet2DConditionConfig):
         super().__init__()
         self.config = config
-        # On CPU, compute on numpy arrays (see "Two execution paths"); False forces mindspore.ops.
-        self.cpu_numpy_path = True
         n_blocks = len(config.down_block_types)
         if len(config.up_block_types) != n_blocks or len(config.block_out_channels) != n_blocks:
             raise ValueError("down_block_types, up_block_types and block_out_channels must have the "
@@ -806,7 +515,7 @@ class UNet2DConditionModel(nn.Cell):
         if config.encoder_hid_dim_type not in ENCODER_HID_DIM_TYPES:
             raise ValueError(f"encoder_hid_dim_type {config.encoder_hid_dim_type!r} is not supported; "
                              f"use one of {ENCODER_HID_DIM_TYPES}")
-        _activation(config.act_fn)
+        get_activation(config.act_fn)
         block_out = tuple(config.block_out_channels)
         # None means one head of the block's full width (resolved per block below, as diffusers does)
         head_dims = _per_block(config.attention_head_dim, n_blocks, "attention_head_dim")
@@ -829,7 +538,7 @@ class UNet2DConditionModel(nn.Cell):
         self.time_proj = Timesteps(block_out[0], config.flip_sin_to_cos, config.freq_shift)
         self.time_embedding = TimestepEmbedding(block_out[0], time_embed_dim, act_fn=config.act_fn,
                                                 post_act_fn=config.timestep_post_act)
-        self.time_embed_act = _activation(config.time_embedding_act_fn)
+        self.time_embed_act = get_activation(config.time_embedding_act_fn)
 
         # encoder hidden states (the added key/value input of every attention)
         hid_type = config.encoder_hid_dim_type
@@ -927,85 +636,28 @@ class UNet2DConditionModel(nn.Cell):
 
     # ---- forward helpers -----------------------------------------------------------------
 
-    def _timestep_array(self, timestep, batch: int) -> np.ndarray:
-        if isinstance(timestep, Tensor):
-            t = timestep.asnumpy()
-        else:
-            t = np.asarray(timestep)
-        if t.dtype.kind not in "iuf":
-            raise ValueError(f"timestep must be a number or a numeric tensor; got dtype {t.dtype}")
-        t = t.reshape(-1)
-        if t.size == 1:
-            t = np.repeat(t, batch)
-        elif t.size != batch:
-            raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}); "
-                             f"got {t.size} values")
-        return t
-
     def _cond(self, added_cond_kwargs: dict | None, name: str, why: str):
         if not added_cond_kwargs or added_cond_kwargs.get(name) is None:
             raise ValueError(f"added_cond_kwargs[{name!r}] is required: {why}")
         return added_cond_kwargs[name]
 
-    def _inputs_converter(self, host: bool):
-        """Tensor / numpy -> what the chosen path computes on (float32 numpy, or model-dtype Tensor)."""
-        dtype = self.conv_in.weight.dtype
-
-        def to_host(x):
-            if x is None:
-                return None
-            if isinstance(x, Tensor):
-                x = x.asnumpy()
-            # the host path writes into fresh arrays only, so a view of the caller's data is safe
-            return np.asarray(x, dtype=np.float32)
-
-        def to_tensor(x):
-            if x is None:
-                return None
-            if not isinstance(x, Tensor):
-                x = Tensor(np.asarray(x, dtype=np.float32))
-            return x.astype(dtype) if x.dtype != dtype else x
-
-        return to_host if host else to_tensor
-
     def construct(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None):
-        """sample (B, C, H, W), timestep (number or (B,) / scalar Tensor), optional (B, L, D)
+        """sample (B, C, H, W), timestep (number or (B,) / scalar), optional (B, L, D)
         encoder_hidden_states (Kandinsky 2.1 text states), added_cond_kwargs {"image_embeds" (B, D),
-        "hint" (B, 3, 8H, 8W), "text_embeds" (B, D)} (Tensors or numpy arrays)
-        -> (B, out_channels, H, W) Tensor."""
+        "hint" (B, 3, 8H, 8W), "text_embeds" (B, D)} (numpy arrays or Tensors)
+        -> (B, out_channels, H, W) (backend/nn/entry.py run_model: numpy on the host path)."""
         b, _, h, w = sample.shape
         factor = 2 ** self.num_upsamplers
         if h % factor or w % factor:
             raise ValueError(f"sample height and width must be multiples of {factor}; got {h}x{w}")
-        timesteps = self._timestep_array(timestep, b)
-        host = self.cpu_numpy_path and on_cpu()
-        convert = self._inputs_converter(host)
-        sample = convert(sample)
-        encoder_hidden_states = convert(encoder_hidden_states)
-        added_cond_kwargs = {k: convert(v) for k, v in (added_cond_kwargs or {}).items()}
-        out = None
-        if host:  # whole samples per core, one hand-off per step (backend/nn/host.py split_batch)
-            def rows(x, start, stop):
-                return None if x is None else x[start:stop]
+        t_emb = self.time_proj(batch_timesteps(timestep, b))  # (B, C0) float32
+        return run_model(self, self._forward, sample, t_emb, encoder_hidden_states, added_cond_kwargs or {})
 
-            out = split_batch(b, lambda start, stop: self._forward(
-                sample[start:stop], timesteps[start:stop], rows(encoder_hidden_states, start, stop),
-                {k: rows(v, start, stop) for k, v in added_cond_kwargs.items()}))
-        if out is None:
-            out = self._forward(sample, timesteps, encoder_hidden_states, added_cond_kwargs)
-        if host:
-            out = Tensor.from_numpy(np.ascontiguousarray(out))
-            dtype = self.conv_in.weight.dtype
-            return out.astype(dtype) if dtype != ms.float32 else out
-        return out
-
-    def _forward(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs):
+    def _forward(self, sample, t_emb, encoder_hidden_states, added_cond_kwargs):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
         # 1. time (+ additional) embedding
-        t_emb = self.time_proj(timesteps)  # (B, C0) float32 numpy
-        t_emb = t_emb if _host(sample) else Tensor(t_emb).astype(sample.dtype)
         emb = self.time_embedding(t_emb)  # (B, T)
 
         add_type = self.config.addition_embed_type

@@ -7,26 +7,19 @@ additive mask over the text tokens). Attribute paths equal the diffusers checkpo
 (`down_blocks.1.attentions.2.attention.to_q.weight`, `up_blocks.0.resnets_in.0.resnet_blocks.1.
 up_sample.weight`, `add_time_condition.attention.to_out.0.weight`, ...). diffusers' `nn.Identity`
 entries of its ModuleLists are kept as parameter-free cells so the indices stay the same.
-
-Two execution paths as in unet_2d_condition.py ("Two execution paths"): on CPU numpy arrays
-from input to output, on GPU/Ascend (or `cpu_numpy_path = False`) mindspore.ops Tensors. The
-layers (Linear, Conv2d, LayerNorm, GroupNorm with fused scale/shift + SiLU, timestep
-embedding) are the 2.x UNet's, which take either kind.
+The layers (convs, norms, linears, the attention kernel, timestep embeddings) are backend/nn's.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from backend import interrupt
-from backend.device import on_cpu
-from backend.nn import layers
-from backend.nn.host import host_matmul, split_batch
-from backend.models.unet_2d_condition import (Conv2d, GroupNorm, LayerNorm, Linear, SiLU, TimestepEmbedding,
-                                              Timesteps, concat, silu)
+from backend.nn import (Conv2d, ConvTranspose2d, GroupNorm, Identity, LayerNorm, Linear, Model, SiLU,
+                        TimestepEmbedding, Timesteps, add_, batch_timesteps, concat, run_model,
+                        scaled_dot_product_attention, silu)
 
 # Hard-coded in diffusers' Kandinsky3UNet (its "TODO: put into config").
 EXPANSION_RATIO = 4  # feed-forward width / channels in the attention blocks
@@ -49,59 +42,19 @@ class Kandinsky3UNetConfig:
     encoder_hid_dim: int = 4096  # width of the text encoder's states (T5: d_model)
 
 
-def _host(x) -> bool:
-    return isinstance(x, np.ndarray)
-
-
-def _np(param) -> np.ndarray:
-    array = param.asnumpy()
-    return array if array.dtype == np.float32 else array.astype(np.float32)
-
-
-class Identity(nn.Cell):
-    """diffusers' nn.Identity placeholders (no parameters; keeps ModuleList indices)."""
-
-    def construct(self, x, *args, **kwargs):
-        return x
-
-
-class ConvTranspose2x2(nn.Cell):
-    """torch.nn.ConvTranspose2d(C, O, kernel_size=2, stride=2): weight (C, O, 2, 2), bias (O,).
-
-    Each input pixel writes its own 2x2 output patch, so it is one product
-    (O*4, C) @ (C, H*W) per sample, then the patches are interleaved into (O, 2H, 2W).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.weight = layers.zeros_parameter((in_channels, out_channels, 2, 2))
-        self.bias = layers.zeros_parameter((out_channels,))
-
-    def construct(self, x):
-        b, c, h, w = x.shape
-        o = self.out_channels
-        if _host(x):
-            weight = _np(self.weight).reshape(c, o * 4).T  # (O*4, C), rows ordered (o, p, q)
-            y = host_matmul(weight, x.reshape(b, c, h * w))  # (B, O*4, H*W)
-            y = y.reshape(b, o, 2, 2, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(b, o, 2 * h, 2 * w)
-            y += _np(self.bias)[None, :, None, None]
-            return y
-        weight = self.weight.reshape(c, o * 4).T
-        y = ops.matmul(weight, x.reshape(b, c, h * w))
-        y = y.reshape(b, o, 2, 2, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(b, o, 2 * h, 2 * w)
-        return y + self.bias.reshape(1, -1, 1, 1)
-
-
 class Attention(nn.Cell):
     """diffusers Attention(query_dim, cross_attention_dim, dim_head, out_dim, out_bias=False) with
-    AttnProcessor2_0: heads = out_dim / dim_head, no biases, scale 1/sqrt(dim_head)."""
+    AttnProcessor2_0: out_dim // dim_head heads of out_dim / heads channels each (dim_head itself
+    when it divides out_dim), no biases, scale 1/sqrt(channels per head)."""
 
     def __init__(self, query_dim: int, cross_attention_dim: int, dim_head: int, out_dim: int):
         super().__init__()
         self.heads = out_dim // dim_head
-        self.dim_head = dim_head
+        if self.heads == 0 or out_dim % self.heads:
+            raise ValueError(f"attention over {out_dim} channels: attention_head_dim {dim_head} gives "
+                             f"{self.heads} heads, which do not split them evenly (diffusers' attention "
+                             "cannot reshape them either)")
+        self.dim_head = out_dim // self.heads
         self.inner_dim = out_dim
         self.to_q = Linear(query_dim, out_dim, bias=False)
         self.to_k = Linear(cross_attention_dim, out_dim, bias=False)
@@ -114,16 +67,10 @@ class Attention(nn.Cell):
         b, n, _ = hidden_states.shape
         m = context.shape[1]
         h, d = self.heads, self.dim_head
-        if _host(hidden_states):
-            q = self.to_q(hidden_states).reshape(b, n, h, d).transpose(0, 2, 1, 3)  # (B, h, N, d) view
-            k = self.to_k(context).reshape(b, m, h, d).transpose(0, 2, 1, 3)
-            v = self.to_v(context).reshape(b, m, h, d).transpose(0, 2, 1, 3)
-            out = layers.scaled_dot_product_attention(q, k, v, mask)  # (B, h, N, d)
-            return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, self.inner_dim))
-        q = self.to_q(hidden_states).reshape(b, n, h, d).swapaxes(1, 2)
+        q = self.to_q(hidden_states).reshape(b, n, h, d).swapaxes(1, 2)  # (B, h, N, d)
         k = self.to_k(context).reshape(b, m, h, d).swapaxes(1, 2)
         v = self.to_v(context).reshape(b, m, h, d).swapaxes(1, 2)
-        out = layers.scaled_dot_product_attention(q, k, v, mask)
+        out = scaled_dot_product_attention(q, k, v, mask)  # (B, h, N, d)
         return self.to_out[0](out.swapaxes(1, 2).reshape(b, n, self.inner_dim))
 
 
@@ -160,7 +107,7 @@ class Kandinsky3Block(nn.Cell):
                  norm_groups: int = 32, up_resolution=None):
         super().__init__()
         self.group_norm = Kandinsky3ConditionalGroupNorm(norm_groups, in_channels, time_embed_dim)
-        self.up_sample = ConvTranspose2x2(in_channels, in_channels) if up_resolution else None
+        self.up_sample = ConvTranspose2d(in_channels, in_channels, 2, stride=2) if up_resolution else None
         self.projection = Conv2d(in_channels, out_channels, kernel_size, padding=int(kernel_size > 1))
         down = up_resolution is not None and not up_resolution
         self.down_sample = Conv2d(out_channels, out_channels, 2, stride=2) if down else None
@@ -185,7 +132,7 @@ class Kandinsky3ResNetBlock(nn.Cell):
         self.resnet_blocks = nn.CellList([
             Kandinsky3Block(cin, cout, time_embed_dim, k, norm_groups, up)
             for (cin, cout), k, up in zip(channels, kernel_sizes, up_resolutions)])
-        self.shortcut_up_sample = (ConvTranspose2x2(in_channels, in_channels)
+        self.shortcut_up_sample = (ConvTranspose2d(in_channels, in_channels, 2, stride=2)
                                    if True in up_resolutions else None)
         self.shortcut_projection = (Conv2d(in_channels, out_channels, 1)
                                     if in_channels != out_channels else None)
@@ -199,10 +146,7 @@ class Kandinsky3ResNetBlock(nn.Cell):
         for shortcut in (self.shortcut_up_sample, self.shortcut_projection, self.shortcut_down_sample):
             if shortcut is not None:
                 x = shortcut(x)
-        if _host(out):
-            out += x
-            return out
-        return x + out
+        return add_(out, x)
 
 
 class Kandinsky3AttentionPooling(nn.Cell):
@@ -213,10 +157,7 @@ class Kandinsky3AttentionPooling(nn.Cell):
         self.attention = Attention(context_dim, context_dim, head_dim, num_channels)
 
     def construct(self, x, context, context_mask=None):
-        if _host(context):
-            query = context.mean(axis=1, keepdims=True)  # (B, 1, C)
-        else:
-            query = context.mean(axis=1, keep_dims=True)
+        query = context.mean(axis=1).reshape(context.shape[0], 1, -1)  # (B, 1, C)
         pooled = self.attention(query, context, context_mask)  # (B, 1, T)
         return x + pooled[:, 0]
 
@@ -236,18 +177,13 @@ class Kandinsky3AttentionBlock(nn.Cell):
 
     def construct(self, x, time_embed, context=None, context_mask=None):
         b, c, h, w = x.shape
-        out = self.in_norm(x, time_embed).reshape(b, c, h * w)
-        out = out.transpose(0, 2, 1) if _host(out) else out.swapaxes(1, 2)  # (B, N, C)
+        out = self.in_norm(x, time_embed).reshape(b, c, h * w).swapaxes(1, 2)  # (B, N, C)
         if context is None:  # self-attention: the normalized pixels, no mask
             context, context_mask = out, None
         out = self.attention(out, context, context_mask)  # (B, N, C)
-        out = (out.transpose(0, 2, 1) if _host(out) else out.swapaxes(1, 2)).reshape(b, c, h, w)
-        x = x + out
+        x = x + out.swapaxes(1, 2).reshape(b, c, h, w)
         out = self.feed_forward[2](silu(self.feed_forward[0](self.out_norm(x, time_embed))))
-        if _host(out):
-            out += x
-            return out
-        return x + out
+        return add_(out, x)
 
 
 class Kandinsky3DownSampleBlock(nn.Cell):
@@ -314,16 +250,15 @@ class Kandinsky3UpSampleBlock(nn.Cell):
         return x
 
 
-class Kandinsky3UNet(nn.Cell):
+class Kandinsky3UNet(Model):
     """__call__(sample (B, C, H, W), timestep, encoder_hidden_states (B, L, encoder_hid_dim),
-    encoder_attention_mask (B, L) 1 = token / 0 = padding, optional) -> (B, C, H, W) Tensor.
-    H and W must be multiples of 2 ** (len(block_out_channels) - 1)."""
+    encoder_attention_mask (B, L) 1 = token / 0 = padding, optional) -> (B, C, H, W)
+    (backend/nn/entry.py run_model: numpy on the host path). H and W must be multiples of
+    2 ** (len(block_out_channels) - 1)."""
 
     def __init__(self, config: Kandinsky3UNetConfig):
         super().__init__()
         self.config = config
-        # On CPU, compute on numpy arrays (see the module docstring); False forces mindspore.ops.
-        self.cpu_numpy_path = True
         channels = list(config.block_out_channels)
         init_channels = channels[0] // 2
         tdim, groups, head = config.time_embedding_dim, config.groups, config.attention_head_dim
@@ -333,6 +268,9 @@ class Kandinsky3UNet(nn.Cell):
         self.conv_in = Conv2d(config.in_channels, init_channels, 3, padding=1)
         self.encoder_hid_proj = Kandinsky3EncoderProj(config.encoder_hid_dim, config.cross_attention_dim)
 
+        # As diffusers builds it: the per-level attention flags are read from the start of the
+        # 4-tuples for the down blocks and from their end for the up blocks (with fewer than 4
+        # levels the two sides differ).
         hidden_dims = [init_channels] + channels
         in_out = list(zip(hidden_dims[:-1], hidden_dims[1:]))
         text_dims = [config.cross_attention_dim if on else None for on in ADD_CROSS_ATTENTION]
@@ -357,6 +295,7 @@ class Kandinsky3UNet(nn.Cell):
 
     @classmethod
     def from_config(cls, config: dict) -> "Kandinsky3UNet":
+        """Every config diffusers 0.35.2 builds and runs; what it cannot run is refused here."""
         kwargs = {}
         known = Kandinsky3UNetConfig.__dataclass_fields__
         for key, value in config.items():
@@ -364,30 +303,28 @@ class Kandinsky3UNet(nn.Cell):
                 continue
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         result = Kandinsky3UNetConfig(**kwargs)
-        channels = result.block_out_channels
-        if len(channels) != len(ADD_CROSS_ATTENTION):
-            raise ValueError(f"Kandinsky3UNet config: block_out_channels must have {len(ADD_CROSS_ATTENTION)} "
-                             f"entries (the attention layout per level is fixed); got {list(channels)}")
         for name in ("in_channels", "time_embedding_dim", "groups", "attention_head_dim", "layers_per_block",
                      "cross_attention_dim", "encoder_hid_dim"):
             value = getattr(result, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"Kandinsky3UNet config: {name} must be a positive integer; got {value!r}")
-        if not all(isinstance(c, int) and c > 0 for c in channels) or channels[0] % 2:
-            raise ValueError(f"Kandinsky3UNet config: block_out_channels must be positive integers, the first "
-                             f"even; got {list(channels)}")
+        channels = result.block_out_channels
+        if (not 1 <= len(channels) <= 4 or not all(isinstance(c, int) and c > 0 for c in channels)
+                or channels[0] < 2):
+            # diffusers builds more levels, but its forward then fails: the up blocks are built for
+            # one skip connection more than the forward concatenates
+            raise ValueError(f"Kandinsky3UNet config: block_out_channels must be 1 to 4 positive integers, the "
+                             f"first at least 2 (conv_in has half as many channels); got {list(channels)}")
         if result.layers_per_block < 2:
+            # diffusers builds it, but its up blocks then output the wrong width and its forward fails
             raise ValueError("Kandinsky3UNet config: layers_per_block must be at least 2 (diffusers' up blocks "
                              f"need it); got {result.layers_per_block}")
-        if result.time_embedding_dim % result.attention_head_dim or any(
-                c % result.attention_head_dim for c in channels[1:]):
-            raise ValueError("Kandinsky3UNet config: time_embedding_dim and block_out_channels[1:] must be "
-                             f"multiples of attention_head_dim ({result.attention_head_dim})")
-        return cls(result)
-
-    @property
-    def dtype(self):
-        return self.conv_in.weight.dtype
+        try:
+            return cls(result)
+        except ValueError as error:  # a GroupNorm or an attention that the widths do not fit
+            raise ValueError(f"Kandinsky3UNet config (groups={result.groups}, attention_head_dim="
+                             f"{result.attention_head_dim}, block_out_channels={list(channels)}, "
+                             f"time_embedding_dim={result.time_embedding_dim}): {error}") from error
 
     def construct(self, sample, timestep, encoder_hidden_states=None, encoder_attention_mask=None):
         b, _, h, w = sample.shape
@@ -396,45 +333,16 @@ class Kandinsky3UNet(nn.Cell):
             raise ValueError(f"sample height and width must be multiples of {factor}; got {h}x{w}")
         if encoder_hidden_states is None:
             raise ValueError("encoder_hidden_states (the T5 text states) is required by Kandinsky3UNet")
-        t = np.asarray(timestep.asnumpy() if isinstance(timestep, Tensor) else timestep).reshape(-1)
-        if t.dtype.kind not in "iuf":
-            raise ValueError(f"timestep must be a number or a numeric tensor; got dtype {t.dtype}")
-        if t.size == 1:
-            t = np.repeat(t, b)
-        elif t.size != b:
-            raise ValueError(f"timestep must be a scalar or have one value per sample ({b}); got {t.size} values")
-        host = self.cpu_numpy_path and on_cpu()
-
-        def convert(x):
-            if x is None:
-                return None
-            if host:
-                return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x, dtype=np.float32)
-            x = x if isinstance(x, Tensor) else Tensor(np.asarray(x, dtype=np.float32))
-            return x.astype(self.dtype) if x.dtype != self.dtype else x
-
+        t_emb = self.time_proj(batch_timesteps(timestep, b))  # (B, C0) float32
         mask = None
         if encoder_attention_mask is not None:
-            m = encoder_attention_mask.asnumpy() if isinstance(encoder_attention_mask, Tensor) \
-                else np.asarray(encoder_attention_mask)
+            m = encoder_attention_mask
+            m = m.asnumpy() if isinstance(m, Tensor) else np.asarray(m)
             # diffusers: (1 - mask) * -10000, one row per sample, broadcast over heads and queries
-            mask = convert(((1 - m.astype(np.float32)) * np.float32(-10000.0)).reshape(b, 1, 1, -1))
-        sample, context = convert(sample), convert(encoder_hidden_states)
-        out = None
-        if host:  # whole samples per core, one hand-off per step (backend/nn/host.py split_batch)
-            out = split_batch(b, lambda start, stop: self._forward(
-                sample[start:stop], t[start:stop], context[start:stop],
-                None if mask is None else mask[start:stop]))
-        if out is None:
-            out = self._forward(sample, t, context, mask)
-        if host:
-            out = Tensor.from_numpy(np.ascontiguousarray(out))
-            return out.astype(self.dtype) if self.dtype != ms.float32 else out
-        return out
+            mask = ((1 - m.astype(np.float32)) * np.float32(-10000.0)).reshape(b, 1, 1, -1)
+        return run_model(self, self._forward, sample, t_emb, encoder_hidden_states, mask)
 
-    def _forward(self, sample, timesteps, context, mask):
-        t_emb = self.time_proj(timesteps)  # (B, C0) float32 numpy
-        t_emb = t_emb if _host(sample) else Tensor(t_emb).astype(sample.dtype)
+    def _forward(self, sample, t_emb, context, mask):
         time_embed = self.time_embedding(t_emb)  # (B, T)
         context = self.encoder_hid_proj(context)  # (B, L, cross_attention_dim)
         time_embed = self.add_time_condition(time_embed, context, mask)
