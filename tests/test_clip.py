@@ -16,18 +16,13 @@ from mindspore import Tensor
 
 from backend.models.clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from backend.weights import find_weight_files, iter_safetensors, load_model, load_state_dict, read_config
+from tests.conftest import assert_close
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = Path("/work/shared/reference-configs")
 if not CONFIGS.is_dir():
     CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference-configs"
 TOLERANCE = 1e-4
-
-
-def assert_close(ours, ref):
-    ours = ours.asnumpy()
-    assert ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= TOLERANCE, np.abs(ours - ref).max()
 
 
 def with_config(cls, folder: Path, **changes):
@@ -67,14 +62,14 @@ def vision_io():
 
 def test_text_with_padding_mask(text_model, text_io):
     out = text_model(Tensor(text_io["input_ids"]), attention_mask=Tensor(text_io["attention_mask"]))
-    assert_close(out.text_embeds, text_io["text_embeds"])
-    assert_close(out.last_hidden_state, text_io["last_hidden_state"])
+    assert_close(out.text_embeds, text_io["text_embeds"], TOLERANCE)
+    assert_close(out.last_hidden_state, text_io["last_hidden_state"], TOLERANCE)
 
 
 def test_text_without_mask(text_model, text_io):
     out = text_model(Tensor(text_io["input_ids"]))
-    assert_close(out.text_embeds, text_io["nomask_text_embeds"])
-    assert_close(out.last_hidden_state, text_io["nomask_last_hidden_state"])
+    assert_close(out.text_embeds, text_io["nomask_text_embeds"], TOLERANCE)
+    assert_close(out.last_hidden_state, text_io["nomask_last_hidden_state"], TOLERANCE)
     # The padding mask really changes the padded positions.
     assert np.abs(text_io["nomask_last_hidden_state"] - text_io["last_hidden_state"]).max() > 1e-2
 
@@ -83,8 +78,8 @@ def test_text_legacy_pooling_takes_argmax_of_ids(text_model, text_io):
     ids, mask = text_io["extra_input_ids"], text_io["extra_attention_mask"]
     assert text_model.config.eos_token_id == 2
     out = text_model(Tensor(ids), attention_mask=Tensor(mask))
-    assert_close(out.text_embeds, text_io["extra_text_embeds"])
-    assert_close(out.last_hidden_state, text_io["extra_last_hidden_state"])  # row 2 is left-padded
+    assert_close(out.text_embeds, text_io["extra_text_embeds"], TOLERANCE)
+    assert_close(out.last_hidden_state, text_io["extra_last_hidden_state"], TOLERANCE)  # row 2 is left-padded
     np.testing.assert_array_equal(text_model.text_model.pooled_positions(ids), ids.argmax(-1))
 
 
@@ -93,7 +88,7 @@ def test_text_eos_pooling_takes_first_eos(text_io):
     model = with_config(CLIPTextModelWithProjection, FIXTURES / "clip_text_tiny", eos_token_id=eos)
     ids, mask = text_io["extra_input_ids"], text_io["extra_attention_mask"]
     out = model(Tensor(ids), attention_mask=Tensor(mask))
-    assert_close(out.text_embeds, text_io["eos_text_embeds"])
+    assert_close(out.text_embeds, text_io["eos_text_embeds"], TOLERANCE)
     # Row 0 has an id above EOS (the rules differ there), row 1 has no EOS at all (position 0).
     np.testing.assert_array_equal(model.text_model.pooled_positions(ids)[:2], [4, 0])
     assert np.abs(text_io["eos_text_embeds"][0] - text_io["extra_text_embeds"][0]).max() > 1e-3
@@ -102,28 +97,28 @@ def test_text_eos_pooling_takes_first_eos(text_io):
 def test_text_quick_gelu(text_io):
     model = with_config(CLIPTextModelWithProjection, FIXTURES / "clip_text_tiny", hidden_act="quick_gelu")
     out = model(Tensor(text_io["input_ids"]), attention_mask=Tensor(text_io["attention_mask"]))
-    assert_close(out.text_embeds, text_io["quick_text_embeds"])
-    assert_close(out.last_hidden_state, text_io["quick_last_hidden_state"])
+    assert_close(out.text_embeds, text_io["quick_text_embeds"], TOLERANCE)
+    assert_close(out.last_hidden_state, text_io["quick_last_hidden_state"], TOLERANCE)
 
 
 def test_text_accepts_numpy_ids_and_refuses_too_long(text_model, text_io):
     out = text_model(text_io["input_ids"], attention_mask=text_io["attention_mask"])
-    assert_close(out.text_embeds, text_io["text_embeds"])
+    assert_close(out.text_embeds, text_io["text_embeds"], TOLERANCE)
     with pytest.raises(ValueError, match="at most 16"):
         text_model(np.zeros((1, 17), np.int64))
 
 
 def test_vision(vision_model, vision_io):
     out = vision_model(Tensor(vision_io["pixel_values"]))
-    assert_close(out.image_embeds, vision_io["image_embeds"])
-    assert_close(out.last_hidden_state, vision_io["last_hidden_state"])
+    assert_close(out.image_embeds, vision_io["image_embeds"], TOLERANCE)
+    assert_close(out.last_hidden_state, vision_io["last_hidden_state"], TOLERANCE)
 
 
 def test_vision_quick_gelu(vision_io):
     model = with_config(CLIPVisionModelWithProjection, FIXTURES / "clip_vision_tiny", hidden_act="quick_gelu")
     out = model(Tensor(vision_io["pixel_values"]))
-    assert_close(out.image_embeds, vision_io["quick_image_embeds"])
-    assert_close(out.last_hidden_state, vision_io["quick_last_hidden_state"])
+    assert_close(out.image_embeds, vision_io["quick_image_embeds"], TOLERANCE)
+    assert_close(out.last_hidden_state, vision_io["quick_last_hidden_state"], TOLERANCE)
 
 
 def test_vision_refuses_other_sizes(vision_model):

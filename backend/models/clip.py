@@ -14,21 +14,12 @@ from typing import NamedTuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
-from backend.device import on_cpu
-from backend.nn.host import conv2d_host
-from backend.nn.layers import (Conv2d, Embedding, LayerNorm, Linear, gelu, host_param, is_host, quick_gelu,
-                               scaled_dot_product_attention, zeros_parameter)
+from backend.nn import (Conv2d, Embedding, LayerNorm, Linear, Model, concat, gelu, host_param, is_host, quick_gelu,
+                        run_model, scaled_dot_product_attention, zeros_parameter)
 
-# Two execution paths, as in the UNet (unet_2d_condition.py, "Two execution paths"): on CPU the
-# activations are numpy arrays from the embeddings to the outputs (matrix products through
-# backend/nn/host.py's oneDNN sgemm), on GPU/Ascend mindspore.ops Tensors. Measured on the
-# ViT-bigG towers: see docs/PERFORMANCE.md. `cpu_numpy_path = False` on a model runs the
-# mindspore.ops path on CPU too (the tests check both against transformers).
-
-
-# transformers ACT2FN names this port supports.
+# transformers' ACT2FN names this port supports.
 _ACTIVATIONS = {
     "gelu": gelu,
     "quick_gelu": quick_gelu,
@@ -111,20 +102,14 @@ class CLIPVisionConfig:
         return result
 
 
-def _to_tensor(array: np.ndarray, dtype) -> Tensor:
-    """A host-path result as a Tensor of the model's dtype (float32: no copy)."""
-    out = Tensor.from_numpy(np.ascontiguousarray(array))
-    return out.astype(dtype) if dtype != ms.float32 else out
-
-
 class CLIPTextModelOutput(NamedTuple):
-    text_embeds: Tensor  # (B, projection_dim)
-    last_hidden_state: Tensor  # (B, L, hidden_size), after final_layer_norm
+    text_embeds: np.ndarray | Tensor  # (B, projection_dim)
+    last_hidden_state: np.ndarray | Tensor  # (B, L, hidden_size), after final_layer_norm
 
 
 class CLIPVisionModelOutput(NamedTuple):
-    image_embeds: Tensor  # (B, projection_dim)
-    last_hidden_state: Tensor  # (B, 1 + patches, hidden_size), before post_layernorm
+    image_embeds: np.ndarray | Tensor  # (B, projection_dim)
+    last_hidden_state: np.ndarray | Tensor  # (B, 1 + patches, hidden_size), before post_layernorm
 
 
 class CLIPAttention(nn.Cell):
@@ -140,16 +125,9 @@ class CLIPAttention(nn.Cell):
 
     def construct(self, hidden_states, attention_mask=None):
         b, n, c = hidden_states.shape  # (B, L, C)
-        if is_host(hidden_states):
-            # heads as strided views of the projections (B, L, h, d) -> (B, h, L, d): no copies
-            q, k, v = (proj(hidden_states).reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-                       for proj in (self.q_proj, self.k_proj, self.v_proj))
-            out = scaled_dot_product_attention(q, k, v, attention_mask, scale=self.scale)  # (B, h, L, d)
-            return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, c))
-        q = self.q_proj(hidden_states).reshape(b, n, self.num_heads, self.head_dim).swapaxes(1, 2)  # (B, h, L, d)
-        k = self.k_proj(hidden_states).reshape(b, n, self.num_heads, self.head_dim).swapaxes(1, 2)
-        v = self.v_proj(hidden_states).reshape(b, n, self.num_heads, self.head_dim).swapaxes(1, 2)
-        out = scaled_dot_product_attention(q, k, v, attention_mask, scale=self.scale)
+        q, k, v = (proj(hidden_states).reshape(b, n, self.num_heads, self.head_dim).swapaxes(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, L, d)
+        out = scaled_dot_product_attention(q, k, v, attention_mask, scale=self.scale)  # (B, h, L, d)
         return self.out_proj(out.swapaxes(1, 2).reshape(b, n, c))
 
 
@@ -175,12 +153,6 @@ class CLIPEncoderLayer(nn.Cell):
         self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def construct(self, hidden_states, attention_mask=None):
-        if is_host(hidden_states):  # the residual adds in place on fresh arrays
-            out = self.self_attn(self.layer_norm1(hidden_states), attention_mask)
-            out += hidden_states
-            mlp = self.mlp(self.layer_norm2(out))
-            mlp += out
-            return mlp
         hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
@@ -203,18 +175,10 @@ class CLIPTextEmbeddings(nn.Cell):
         self.position_embedding = Embedding(config.max_position_embeddings, config.hidden_size)
 
     def construct(self, input_ids):
-        seq_length = input_ids.shape[-1]
-        if is_host(input_ids):
-            embeddings = self.token_embedding(input_ids)  # (B, L, C), a fresh array
-            embeddings += host_param(self.position_embedding.weight)[:seq_length]
-            return embeddings
-        positions = self.position_embedding.weight[:seq_length]  # (L, C): position_ids = arange(L)
-        return self.token_embedding(input_ids) + positions
-
-
-def _min_value(dtype) -> float:
-    # torch.finfo(dtype).min, the value transformers fills masked positions with.
-    return float(np.finfo(np.float16).min) if dtype == ms.float16 else float(np.finfo(np.float32).min)
+        embeddings = self.token_embedding(input_ids)  # (B, L, C)
+        positions = self.position_embedding.weight  # position_ids = arange(L): the first L rows
+        positions = host_param(positions) if is_host(embeddings) else positions
+        return embeddings + positions[:input_ids.shape[-1]]
 
 
 class CLIPTextTransformer(nn.Cell):
@@ -226,18 +190,18 @@ class CLIPTextTransformer(nn.Cell):
         self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.eos_token_id = config.eos_token_id
 
-    def attention_mask_4d(self, attention_mask: np.ndarray | None, batch: int, length: int, dtype):
-        """Causal mask plus the padding mask, (B, 1, L, L) additive, as transformers builds them:
-        a Tensor of `dtype`, or a float32 numpy array for the host path (dtype None)."""
-        min_value = np.float32(_min_value(dtype))
+    @staticmethod
+    def attention_mask_4d(attention_mask: np.ndarray | None, batch: int, length: int, min_value: float) -> np.ndarray:
+        """Causal mask plus the padding mask, (B, 1, L, L) additive float32, as transformers builds
+        them with min_value = torch.finfo(dtype).min."""
+        min_value = np.float32(min_value)
         causal = np.triu(np.full((length, length), min_value, np.float32), 1)  # 0 on/below the diagonal
         mask = np.broadcast_to(causal, (batch, 1, length, length))
         if attention_mask is not None:
             padding = np.where(attention_mask.astype(bool), np.float32(0.0), min_value).astype(np.float32)
             with np.errstate(over="ignore"):  # min + min = -inf in float32, exactly as in torch
                 mask = mask + padding[:, None, None, :]
-        mask = np.ascontiguousarray(mask, dtype=np.float32)
-        return mask if dtype is None else Tensor(mask).astype(dtype)
+        return np.ascontiguousarray(mask, dtype=np.float32)
 
     def pooled_positions(self, ids: np.ndarray) -> np.ndarray:
         """Index of the end-of-text token in each row, chosen as transformers 4.57.1 does."""
@@ -247,32 +211,16 @@ class CLIPTextTransformer(nn.Cell):
         # First occurrence of eos_token_id (the pad token may equal it); 0 when a row has none.
         return (ids.astype(np.int32) == self.eos_token_id).astype(np.int32).argmax(axis=-1)
 
-    def construct(self, input_ids, attention_mask=None, host: bool = False):
-        ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
-        ids = ids.reshape(-1, ids.shape[-1])  # (B, L)
-        batch, length = ids.shape
-        if length > self.config.max_position_embeddings:
-            raise ValueError(f"input_ids has {length} tokens; this text encoder takes at most "
-                             f"{self.config.max_position_embeddings}")
-        if attention_mask is not None:
-            attention_mask = (attention_mask.asnumpy() if isinstance(attention_mask, Tensor)
-                              else np.asarray(attention_mask)).reshape(batch, length)
-        if host:
-            hidden_states = self.embeddings(ids.astype(np.int64))  # (B, L, C) numpy
-            mask = self.attention_mask_4d(attention_mask, batch, length, None)
-            last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, mask))
-            pooled = last_hidden_state[np.arange(batch), self.pooled_positions(ids)]
-            return last_hidden_state, pooled  # (B, L, C), (B, C)
-        hidden_states = self.embeddings(Tensor(ids.astype(np.int32)))  # (B, L, C)
-        mask = self.attention_mask_4d(attention_mask, batch, length, hidden_states.dtype)
-        hidden_states = self.encoder(hidden_states, mask)
+    def construct(self, input_ids, attention_mask, pooled_positions: np.ndarray):
+        """input_ids (B, L), additive attention_mask (B, 1, L, L), pooled_positions (B,) numpy
+        -> last_hidden_state (B, L, C), pooled (B, C)."""
+        hidden_states = self.encoder(self.embeddings(input_ids), attention_mask)
         last_hidden_state = self.final_layer_norm(hidden_states)
-        flat_index = np.arange(batch) * length + self.pooled_positions(ids)
-        pooled = ops.gather(last_hidden_state.reshape(batch * length, -1), Tensor(flat_index.astype(np.int32)), 0)
-        return last_hidden_state, pooled  # (B, L, C), (B, C)
+        pooled = last_hidden_state[list(range(len(pooled_positions))), pooled_positions.tolist()]
+        return last_hidden_state, pooled
 
 
-class CLIPTextModelWithProjection(nn.Cell):
+class CLIPTextModelWithProjection(Model):
     """transformers `CLIPTextModelWithProjection`: returns text_embeds and last_hidden_state."""
 
     def __init__(self, config: CLIPTextConfig):
@@ -285,21 +233,29 @@ class CLIPTextModelWithProjection(nn.Cell):
     def from_config(cls, config: dict) -> "CLIPTextModelWithProjection":
         return cls(CLIPTextConfig.from_dict(config))
 
-    @property
-    def dtype(self):
-        return self.text_projection.weight.dtype
-
-    cpu_numpy_path = True
-
     def construct(self, input_ids, attention_mask=None) -> CLIPTextModelOutput:
-        """input_ids (B, L) int; attention_mask (B, L) with 1 = token, 0 = padding (optional)."""
-        host = self.cpu_numpy_path and on_cpu()
-        last_hidden_state, pooled = self.text_model(input_ids, attention_mask, host=host)
-        if host:
-            text_embeds = _to_tensor(self.text_projection(pooled), self.dtype)
-            return CLIPTextModelOutput(text_embeds=text_embeds,
-                                       last_hidden_state=_to_tensor(last_hidden_state, self.dtype))
-        return CLIPTextModelOutput(text_embeds=self.text_projection(pooled), last_hidden_state=last_hidden_state)
+        """input_ids (B, L) int; attention_mask (B, L) with 1 = token, 0 = padding (optional)
+        (backend/nn/entry.py run_model: numpy outputs on the host path)."""
+        ids = np.asarray(input_ids)
+        ids = ids.reshape(-1, ids.shape[-1])  # (B, L)
+        batch, length = ids.shape
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {length} tokens; this text encoder takes at most "
+                             f"{self.config.max_position_embeddings}")
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask).reshape(batch, length)
+        # torch.finfo(dtype).min, dtype the one this path computes in (the host path: float32)
+        min_value = np.finfo(np.float16 if not self.host_path and self.dtype == ms.float16 else np.float32).min
+        mask = self.text_model.attention_mask_4d(attention_mask, batch, length, min_value)
+        text_embeds, last_hidden_state = run_model(self, self._forward, ids, mask,
+                                                   self.text_model.pooled_positions(ids))
+        return CLIPTextModelOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
+
+    def _forward(self, input_ids, attention_mask, pooled_positions):
+        if not self.host_path:  # the device path gathers with a Tensor of ids
+            input_ids = Tensor(input_ids.astype(np.int32))
+        last_hidden_state, pooled = self.text_model(input_ids, attention_mask, pooled_positions)
+        return self.text_projection(pooled), last_hidden_state
 
 
 class CLIPVisionEmbeddings(nn.Cell):
@@ -319,19 +275,13 @@ class CLIPVisionEmbeddings(nn.Cell):
         if height != self.image_size or width != self.image_size:
             raise ValueError(f"Input image size ({height}*{width}) doesn't match model "
                              f"({self.image_size}*{self.image_size}).")
-        if is_host(pixel_values):
-            patches = conv2d_host(pixel_values, host_param(self.patch_embedding.weight), None,
-                                  self.patch_size, 0)  # (B, C, g, g)
-            patches = patches.reshape(batch, self.embed_dim, -1).transpose(0, 2, 1)  # (B, g*g, C)
-            cls = np.broadcast_to(host_param(self.class_embedding), (batch, 1, self.embed_dim))
-            embeddings = np.concatenate([cls, patches], axis=1)  # (B, 1 + g*g, C)
-            embeddings += host_param(self.position_embedding.weight)
-            return embeddings
-        patches = self.patch_embedding(pixel_values.astype(self.patch_embedding.weight.dtype))  # (B, C, g, g)
+        patches = self.patch_embedding(pixel_values)  # (B, C, g, g)
         patches = patches.reshape(batch, self.embed_dim, -1).swapaxes(1, 2)  # (B, g*g, C)
-        cls = ops.broadcast_to(self.class_embedding.reshape(1, 1, -1), (batch, 1, self.embed_dim))
-        embeddings = ops.cat([cls.astype(patches.dtype), patches], axis=1)  # (B, 1 + g*g, C)
-        return embeddings + self.position_embedding.weight[None]
+        cls, positions = self.class_embedding, self.position_embedding.weight  # position_ids = arange
+        if is_host(patches):
+            cls, positions = host_param(cls), host_param(positions)
+        embeddings = concat([concat([cls.reshape(1, 1, -1)] * batch, axis=0), patches], axis=1)  # (B, 1 + g*g, C)
+        return embeddings + positions
 
 
 class CLIPVisionTransformer(nn.Cell):
@@ -349,7 +299,7 @@ class CLIPVisionTransformer(nn.Cell):
         return last_hidden_state, pooled
 
 
-class CLIPVisionModelWithProjection(nn.Cell):
+class CLIPVisionModelWithProjection(Model):
     """transformers `CLIPVisionModelWithProjection`: returns image_embeds and last_hidden_state."""
 
     def __init__(self, config: CLIPVisionConfig):
@@ -362,21 +312,12 @@ class CLIPVisionModelWithProjection(nn.Cell):
     def from_config(cls, config: dict) -> "CLIPVisionModelWithProjection":
         return cls(CLIPVisionConfig.from_dict(config))
 
-    @property
-    def dtype(self):
-        return self.visual_projection.weight.dtype
-
-    cpu_numpy_path = True
-
     def construct(self, pixel_values) -> CLIPVisionModelOutput:
-        """pixel_values (B, num_channels, image_size, image_size), as CLIPImageProcessor makes them."""
-        if self.cpu_numpy_path and on_cpu():
-            if isinstance(pixel_values, Tensor):
-                pixel_values = pixel_values.asnumpy()
-            last_hidden_state, pooled = self.vision_model(np.asarray(pixel_values, dtype=np.float32))
-            return CLIPVisionModelOutput(image_embeds=_to_tensor(self.visual_projection(pooled), self.dtype),
-                                         last_hidden_state=_to_tensor(last_hidden_state, self.dtype))
-        if not isinstance(pixel_values, Tensor):
-            pixel_values = Tensor(np.asarray(pixel_values, dtype=np.float32))
+        """pixel_values (B, num_channels, image_size, image_size), as CLIPImageProcessor makes them
+        (backend/nn/entry.py run_model: numpy outputs on the host path)."""
+        image_embeds, last_hidden_state = run_model(self, self._forward, pixel_values)
+        return CLIPVisionModelOutput(image_embeds=image_embeds, last_hidden_state=last_hidden_state)
+
+    def _forward(self, pixel_values):
         last_hidden_state, pooled = self.vision_model(pixel_values)
-        return CLIPVisionModelOutput(image_embeds=self.visual_projection(pooled), last_hidden_state=last_hidden_state)
+        return self.visual_projection(pooled), last_hidden_state
