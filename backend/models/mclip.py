@@ -10,10 +10,6 @@ Attribute paths equal the checkpoint keys (`transformer.encoder.layer.0.attentio
 so `backend.weights.load_model(MultilingualCLIP, folder)` is the identity map. The pooler
 (`transformer.pooler.dense`) is part of XLMRobertaModel and of its checkpoints; MultilingualCLIP
 never uses its output, so it is held for strict loading and not computed.
-
-Two execution paths, as in clip.py: on CPU numpy arrays from the embeddings to the outputs
-(products through backend/nn/host.py's oneDNN sgemm), on GPU/Ascend mindspore.ops Tensors.
-`cpu_numpy_path = False` on a model runs the mindspore.ops path on CPU too (the tests check both).
 """
 from __future__ import annotations
 
@@ -24,8 +20,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from backend.device import on_cpu
-from backend.nn.layers import Embedding, LayerNorm, Linear, gelu, is_host, scaled_dot_product_attention
+from backend.nn import (Embedding, LayerNorm, Linear, Model, gelu, host_param, is_host, run_model,
+                        scaled_dot_product_attention)
 
 # transformers ACT2FN names this port supports.
 _ACTIVATIONS = {
@@ -91,8 +87,8 @@ class MCLIPConfig:
 class MCLIPOutput(NamedTuple):
     """Unpacks like diffusers' `(projected, embs)` tuple."""
 
-    text_embeds: Tensor  # (B, numDims): masked mean of the token states through LinearTransformation
-    last_hidden_state: Tensor  # (B, L, hidden_size): every token's state, padding included
+    text_embeds: np.ndarray | Tensor  # (B, numDims): masked mean of the token states through LinearTransformation
+    last_hidden_state: np.ndarray | Tensor  # (B, L, hidden_size): every token's state, padding included
 
 
 def position_ids_from_input_ids(input_ids: np.ndarray, padding_idx: int) -> np.ndarray:
@@ -100,11 +96,6 @@ def position_ids_from_input_ids(input_ids: np.ndarray, padding_idx: int) -> np.n
     padding tokens keep padding_idx (fairseq's make_positions)."""
     mask = (input_ids != padding_idx).astype(np.int64)
     return np.cumsum(mask, axis=1) * mask + padding_idx
-
-
-def _min_value(dtype) -> float:
-    # torch.finfo(dtype).min, what transformers' get_extended_attention_mask puts on padding keys.
-    return float(np.finfo(np.float16).min) if dtype == ms.float16 else float(np.finfo(np.float32).min)
 
 
 class XLMRobertaEmbeddings(nn.Cell):
@@ -116,14 +107,10 @@ class XLMRobertaEmbeddings(nn.Cell):
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # (sic), the checkpoint key
 
     def construct(self, input_ids, position_ids):
-        if is_host(input_ids):
-            embeddings = self.word_embeddings(input_ids)  # (B, L, C), a fresh array
-            embeddings += self.token_type_embeddings(np.zeros((1,), np.int64))  # token type 0 everywhere
-            embeddings += self.position_embeddings(position_ids)
-            return self.LayerNorm(embeddings)
-        token_type = self.token_type_embeddings.weight[:1]  # (1, C)
-        embeddings = self.word_embeddings(input_ids) + token_type + self.position_embeddings(position_ids)
-        return self.LayerNorm(embeddings)
+        words = self.word_embeddings(input_ids)  # (B, L, C)
+        token_type = self.token_type_embeddings.weight  # token_type_ids are all 0: row 0
+        token_type = host_param(token_type) if is_host(words) else token_type
+        return self.LayerNorm(words + token_type[:1] + self.position_embeddings(position_ids))
 
 
 class XLMRobertaSelfAttention(nn.Cell):
@@ -137,15 +124,9 @@ class XLMRobertaSelfAttention(nn.Cell):
 
     def construct(self, hidden_states, attention_mask):
         b, n, c = hidden_states.shape  # (B, L, C)
-        if is_host(hidden_states):
-            # heads as strided views (B, L, h, d) -> (B, h, L, d): sgemm reads them in place
-            q, k, v = (proj(hidden_states).reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-                       for proj in (self.query, self.key, self.value))
-            out = scaled_dot_product_attention(q, k, v, attention_mask)  # (B, h, L, d)
-            return out.transpose(0, 2, 1, 3).reshape(b, n, c)
         q, k, v = (proj(hidden_states).reshape(b, n, self.num_heads, self.head_dim).swapaxes(1, 2)
-                   for proj in (self.query, self.key, self.value))
-        out = scaled_dot_product_attention(q, k, v, attention_mask)
+                   for proj in (self.query, self.key, self.value))  # (B, h, L, d)
+        out = scaled_dot_product_attention(q, k, v, attention_mask)  # (B, h, L, d)
         return out.swapaxes(1, 2).reshape(b, n, c)
 
 
@@ -158,11 +139,7 @@ class XLMRobertaSelfOutput(nn.Cell):
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def construct(self, hidden_states, input_tensor):
-        hidden_states = self.dense(hidden_states)
-        if is_host(hidden_states):
-            hidden_states += input_tensor
-            return self.LayerNorm(hidden_states)
-        return self.LayerNorm(hidden_states + input_tensor)
+        return self.LayerNorm(self.dense(hidden_states) + input_tensor)
 
 
 class XLMRobertaAttention(nn.Cell):
@@ -233,26 +210,12 @@ class XLMRobertaModel(nn.Cell):
         self.encoder = XLMRobertaEncoder(config)
         self.pooler = XLMRobertaPooler(config)
 
-    def construct(self, input_ids: np.ndarray, attention_mask: np.ndarray, dtype=None):
-        """input_ids and attention_mask (B, L) numpy; dtype None runs the host path (numpy out),
-        else the mindspore.ops path in that dtype (Tensor out). -> (B, L, hidden_size)."""
-        batch, length = input_ids.shape
-        positions = position_ids_from_input_ids(input_ids, self.config.pad_token_id)
-        if int(positions.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"input_ids has {length} tokens; this text encoder takes at most "
-                             f"{self.config.max_position_embeddings - self.config.pad_token_id - 1}")
-        # Additive key mask (B, 1, 1, L): 0 for tokens, finfo.min for padding, as transformers builds it.
-        keep = attention_mask.astype(np.float32)
-        if dtype is None:
-            mask = ((np.float32(1.0) - keep) * np.float32(_min_value(ms.float32)))[:, None, None, :]
-            hidden_states = self.embeddings(input_ids.astype(np.int64), positions)
-            return self.encoder(hidden_states, np.ascontiguousarray(mask, dtype=np.float32))
-        mask = ((1.0 - keep) * _min_value(dtype))[:, None, None, :].astype(np.float32)
-        hidden_states = self.embeddings(Tensor(input_ids.astype(np.int32)), Tensor(positions.astype(np.int32)))
-        return self.encoder(hidden_states, Tensor(mask).astype(dtype))
+    def construct(self, input_ids, position_ids, attention_mask):
+        """input_ids, position_ids (B, L); attention_mask additive (B, 1, 1, L) -> (B, L, hidden_size)."""
+        return self.encoder(self.embeddings(input_ids, position_ids), attention_mask)
 
 
-class MultilingualCLIP(nn.Cell):
+class MultilingualCLIP(Model):
     """diffusers `MultilingualCLIP`: (input_ids, attention_mask) -> (text_embeds, last_hidden_state)."""
 
     def __init__(self, config: MCLIPConfig):
@@ -265,35 +228,28 @@ class MultilingualCLIP(nn.Cell):
     def from_config(cls, config: dict) -> "MultilingualCLIP":
         return cls(MCLIPConfig.from_dict(config))
 
-    @property
-    def dtype(self):
-        return self.LinearTransformation.weight.dtype
-
-    cpu_numpy_path = True
-
     def construct(self, input_ids, attention_mask=None) -> MCLIPOutput:
-        """input_ids (B, L) int; attention_mask (B, L), 1 = token, 0 = padding (all ones if None)."""
-        ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
+        """input_ids (B, L) int; attention_mask (B, L), 1 = token, 0 = padding (all ones if None)
+        (backend/nn/entry.py run_model: numpy outputs on the host path)."""
+        ids = np.asarray(input_ids)
         ids = ids.reshape(-1, ids.shape[-1])  # (B, L)
-        if attention_mask is None:
-            mask = np.ones(ids.shape, np.float32)
-        else:
-            mask = attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask)
-            mask = mask.reshape(ids.shape).astype(np.float32)
-        if self.cpu_numpy_path and on_cpu():
-            embs = self.transformer(ids, mask)  # (B, L, C) numpy
-            # mean over the tokens the mask keeps (diffusers: (embs * mask).sum(1) / mask.sum(1))
-            pooled = np.einsum("blc,bl->bc", embs, mask) / mask.sum(axis=1)[:, None]
-            projected = self.LinearTransformation(pooled.astype(np.float32))
-            return MCLIPOutput(text_embeds=_to_tensor(projected, self.dtype),
-                               last_hidden_state=_to_tensor(embs, self.dtype))
-        embs = self.transformer(ids, mask, self.dtype)  # (B, L, C) Tensor
-        mask_t = Tensor(mask).astype(embs.dtype)
-        pooled = (embs * mask_t[:, :, None]).sum(axis=1) / mask_t.sum(axis=1)[:, None]
-        return MCLIPOutput(text_embeds=self.LinearTransformation(pooled), last_hidden_state=embs)
+        keep = np.ones(ids.shape, np.float32) if attention_mask is None else \
+            np.asarray(attention_mask).reshape(ids.shape).astype(np.float32)
+        positions = position_ids_from_input_ids(ids, self.config.pad_token_id)
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {ids.shape[1]} tokens; this text encoder takes at most "
+                             f"{self.config.max_position_embeddings - self.config.pad_token_id - 1}")
+        # Additive key mask (B, 1, 1, L) as transformers' get_extended_attention_mask builds it:
+        # 0 for tokens, torch.finfo(dtype).min for padding, dtype the one this path computes in.
+        min_value = np.finfo(np.float16 if not self.host_path and self.dtype == ms.float16 else np.float32).min
+        key_mask = ((np.float32(1.0) - keep) * min_value)[:, None, None, :]
+        text_embeds, last_hidden_state = run_model(self, self._forward, ids, positions, key_mask, keep)
+        return MCLIPOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
 
-
-def _to_tensor(array: np.ndarray, dtype) -> Tensor:
-    """A host-path result as a Tensor of the model's dtype (float32: no copy)."""
-    out = Tensor.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    return out.astype(dtype) if dtype != ms.float32 else out
+    def _forward(self, input_ids, position_ids, attention_mask, keep):
+        if not self.host_path:  # the device path gathers with Tensors of ids
+            input_ids, position_ids = Tensor(input_ids.astype(np.int32)), Tensor(position_ids.astype(np.int32))
+        embs = self.transformer(input_ids, position_ids, attention_mask)  # (B, L, C)
+        # the mean over the tokens the mask keeps, as diffusers: (embs * mask[..., None]).sum(1) / mask.sum(1)[:, None]
+        pooled = (embs * keep[:, :, None]).sum(axis=1) / keep.sum(axis=1)[:, None]
+        return self.LinearTransformation(pooled), embs
