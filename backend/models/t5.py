@@ -16,9 +16,6 @@ clamps infinities in float16. This port never computes in half precision: half-p
 weights (e.g. the published `variant="fp16"` shards) halve the memory, and every product and
 the residual stream run in float32 (weights are widened at use). Measured on the parity fixture
 in tests/test_t5.py: fp16 weights vs fp32 weights, see that test's docstring.
-
-Two execution paths as in clip.py: on CPU numpy arrays with products through
-backend/nn/host.py; on GPU/Ascend (or `cpu_numpy_path = False`) mindspore.ops Tensors.
 """
 from __future__ import annotations
 
@@ -28,14 +25,14 @@ from typing import NamedTuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from backend import interrupt
-from backend.device import on_cpu
-from backend.nn.host import host_matmul
-from backend.nn.layers import Embedding, gelu, host_param, is_host, ones_parameter, silu, zeros_parameter
+from backend.nn import (Embedding, Linear, Model, RMSNorm, gelu, is_host, relu, run_model, scaled_dot_product_attention,
+                        silu)
 
-_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+# transformers' ACT2FN names this port supports.
+_ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_new": lambda x: gelu(x, approximate="tanh"), "silu": silu}
 
 
 @dataclass
@@ -84,60 +81,7 @@ class T5Config:
 
 
 class T5EncoderOutput(NamedTuple):
-    last_hidden_state: Tensor  # (B, L, d_model), after the final layer norm
-
-
-def _activation(name: str, x):
-    if name == "silu":
-        return silu(x)
-    if name == "gelu":
-        return gelu(x)
-    if name == "gelu_new":
-        return gelu(x, approximate="tanh")
-    if is_host(x):  # relu
-        return np.maximum(x, 0, out=x)
-    return ops.relu(x)
-
-
-def _f32(param):
-    """A parameter as float32 for the ops path (half-precision weights are widened at use)."""
-    return param if param.dtype == ms.float32 else param.astype(ms.float32)
-
-
-class T5Linear(nn.Cell):
-    """torch.nn.Linear without bias; always computes in float32 (see the module docstring)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = zeros_parameter((out_features, in_features))
-
-    def construct(self, x):
-        shape = x.shape
-        if is_host(x):
-            y = host_matmul(x.reshape(-1, shape[-1]), host_param(self.weight).T)
-        else:
-            y = ops.matmul(x.reshape(-1, shape[-1]), _f32(self.weight).T)
-        return y.reshape(*shape[:-1], self.out_features)
-
-
-class T5LayerNorm(nn.Cell):
-    """RMS norm: x / sqrt(mean(x^2) + eps) * weight, statistics in float32."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = ones_parameter((hidden_size,))
-        self.variance_epsilon = eps
-
-    def construct(self, x):
-        if is_host(x):
-            variance = np.einsum("...i,...i->...", x, x)[..., None] / np.float32(x.shape[-1])
-            y = x * (1 / np.sqrt(variance + np.float32(self.variance_epsilon)))
-            y *= host_param(self.weight)
-            return y
-        variance = (x * x).mean(axis=-1, keep_dims=True)
-        return _f32(self.weight) * (x * ops.rsqrt(variance + self.variance_epsilon))
+    last_hidden_state: np.ndarray | Tensor  # (B, L, d_model), after the final layer norm
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -166,43 +110,23 @@ class T5Attention(nn.Cell):
         self.key_value_proj_dim = config.d_kv
         self.inner_dim = config.num_heads * config.d_kv
         self.has_relative_attention_bias = has_relative_attention_bias
-        self.num_buckets = config.relative_attention_num_buckets
-        self.max_distance = config.relative_attention_max_distance
-        self.q = T5Linear(config.d_model, self.inner_dim)
-        self.k = T5Linear(config.d_model, self.inner_dim)
-        self.v = T5Linear(config.d_model, self.inner_dim)
-        self.o = T5Linear(self.inner_dim, config.d_model)
+        self.q = Linear(config.d_model, self.inner_dim, bias=False)
+        self.k = Linear(config.d_model, self.inner_dim, bias=False)
+        self.v = Linear(config.d_model, self.inner_dim, bias=False)
+        self.o = Linear(self.inner_dim, config.d_model, bias=False)
         if has_relative_attention_bias:
-            self.relative_attention_bias = Embedding(self.num_buckets, self.n_heads)
+            self.relative_attention_bias = Embedding(config.relative_attention_num_buckets, self.n_heads)
 
-    def compute_bias(self, length: int, host: bool):
-        """(1, heads, L, L) bias from key position minus query position."""
-        positions = np.arange(length, dtype=np.int64)
-        buckets = relative_position_bucket(positions[None, :] - positions[:, None], self.num_buckets,
-                                           self.max_distance)  # (L, L)
-        if host:
-            return host_param(self.relative_attention_bias.weight)[buckets].transpose(2, 0, 1)[None]
-        values = ops.gather(_f32(self.relative_attention_bias.weight), Tensor(buckets.astype(np.int32)), 0)
-        return values.transpose(2, 0, 1)[None]  # (L, L, h) -> (1, h, L, L)
+    def compute_bias(self, buckets):
+        """(1, L, L) relative-position buckets -> (1, heads, L, L) float32 bias."""
+        values = self.relative_attention_bias(buckets).astype(np.float32)  # (1, L, L, h)
+        return values.transpose(0, 3, 1, 2)
 
     def construct(self, hidden_states, position_bias):
         b, n, _ = hidden_states.shape  # (B, L, C)
-        h, d = self.n_heads, self.key_value_proj_dim
-        if is_host(hidden_states):
-            q, k, v = (proj(hidden_states).reshape(b, n, h, d).transpose(0, 2, 1, 3)
-                       for proj in (self.q, self.k, self.v))  # (B, h, L, d) views
-            scores = host_matmul(q, k.swapaxes(-1, -2))  # (B, h, L, L), no 1/sqrt(d) in T5
-            scores += position_bias
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            out = host_matmul(scores, v)  # (B, h, L, d)
-            return self.o(out.transpose(0, 2, 1, 3).reshape(b, n, self.inner_dim))
-        q = self.q(hidden_states).reshape(b, n, h, d).swapaxes(1, 2)  # (B, h, L, d)
-        k = self.k(hidden_states).reshape(b, n, h, d).swapaxes(1, 2)
-        v = self.v(hidden_states).reshape(b, n, h, d).swapaxes(1, 2)
-        scores = ops.matmul(q, k.swapaxes(-1, -2)) + position_bias
-        out = ops.matmul(ops.softmax(scores, axis=-1), v)
+        q, k, v = (proj(hidden_states).reshape(b, n, self.n_heads, self.key_value_proj_dim).swapaxes(1, 2)
+                   for proj in (self.q, self.k, self.v))  # (B, h, L, d)
+        out = scaled_dot_product_attention(q, k, v, position_bias, scale=1.0)  # no 1/sqrt(d) in T5
         return self.o(out.swapaxes(1, 2).reshape(b, n, self.inner_dim))
 
 
@@ -210,14 +134,10 @@ class T5LayerSelfAttention(nn.Cell):
     def __init__(self, config: T5Config, has_relative_attention_bias: bool):
         super().__init__()
         self.SelfAttention = T5Attention(config, has_relative_attention_bias)
-        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(config.d_model, eps=config.layer_norm_epsilon)
 
     def construct(self, hidden_states, position_bias):
-        out = self.SelfAttention(self.layer_norm(hidden_states), position_bias)
-        if is_host(out):
-            out += hidden_states
-            return out
-        return hidden_states + out
+        return hidden_states + self.SelfAttention(self.layer_norm(hidden_states), position_bias)
 
 
 class T5DenseGatedActDense(nn.Cell):
@@ -225,17 +145,13 @@ class T5DenseGatedActDense(nn.Cell):
 
     def __init__(self, config: T5Config):
         super().__init__()
-        self.act = config.dense_act_fn
-        self.wi_0 = T5Linear(config.d_model, config.d_ff)
-        self.wi_1 = T5Linear(config.d_model, config.d_ff)
-        self.wo = T5Linear(config.d_ff, config.d_model)
+        self.act = _ACTIVATIONS[config.dense_act_fn]
+        self.wi_0 = Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
 
     def construct(self, x):
-        gate = _activation(self.act, self.wi_0(x))
-        if is_host(gate):
-            gate *= self.wi_1(x)
-            return self.wo(gate)
-        return self.wo(gate * self.wi_1(x))
+        return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))
 
 
 class T5DenseActDense(nn.Cell):
@@ -243,26 +159,22 @@ class T5DenseActDense(nn.Cell):
 
     def __init__(self, config: T5Config):
         super().__init__()
-        self.act = config.dense_act_fn
-        self.wi = T5Linear(config.d_model, config.d_ff)
-        self.wo = T5Linear(config.d_ff, config.d_model)
+        self.act = _ACTIVATIONS[config.dense_act_fn]
+        self.wi = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
 
     def construct(self, x):
-        return self.wo(_activation(self.act, self.wi(x)))
+        return self.wo(self.act(self.wi(x)))
 
 
 class T5LayerFF(nn.Cell):
     def __init__(self, config: T5Config):
         super().__init__()
         self.DenseReluDense = T5DenseGatedActDense(config) if config.is_gated_act else T5DenseActDense(config)
-        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(config.d_model, eps=config.layer_norm_epsilon)
 
     def construct(self, hidden_states):
-        out = self.DenseReluDense(self.layer_norm(hidden_states))
-        if is_host(out):
-            out += hidden_states
-            return out
-        return hidden_states + out
+        return hidden_states + self.DenseReluDense(self.layer_norm(hidden_states))
 
 
 class T5Block(nn.Cell):
@@ -281,25 +193,22 @@ class T5Stack(nn.Cell):
         super().__init__()
         self.block = nn.CellList([T5Block(config, has_relative_attention_bias=(i == 0))
                                   for i in range(config.num_layers)])
-        self.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.final_layer_norm = RMSNorm(config.d_model, eps=config.layer_norm_epsilon)
 
-    def construct(self, hidden_states, attention_mask: np.ndarray | None):
-        b, n = hidden_states.shape[:2]
-        host = is_host(hidden_states)
-        # The first layer's bias table, shared by all layers, plus the padding mask (B, 1, 1, L),
-        # added once as transformers does: (1 - mask) * finfo(float32).min.
-        bias = self.block[0].layer[0].SelfAttention.compute_bias(n, host)  # (1, h, L, L)
-        if attention_mask is not None:
-            padding = (1.0 - attention_mask.astype(np.float32)) * np.finfo(np.float32).min
-            padding = padding.reshape(b, 1, 1, n).astype(np.float32)
-            bias = bias + (padding if host else Tensor(padding))
+    def construct(self, hidden_states, position_buckets, padding_mask=None):
+        """hidden_states (B, L, C) float32, position_buckets (1, L, L), padding_mask additive (B, 1, 1, L)."""
+        # The first layer's bias table serves every layer; the padding mask is added to it once, as
+        # transformers does.
+        bias = self.block[0].layer[0].SelfAttention.compute_bias(position_buckets)  # (1, h, L, L)
+        if padding_mask is not None:
+            bias = bias + padding_mask  # (B, h, L, L)
         for block in self.block:
             hidden_states = block(hidden_states, bias)
             interrupt.check()  # 32 layers of 8.7B parameters: a Stop takes effect between layers
         return self.final_layer_norm(hidden_states)
 
 
-class T5EncoderModel(nn.Cell):
+class T5EncoderModel(Model):
     """transformers `T5EncoderModel`: input_ids (B, L) [+ attention_mask] -> last_hidden_state."""
 
     def __init__(self, config: T5Config):
@@ -312,28 +221,32 @@ class T5EncoderModel(nn.Cell):
     def from_config(cls, config: dict) -> "T5EncoderModel":
         return cls(T5Config.from_dict(config))
 
-    @property
-    def dtype(self):
-        return self.shared.weight.dtype
-
-    cpu_numpy_path = True
-
     def construct(self, input_ids, attention_mask=None) -> T5EncoderOutput:
         """input_ids (B, L) int; attention_mask (B, L) with 1 = token, 0 = padding (optional).
 
-        Returns last_hidden_state (B, L, d_model) in the model's dtype (computed in float32)."""
-        ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
+        Computed in float32 whatever the weights' dtype (see the module docstring). Returns
+        last_hidden_state (B, L, d_model): float32 numpy on the host path, a Tensor of the model's
+        dtype on the device path, as transformers returns it (backend/nn/entry.py run_model)."""
+        ids = np.asarray(input_ids)
         ids = ids.reshape(-1, ids.shape[-1])  # (B, L)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); "
                              f"got values in [{ids.min()}, {ids.max()}]")
-        if attention_mask is not None:
-            attention_mask = (attention_mask.asnumpy() if isinstance(attention_mask, Tensor)
-                              else np.asarray(attention_mask)).reshape(ids.shape)
-        if self.cpu_numpy_path and on_cpu():
-            hidden_states = self.shared(ids.astype(np.int64))  # (B, L, C) float32 numpy
-            out = Tensor.from_numpy(np.ascontiguousarray(self.encoder(hidden_states, attention_mask)))
-        else:
-            hidden_states = self.shared(Tensor(ids.astype(np.int32))).astype(ms.float32)
-            out = self.encoder(hidden_states, attention_mask)
-        return T5EncoderOutput(out if self.dtype == ms.float32 else out.astype(self.dtype))
+        batch, length = ids.shape
+        positions = np.arange(length, dtype=np.int64)
+        buckets = relative_position_bucket(positions[None, :] - positions[:, None],  # key minus query position
+                                           self.config.relative_attention_num_buckets,
+                                           self.config.relative_attention_max_distance)[None]  # (1, L, L)
+        padding = None
+        if attention_mask is not None:  # (1 - mask) * finfo(float32).min, as transformers builds it
+            keep = np.asarray(attention_mask).reshape(batch, 1, 1, length).astype(np.float32)
+            padding = (1.0 - keep) * np.finfo(np.float32).min
+        out = run_model(self, self._forward, ids, buckets, padding, dtype=ms.float32)
+        return T5EncoderOutput(out if is_host(out) else out.astype(self.dtype))
+
+    def _forward(self, input_ids, position_buckets, padding_mask):
+        if not self.host_path:  # the device path gathers with Tensors of ids
+            input_ids = Tensor(input_ids.astype(np.int32))
+            position_buckets = Tensor(position_buckets.astype(np.int32))
+        hidden_states = self.shared(input_ids).astype(np.float32)  # (B, L, C); half-precision tables widened
+        return self.encoder(hidden_states, position_buckets, padding_mask)
