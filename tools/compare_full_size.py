@@ -9,6 +9,11 @@ in ours (`--side ours`: load the saved folder with backend.weights.load_model, r
 inputs). It prints the max abs difference per component and, for ours, the load's peak memory
 as a multiple of the weights' size. One component at a time keeps memory within 24 GB.
 
+    python tools/compare_full_size.py --previous-engine /path/to/other/checkout [component ...]
+
+also runs the other checkout's engine on the same weights and inputs first and prints the max change
+of ours against it (0 where the arithmetic is the same): how a refactor is shown to keep outputs.
+
 Components: unet (kandinsky-2-2-decoder), unet_inpaint, unet_controlnet, movq, prior (clip_std
 set to ones: published priors carry real statistics, zeros would make the output trivially 0),
 text_encoder (ViT-bigG-14 text tower), image_encoder (ViT-bigG-14 vision tower, 1.8B parameters);
@@ -247,8 +252,6 @@ def run_ours(name: str, folder: Path) -> dict:
     import psutil
 
     sys.path.insert(0, str(ROOT))
-    from mindspore import Tensor
-
     from backend.weights import find_weight_files, load_model
 
     _, _, module, cls_name = COMPONENTS[name]
@@ -260,7 +263,7 @@ def run_ours(name: str, folder: Path) -> dict:
     model = load_model(cls, folder)
     load_s = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t = {k[3:]: Tensor(v) for k, v in io.items() if k.startswith("in_")}
+    t = {k[3:]: v for k, v in io.items() if k.startswith("in_")}  # the models take numpy arrays
     start = time.time()
     if name == "unet_3":
         outputs = {prefix + "sample": model(t[prefix + "sample"], io[f"in_{prefix}timestep"],
@@ -294,16 +297,27 @@ def run_ours(name: str, folder: Path) -> dict:
                      encoder_hidden_states=t["encoder_hidden_states"], attention_mask=t["attention_mask"])
         outputs = {"predicted_image_embedding": pred, "post_processed": model.post_process_latents(pred)}
     elif name.startswith("text_encoder"):
-        out = model(Tensor(io["in_input_ids"].astype(np.int32)))
+        out = model(io["in_input_ids"].astype(np.int32))
         outputs = {"text_embeds": out.text_embeds, "last_hidden_state": out.last_hidden_state}
     else:
         outputs = {"image_embeds": model(t["pixel_values"]).image_embeds}
     run_s = time.time() - start
+    outputs = {key: value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+               for key, value in outputs.items()}
     diffs = {}
-    for key, value in outputs.items():
+    for key, ours in outputs.items():
         ref = io[f"out_{key}"]
-        ours = value.asnumpy()
         diffs[key] = {"max_abs": float(np.abs(ours - ref).max()), "ref_max_abs": float(np.abs(ref).max())}
+    # Engine against engine: KANDINSKY_COMPARE_SAVE=new keeps our outputs as ours_new.npz next to the
+    # weights (run it in two checkouts with --keep); KANDINSKY_COMPARE_AGAINST=old reports the max
+    # change against ours_old.npz.
+    if os.environ.get("KANDINSKY_COMPARE_SAVE"):
+        np.savez(folder / f"ours_{os.environ['KANDINSKY_COMPARE_SAVE']}.npz", **outputs)
+    against = os.environ.get("KANDINSKY_COMPARE_AGAINST")
+    if against:
+        previous = np.load(folder / f"ours_{against}.npz")
+        for key, ours in outputs.items():
+            diffs[key]["max_abs_vs_" + against] = float(np.abs(ours - previous[key]).max())
     n_params = sum(int(np.prod(p.shape)) for _, p in model.parameters_and_names())
     run_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"component": name, "parameters": n_params, "weights_gb": weight_bytes / 1e9, "load_s": load_s,
@@ -319,6 +333,9 @@ def main() -> None:
     parser.add_argument("components", nargs="*", default=list(COMPONENTS))
     parser.add_argument("--side", choices=["torch", "ours"])
     parser.add_argument("--keep", action="store_true", help="keep the saved random-weight checkpoints")
+    parser.add_argument("--previous-engine", type=Path, metavar="CHECKOUT",
+                        help="another checkout of this project (one that has this option): its engine runs "
+                             "the same weights and inputs first, and the max change against it is printed")
     args = parser.parse_args()
     for name in args.components:
         if name not in COMPONENTS:
@@ -339,15 +356,22 @@ def main() -> None:
         folder.mkdir(parents=True)
         subprocess.run([TORCH_PYTHON, __file__, "--side", "torch", name], check=True)
         torch_info = json.loads((folder / "torch.json").read_text())
+        env = dict(os.environ, KANDINSKY_COMPARE_DIR=str(WORK))
+        if args.previous_engine:
+            subprocess.run([sys.executable, str(args.previous_engine / "tools" / "compare_full_size.py"), "--side",
+                            "ours", name], check=True, capture_output=True, text=True,
+                           env=dict(env, KANDINSKY_COMPARE_SAVE="previous"))
+            env["KANDINSKY_COMPARE_AGAINST"] = "previous"
         out = subprocess.run([sys.executable, __file__, "--side", "ours", name], check=True, capture_output=True,
-                             text=True)
+                             text=True, env=env)
         result = json.loads(next(line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")))
         result["torch_parameters"] = torch_info["parameters"]
         result["torch_peak_rss_gb"] = torch_info.get("peak_rss_gb")
         result["torch_run_s"] = torch_info["run_s"]
         rows.append(result)
         for key, d in result["diffs"].items():
-            print(f"{name:16s} {key:26s} max|diff| {d['max_abs']:.2e}  (max|ref| {d['ref_max_abs']:.2e})  "
+            engines = "".join(f"  {k[8:]}: {v:.2e}" for k, v in d.items() if k.startswith("max_abs_vs_"))
+            print(f"{name:16s} {key:26s} max|diff| {d['max_abs']:.2e}  (max|ref| {d['ref_max_abs']:.2e}){engines}  "
                   f"params ours {result['parameters']:,} / ref {result['torch_parameters']:,}  "
                   f"load peak {result['load_peak_over_weights']:.2f}x weights", flush=True)
         print(f"{name:16s} peak RSS ours {result['peak_rss_gb']:.2f} GB (torch {result['torch_peak_rss_gb']:.2f} GB), "
