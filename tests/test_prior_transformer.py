@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from backend.models.prior_transformer import PriorTransformer, timestep_embedding
+from backend.models.prior_transformer import PriorTransformer
+from backend.nn import get_timestep_embedding
 from backend.weights import load_model
+from tests.conftest import as_numpy, assert_close
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = Path("/work/shared/reference-configs")
@@ -40,46 +42,43 @@ def run(model, io, timestep, mask=True, proj=None):
     out = model(Tensor(io["hidden_states"]), timestep, Tensor(io["proj_embedding"] if proj is None else proj),
                 encoder_hidden_states=Tensor(io["encoder_hidden_states"]),
                 attention_mask=Tensor(io["attention_mask"]) if mask else None)
-    return out.asnumpy()
-
-
-def assert_close(ours, ref):
-    assert ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= TOLERANCE, np.abs(ours - ref).max()
+    return as_numpy(out)
 
 
 def test_python_int_timestep_with_text_mask(prior, io):
-    assert_close(run(prior, io, 999), io["out_t999"])
+    assert_close(run(prior, io, 999), io["out_t999"], TOLERANCE)
     # diffusers turns a Python number into a long tensor: 999.7 -> 999.
-    assert_close(run(prior, io, 999.7), io["out_t999"])
+    assert_close(run(prior, io, 999.7), io["out_t999"], TOLERANCE)
 
 
 def test_per_sample_timesteps(prior, io):
-    assert_close(run(prior, io, Tensor(io["timesteps"])), io["out_tvec"])
+    assert_close(run(prior, io, Tensor(io["timesteps"])), io["out_tvec"], TOLERANCE)
 
 
 def test_zero_dim_timestep(prior, io):
-    assert_close(run(prior, io, Tensor(np.array(250, dtype=np.int64))), io["out_t0d"])
+    assert_close(run(prior, io, Tensor(np.array(250, dtype=np.int64))), io["out_t0d"], TOLERANCE)
 
 
 def test_without_mask_no_causal_mask(prior, io):
     # diffusers applies the causal mask only together with a text mask.
     ours = run(prior, io, 37, mask=False)
-    assert_close(ours, io["out_nomask"])
+    assert_close(ours, io["out_nomask"], TOLERANCE)
     assert np.abs(ours - run(prior, io, 37)).max() > 1e-3
 
 
 def test_post_process_latents(prior, io):
     assert np.abs(io["post_processed"] - io["out_t999"]).max() > 1e-2  # clip_std/mean are not trivial
-    ours = prior.post_process_latents(Tensor(io["out_t999"])).asnumpy()
-    assert_close(ours, io["post_processed"])
+    ours = prior.post_process_latents(Tensor(io["out_t999"]))
+    assert_close(ours, io["post_processed"], TOLERANCE)
 
 
-def test_variant_with_every_optional_layer_flipped(io):
+@pytest.mark.parametrize("host", [True, False], ids=["cpu-numpy-path", "mindspore-ops-path"])
+def test_variant_with_every_optional_layer_flipped(io, host):
     variant = load_model(PriorTransformer, FIXTURES / "prior_tiny" / "variant")
+    variant.cpu_numpy_path = host
     assert variant.prd_embedding is None and variant.norm_in is not None
     vio = np.load(FIXTURES / "prior_tiny" / "variant" / "io.npz")
-    assert_close(run(variant, io, 999, proj=vio["proj_embedding"]), vio["out_t999"])
+    assert_close(run(variant, io, 999, proj=vio["proj_embedding"]), vio["out_t999"], TOLERANCE)
 
 
 def test_checkpoint_names():
@@ -108,7 +107,8 @@ def test_real_config_parameter_count(name):
 
 
 def test_timestep_embedding_layout():
-    emb = timestep_embedding(np.array([0.0, 10.0]), 8, flip_sin_to_cos=True, downscale_freq_shift=0)
+    # the prior's time_proj
+    emb = get_timestep_embedding(np.array([0.0, 10.0]), 8, flip_sin_to_cos=True, downscale_freq_shift=0)
     # flip_sin_to_cos: cos first; t = 0 gives cos 1, sin 0.
     np.testing.assert_array_equal(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
     np.testing.assert_allclose(emb[1, 4], np.sin(10.0), atol=1e-6)
@@ -126,3 +126,9 @@ def test_bad_config_values_are_refused():
 def test_missing_encoder_hidden_states_is_refused(prior, io):
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         prior(Tensor(io["hidden_states"]), 1, Tensor(io["proj_embedding"]))
+
+
+def test_token_count_must_fit_the_positional_table(prior, io):
+    # num_embeddings 16 text tokens + 4 additional = 20 rows; 15 text tokens make 19.
+    with pytest.raises(ValueError, match="positional_embedding has 20"):
+        prior(io["hidden_states"], 1, io["proj_embedding"], encoder_hidden_states=io["encoder_hidden_states"][:, 1:])

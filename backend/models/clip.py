@@ -247,8 +247,10 @@ class CLIPTextModelWithProjection(Model):
         # torch.finfo(dtype).min, dtype the one this path computes in (the host path: float32)
         min_value = np.finfo(np.float16 if not self.host_path and self.dtype == ms.float16 else np.float32).min
         mask = self.text_model.attention_mask_4d(attention_mask, batch, length, min_value)
-        text_embeds, last_hidden_state = run_model(self, self._forward, ids, mask,
-                                                   self.text_model.pooled_positions(ids))
+        # Few tokens against large weights: each product is split over the cores (a core reads part of
+        # the weights), not the samples (every core would read all of them).
+        positions = self.text_model.pooled_positions(ids)
+        text_embeds, last_hidden_state = run_model(self, self._forward, ids, mask, positions, split_samples=False)
         return CLIPTextModelOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
 
     def _forward(self, input_ids, attention_mask, pooled_positions):
@@ -315,7 +317,8 @@ class CLIPVisionModelWithProjection(Model):
     def construct(self, pixel_values) -> CLIPVisionModelOutput:
         """pixel_values (B, num_channels, image_size, image_size), as CLIPImageProcessor makes them
         (backend/nn/entry.py run_model: numpy outputs on the host path)."""
-        image_embeds, last_hidden_state = run_model(self, self._forward, pixel_values)
+        # split_samples=False: as for the text tower (CLIPTextModelWithProjection.construct)
+        image_embeds, last_hidden_state = run_model(self, self._forward, pixel_values, split_samples=False)
         return CLIPVisionModelOutput(image_embeds=image_embeds, last_hidden_state=last_hidden_state)
 
     def _forward(self, pixel_values):

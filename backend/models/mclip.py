@@ -243,7 +243,10 @@ class MultilingualCLIP(Model):
         # 0 for tokens, torch.finfo(dtype).min for padding, dtype the one this path computes in.
         min_value = np.finfo(np.float16 if not self.host_path and self.dtype == ms.float16 else np.float32).min
         key_mask = ((np.float32(1.0) - keep) * min_value)[:, None, None, :]
-        text_embeds, last_hidden_state = run_model(self, self._forward, ids, positions, key_mask, keep)
+        # Few tokens against large weights: each product is split over the cores (a core reads part of
+        # the weights), not the samples (every core would read all of them).
+        text_embeds, last_hidden_state = run_model(self, self._forward, ids, positions, key_mask, keep,
+                                                   split_samples=False)
         return MCLIPOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
 
     def _forward(self, input_ids, position_ids, attention_mask, keep):

@@ -14,16 +14,13 @@ and the prediction is read from the last (`prd`) token.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import numpy as np
-import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
-from backend.device import on_cpu
-from backend.nn.layers import (LayerNorm, Linear, gelu, host_param, is_host, scaled_dot_product_attention, silu,
-                               zeros_parameter)
+from backend.nn import (LayerNorm, Linear, Model, concat, gelu, get_timestep_embedding, host_param, is_host, mish,
+                        relu, run_model, scaled_dot_product_attention, silu, zeros_parameter)
 
 
 @dataclass
@@ -74,42 +71,12 @@ class PriorTransformerConfig:
                                  f"got {getattr(self, name)!r}")
 
 
-def _mish(x):
-    if is_host(x):
-        return x * np.tanh(np.logaddexp(np.float32(0), x))
-    return x * ops.tanh(ops.softplus(x))
-
-
-def _relu(x):
-    return np.maximum(x, np.float32(0)) if is_host(x) else ops.relu(x)
-
-
 # diffusers' get_activation table (activations.py), restricted to what has a CPU kernel.
-# Each takes a Tensor or, on the host path, a numpy array.
-_ACTIVATIONS = {"silu": silu, "swish": silu, "gelu": gelu, "relu": _relu, "mish": _mish}
+_ACTIVATIONS = {"silu": silu, "swish": silu, "gelu": gelu, "relu": relu, "mish": mish}
 
 
-def timestep_embedding(timesteps: np.ndarray, dim: int, flip_sin_to_cos: bool = False,
-                       downscale_freq_shift: float = 1.0, max_period: int = 10000) -> np.ndarray:
-    """diffusers' `get_timestep_embedding` (scale 1) in numpy: (N,) -> (N, dim) float32.
-
-    The exponent is built in float32 as torch does; the exponential is taken in float64
-    and rounded, which agrees with torch's float32 `exp` on all but a few frequencies
-    (there torch is 1 ulp off; at t = 999 that moves a sine by at most ~6e-5).
-    """
-    half = dim // 2
-    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
-    exponent = exponent / np.float32(half - downscale_freq_shift)
-    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
-    args = timesteps.astype(np.float32)[:, None] * freqs[None, :]  # (N, half), float32 like torch
-    emb = np.concatenate([np.sin(args), np.cos(args)], axis=-1)
-    if flip_sin_to_cos:
-        emb = np.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
-    if dim % 2 == 1:
-        emb = np.pad(emb, ((0, 0), (0, 1)))
-    return emb.astype(np.float32)
-
-
+# Local until backend/nn's TimestepEmbedding takes diffusers' `out_dim` and the activations above
+# (the prior's time MLP may be time_embed_dim wide inside and inner_dim wide out).
 class TimestepEmbedding(nn.Cell):
     """diffusers `TimestepEmbedding`: linear_1 -> act -> linear_2."""
 
@@ -139,18 +106,10 @@ class Attention(nn.Cell):
 
     def construct(self, hidden_states, attention_mask=None):
         b, n, _ = hidden_states.shape  # (B, N, C)
-        if is_host(hidden_states):
-            # heads as strided views of the projections (B, N, h, d) -> (B, h, N, d): no copies
-            q, k, v = (proj(hidden_states).reshape(b, n, self.heads, self.dim_head).transpose(0, 2, 1, 3)
-                       for proj in (self.to_q, self.to_k, self.to_v))
-            out = scaled_dot_product_attention(q, k, v, attention_mask)  # (B, h, N, d)
-            return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, self.heads * self.dim_head))
-        q = self.to_q(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)  # (B, h, N, d)
-        k = self.to_k(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)
-        v = self.to_v(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)
+        q, k, v = (proj(hidden_states).reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)
+                   for proj in (self.to_q, self.to_k, self.to_v))  # (B, h, N, d)
         out = scaled_dot_product_attention(q, k, v, attention_mask)  # mask (B, 1, N, N) additive
-        out = out.swapaxes(1, 2).reshape(b, n, self.heads * self.dim_head)
-        return self.to_out[0](out)
+        return self.to_out[0](out.swapaxes(1, 2).reshape(b, n, self.heads * self.dim_head))
 
 
 class GELUProjection(nn.Cell):
@@ -189,26 +148,12 @@ class BasicTransformerBlock(nn.Cell):
         self.ff = FeedForward(dim)
 
     def construct(self, hidden_states, attention_mask=None):
-        if is_host(hidden_states):  # the residual adds in place on fresh arrays
-            out = self.attn1(self.norm1(hidden_states), attention_mask)
-            out += hidden_states
-            ff = self.ff(self.norm3(out))
-            ff += out
-            return ff
         hidden_states = self.attn1(self.norm1(hidden_states), attention_mask) + hidden_states
         return self.ff(self.norm3(hidden_states)) + hidden_states
 
 
-class PriorTransformer(nn.Cell):
-    """diffusers `PriorTransformer` (inference).
-
-    Two execution paths, as in the UNet (unet_2d_condition.py, "Two execution paths"): on CPU the
-    activations are numpy arrays from the input to the output (matrix products through
-    backend/nn/host.py), on GPU/Ascend mindspore.ops Tensors. `cpu_numpy_path = False` runs the
-    mindspore.ops path on CPU too (the tests check both against diffusers).
-    """
-
-    cpu_numpy_path = True
+class PriorTransformer(Model):
+    """diffusers `PriorTransformer` (inference)."""
 
     def __init__(self, config: PriorTransformerConfig):
         super().__init__()
@@ -222,7 +167,7 @@ class PriorTransformer(nn.Cell):
         clip_embed_dim = config.clip_embed_dim or config.embedding_dim
 
         # `time_proj` (diffusers `Timesteps(inner_dim, flip_sin_to_cos=True, shift=0)`) has no weights:
-        # see `timestep_embedding`.
+        # construct calls get_timestep_embedding.
         self.time_embedding = TimestepEmbedding(inner_dim, time_embed_dim, config.time_embed_act_fn, inner_dim)
         self.proj_in = Linear(config.embedding_dim, inner_dim)
         self.embedding_proj_norm = (LayerNorm(embedding_proj_dim)
@@ -250,97 +195,80 @@ class PriorTransformer(nn.Cell):
     def from_config(cls, config: dict) -> "PriorTransformer":
         return cls(PriorTransformerConfig.from_dict(config))
 
-    @property
-    def dtype(self):
-        return self.proj_in.weight.dtype
-
-    def _timesteps(self, timestep, batch_size: int) -> np.ndarray:
-        """(B,) float32 timesteps, broadcast as diffusers does (a Python number becomes a long)."""
-        if isinstance(timestep, Tensor):
-            values = timestep.asnumpy()
-        elif isinstance(timestep, np.ndarray):  # taken like a tensor (diffusers has no numpy path)
-            values = timestep
+    @staticmethod
+    def _timesteps(timestep, batch_size: int) -> np.ndarray:
+        """(B,) timesteps, broadcast as diffusers does (a Python number becomes a long)."""
+        if isinstance(timestep, (Tensor, np.ndarray)):  # an array is taken like a tensor
+            values = np.asarray(timestep)
         else:
             values = np.array([int(timestep)], dtype=np.int64)  # torch.tensor([t], dtype=torch.long)
         values = values.reshape(-1)
         if values.shape[0] not in (1, batch_size):
             raise ValueError(f"timestep must hold 1 or batch_size={batch_size} values; got {values.shape[0]}")
-        return np.broadcast_to(values, (batch_size,)).astype(np.float32)
+        return np.broadcast_to(values, (batch_size,))
+
+    def _text_mask(self, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) text mask, 1 = keep -> additive (B, 1, N, N) float32 mask with the causal mask, as
+        diffusers builds it (the causal mask applies only together with a text mask)."""
+        text_mask = (1 - attention_mask.astype(np.float32)) * np.float32(-10000.0)  # (B, T)
+        text_mask = np.pad(text_mask, ((0, 0), (0, self.additional_embeddings)))  # (B, N)
+        return (text_mask[:, None, :] + self.causal_attention_mask)[:, None]  # (B, 1, N, N)
 
     def construct(self, hidden_states, timestep, proj_embedding, encoder_hidden_states=None,
                   attention_mask=None):
         """hidden_states (B, embedding_dim) noisy image embedding; timestep int | (B,) | ();
         proj_embedding (B, embedding_proj_dim) pooled text embedding; encoder_hidden_states
         (B, num_embeddings, embedding_dim) text tokens; attention_mask (B, num_embeddings) 1 = keep.
-        Returns the predicted image embedding (B, clip_embed_dim)."""
+        Returns the predicted image embedding (B, clip_embed_dim) (backend/nn/entry.py run_model:
+        numpy on the host path)."""
+        if self.encoder_hidden_states_proj is not None and encoder_hidden_states is None:
+            raise ValueError("`encoder_hidden_states_proj` requires `encoder_hidden_states` to be set")
         batch_size = hidden_states.shape[0]
-        dtype = self.dtype
-        host = self.cpu_numpy_path and on_cpu()
+        timesteps_projected = get_timestep_embedding(self._timesteps(timestep, batch_size), self.inner_dim,
+                                                     flip_sin_to_cos=True, downscale_freq_shift=0)  # time_proj
+        mask = None if attention_mask is None else self._text_mask(np.asarray(attention_mask))
+        # 81 tokens against 4 GB of weights (2.2): each product is split over the cores (a core reads
+        # part of the weights), not the samples (every core would read all of them; measured 1.18x
+        # the CPU time of a guided step).
+        return run_model(self, self._forward, hidden_states, timesteps_projected, proj_embedding,
+                         encoder_hidden_states, mask, split_samples=False)
 
-        def convert(x):  # what the chosen path computes on: float32 numpy, or model-dtype Tensors
-            if x is None:
-                return None
-            if host:
-                return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x, dtype=np.float32)
-            x = x if isinstance(x, Tensor) else Tensor(np.asarray(x, dtype=np.float32))
-            return x.astype(dtype) if x.dtype != dtype else x
-
-        hidden_states, proj_embedding = convert(hidden_states), convert(proj_embedding)
-        encoder_hidden_states = convert(encoder_hidden_states)
-        timesteps_projected = timestep_embedding(self._timesteps(timestep, batch_size), self.inner_dim,
-                                                 flip_sin_to_cos=True, downscale_freq_shift=0)
-        time_embeddings = self.time_embedding(convert(timesteps_projected))  # (B, W)
-
+    def _forward(self, hidden_states, timesteps_projected, proj_embedding, encoder_hidden_states, attention_mask):
+        batch_size = hidden_states.shape[0]
+        time_embeddings = self.time_embedding(timesteps_projected)  # (B, W)
         if self.embedding_proj_norm is not None:
             proj_embedding = self.embedding_proj_norm(proj_embedding)
         proj_embeddings = self.embedding_proj(proj_embedding)  # (B, W)
         if self.encoder_hidden_states_proj is not None:
-            if encoder_hidden_states is None:
-                raise ValueError("`encoder_hidden_states_proj` requires `encoder_hidden_states` to be set")
             encoder_hidden_states = self.encoder_hidden_states_proj(encoder_hidden_states)  # (B, T, W)
-
         hidden_states = self.proj_in(hidden_states)
-        if host:
-            out = self._host_tokens(hidden_states, proj_embeddings, time_embeddings, encoder_hidden_states,
-                                    attention_mask)
-            out = Tensor.from_numpy(np.ascontiguousarray(out))
-            return out.astype(dtype) if dtype != ms.float32 else out
-        positional_embeddings = self.positional_embedding.astype(hidden_states.dtype)
 
-        tokens = []
-        additional_embeddings_len = 0
-        if encoder_hidden_states is not None:
-            tokens.append(encoder_hidden_states)
-            additional_embeddings_len += encoder_hidden_states.shape[1]
+        # The token sequence: [text tokens ..., proj_embedding, time embedding, hidden_states, prd]
+        tokens = [] if encoder_hidden_states is None else [encoder_hidden_states]
         if proj_embeddings.ndim == 2:
             proj_embeddings = proj_embeddings[:, None, :]
         if hidden_states.ndim == 2:
             hidden_states = hidden_states[:, None, :]
         tokens += [proj_embeddings, time_embeddings[:, None, :], hidden_states]
+        additional_embeddings_len = sum(t.shape[1] for t in tokens[:-1])  # the tokens before hidden_states
+        host = is_host(hidden_states)
         if self.prd_embedding is not None:
-            tokens.append(ops.broadcast_to(self.prd_embedding.astype(hidden_states.dtype),
-                                           (batch_size, 1, self.inner_dim)))
-        hidden_states = ops.cat(tokens, axis=1)  # (B, N, W)
-
-        # diffusers lets the positional table leave out the extra tokens and pads it with zeros.
-        additional_embeddings_len = additional_embeddings_len + proj_embeddings.shape[1] + 1
-        if positional_embeddings.shape[1] < hidden_states.shape[1]:
-            after = 1 if self.prd_embedding is not None else 0
-            positional_embeddings = ops.cat([
-                ops.zeros((1, additional_embeddings_len, self.inner_dim), positional_embeddings.dtype),
-                positional_embeddings,
-                ops.zeros((1, after, self.inner_dim), positional_embeddings.dtype),
-            ], axis=1)
+            prd_embedding = host_param(self.prd_embedding) if host else self.prd_embedding
+            tokens.append(concat([prd_embedding] * batch_size, axis=0))  # (B, 1, W)
+        hidden_states = concat(tokens, axis=1)  # (B, N, W)
+        positional_embeddings = host_param(self.positional_embedding) if host else self.positional_embedding
+        if positional_embeddings.shape[1] != hidden_states.shape[1]:
+            # diffusers pads a shorter table with zeros, which fits only a one-row table: any other
+            # length fails there in the addition below.
+            raise ValueError(f"the prior's token sequence has {hidden_states.shape[1]} tokens; its "
+                             f"positional_embedding has {positional_embeddings.shape[1]} (num_embeddings "
+                             f"{self.config.num_embeddings} + additional_embeddings {self.additional_embeddings})")
         hidden_states = hidden_states + positional_embeddings
-
-        mask = self._text_mask(attention_mask, self.additional_embeddings)
-        if mask is not None:
-            mask = Tensor(mask).astype(hidden_states.dtype)  # (B, 1, N, N), broadcast over heads
 
         if self.norm_in is not None:
             hidden_states = self.norm_in(hidden_states)
         for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, mask)
+            hidden_states = block(hidden_states, attention_mask)
         hidden_states = self.norm_out(hidden_states)
 
         if self.prd_embedding is not None:
@@ -349,55 +277,12 @@ class PriorTransformer(nn.Cell):
             hidden_states = hidden_states[:, additional_embeddings_len:]
         return self.proj_to_clip_embeddings(hidden_states)
 
-    def _text_mask(self, attention_mask, additional_len: int) -> np.ndarray | None:
-        """Additive (B, 1, N, N) float32 mask, or None without a text mask."""
-        if attention_mask is None:
-            return None
-        # The causal mask applies only together with a text mask, as in diffusers.
-        text_mask = attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else np.asarray(attention_mask)
-        text_mask = (1 - text_mask.astype(np.float32)) * np.float32(-10000.0)  # (B, T)
-        text_mask = np.pad(text_mask, ((0, 0), (0, additional_len)))  # (B, N)
-        return (text_mask[:, None, :] + self.causal_attention_mask)[:, None]  # (B, 1, N, N)
-
-    def _host_tokens(self, hidden_states, proj_embeddings, time_embeddings, encoder_hidden_states,
-                     attention_mask) -> np.ndarray:
-        """Host path from the projected inputs (numpy, (B, W) each) to the output (B, clip_embed_dim)."""
-        batch_size = hidden_states.shape[0]
-        tokens = []
-        additional_embeddings_len = 0
-        if encoder_hidden_states is not None:
-            tokens.append(encoder_hidden_states)
-            additional_embeddings_len += encoder_hidden_states.shape[1]
-        if proj_embeddings.ndim == 2:
-            proj_embeddings = proj_embeddings[:, None, :]
-        if hidden_states.ndim == 2:
-            hidden_states = hidden_states[:, None, :]
-        tokens += [proj_embeddings, time_embeddings[:, None, :], hidden_states]
-        if self.prd_embedding is not None:
-            tokens.append(np.broadcast_to(host_param(self.prd_embedding), (batch_size, 1, self.inner_dim)))
-        hidden_states = np.concatenate(tokens, axis=1)  # (B, N, W)
-
-        positional_embeddings = host_param(self.positional_embedding)
-        # diffusers lets the positional table leave out the extra tokens and pads it with zeros.
-        additional_embeddings_len += proj_embeddings.shape[1] + 1
-        if positional_embeddings.shape[1] < hidden_states.shape[1]:
-            after = 1 if self.prd_embedding is not None else 0
-            positional_embeddings = np.pad(positional_embeddings,
-                                           ((0, 0), (additional_embeddings_len, after), (0, 0)))
-        hidden_states += positional_embeddings
-
-        mask = self._text_mask(attention_mask, self.additional_embeddings)
-        if self.norm_in is not None:
-            hidden_states = self.norm_in(hidden_states)
-        for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, mask)
-        hidden_states = self.norm_out(hidden_states)
-        if self.prd_embedding is not None:
-            hidden_states = hidden_states[:, -1]  # (B, W)
-        else:
-            hidden_states = hidden_states[:, additional_embeddings_len:]
-        return self.proj_to_clip_embeddings(np.ascontiguousarray(hidden_states))
-
     def post_process_latents(self, prior_latents):
         """Un-normalise a predicted embedding: latents * clip_std + clip_mean."""
-        return prior_latents * self.clip_std + self.clip_mean
+        return run_model(self, self._post_process, prior_latents, split_samples=False)
+
+    def _post_process(self, latents):
+        std, mean = self.clip_std, self.clip_mean
+        if is_host(latents):
+            std, mean = host_param(std), host_param(mean)
+        return latents * std + mean

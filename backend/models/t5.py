@@ -241,7 +241,9 @@ class T5EncoderModel(Model):
         if attention_mask is not None:  # (1 - mask) * finfo(float32).min, as transformers builds it
             keep = np.asarray(attention_mask).reshape(batch, 1, 1, length).astype(np.float32)
             padding = (1.0 - keep) * np.finfo(np.float32).min
-        out = run_model(self, self._forward, ids, buckets, padding, dtype=ms.float32)
+        # Few tokens against large weights: each product is split over the cores (a core reads, and
+        # widens, part of the weights), not the samples (every core would read all of them).
+        out = run_model(self, self._forward, ids, buckets, padding, split_samples=False, dtype=ms.float32)
         return T5EncoderOutput(out if is_host(out) else out.astype(self.dtype))
 
     def _forward(self, input_ids, position_buckets, padding_mask):
