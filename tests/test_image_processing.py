@@ -6,6 +6,7 @@ preprocessor_config.json: test images in PIL modes RGB (landscape downscale, por
 resized + center-cropped pixels transformers made (exact integers, kept as PNG), and the full
 normalised float32 output for a batch of two.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,10 @@ def io():
 @pytest.fixture(scope="module")
 def processor():
     return CLIPImageProcessor.from_pretrained(FOLDER)
+
+
+def config() -> dict:
+    return json.loads((FOLDER / "preprocessor_config.json").read_text())
 
 
 def load_input(io, name: str):
@@ -54,9 +59,7 @@ def test_input_modes_are_covered(io):
 @pytest.mark.parametrize("name", ["rgb_landscape", "rgb_portrait", "rgb_small", "rgba", "l_grey", "p_palette",
                                   "i16", "cmyk", "np_hwc_uint8", "np_chw_uint8", "np_hwc_float"])
 def test_resize_and_crop_match_transformers_exactly(io, name):
-    config = {**CLIPImageProcessor.from_pretrained(FOLDER).config.__dict__, "do_rescale": False,
-              "do_normalize": False}
-    raw = CLIPImageProcessor.from_config(config)
+    raw = CLIPImageProcessor.from_config({**config(), "do_rescale": False, "do_normalize": False})
     ours = raw.preprocess(load_input(io, name))
     assert ours.shape == (1, 3, 224, 224) and ours.dtype == np.float32
     np.testing.assert_array_equal(ours[0], expected_pixels(name).astype(np.float32))
@@ -65,10 +68,22 @@ def test_resize_and_crop_match_transformers_exactly(io, name):
 @pytest.mark.parametrize("name", ["rgb_landscape", "p_palette", "np_chw_uint8"])
 def test_full_output_matches_normalised_reference_pixels(processor, io, name):
     ours = processor(load_input(io, name)).pixel_values
-    mean = np.array(processor.config.image_mean, np.float32)[:, None, None]
-    std = np.array(processor.config.image_std, np.float32)[:, None, None]
+    mean = np.array(config()["image_mean"], np.float32)[:, None, None]
+    std = np.array(config()["image_std"], np.float32)[:, None, None]
     ref = (expected_pixels(name).astype(np.float64) / 255).astype(np.float32)
     assert np.abs(ours[0] - (ref - mean) / std).max() <= TOLERANCE
+
+
+def test_transparency_is_dropped_not_composited(processor, io):
+    # transformers 4.57.1 (the reference) converts with Image.convert("RGB"); transformers 5 would
+    # composite onto white, also for an RGB image with a "transparency" colour key.
+    pixels = np.zeros((64, 96, 3), np.uint8)
+    pixels[:, :48], pixels[:, 48:] = (10, 200, 30), (90, 20, 160)
+    keyed = Image.fromarray(pixels)
+    keyed.info["transparency"] = (10, 200, 30)  # an RGB PNG's tRNS colour key: the left half
+    np.testing.assert_array_equal(processor.preprocess(keyed), processor.preprocess(pixels))
+    rgba = load_input(io, "rgba")
+    np.testing.assert_array_equal(processor.preprocess(rgba), processor.preprocess(rgba.convert("RGB")))
 
 
 def test_batch_output_matches_transformers(processor, io):
