@@ -247,9 +247,9 @@ class CLIPTextModelWithProjection(Model):
         # torch.finfo(dtype).min, dtype the one this path computes in (the host path: float32)
         min_value = np.finfo(np.float16 if not self.host_path and self.dtype == ms.float16 else np.float32).min
         mask = self.text_model.attention_mask_4d(attention_mask, batch, length, min_value)
+        positions = self.text_model.pooled_positions(ids)
         # Few tokens against large weights: each product is split over the cores (a core reads part of
         # the weights), not the samples (every core would read all of them).
-        positions = self.text_model.pooled_positions(ids)
         text_embeds, last_hidden_state = run_model(self, self._forward, ids, mask, positions, split_samples=False)
         return CLIPTextModelOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
 

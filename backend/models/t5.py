@@ -1,7 +1,7 @@
 """T5 encoder (Kandinsky 3's text encoder: the Flan-UL2 encoder, 8.7B parameters).
 
 Port of transformers 4.57.1 `T5EncoderModel` (transformers/models/t5/modeling_t5.py), inference
-only: RMS-style `T5LayerNorm` (no mean, no bias), attention without the 1/sqrt(d) scale and
+only: RMS-style `T5LayerNorm` (nn's RMSNorm: no mean, no bias), attention without the 1/sqrt(d) scale and
 with a learned relative-position bias that only the first layer owns and every layer reuses,
 gated (or plain) feed-forward, no biases anywhere. Attribute paths equal the checkpoint keys
 (`shared.weight`, `encoder.block.0.layer.0.SelfAttention.q.weight`,
