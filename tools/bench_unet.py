@@ -72,12 +72,11 @@ def run_ours(steps: int, size: int, profile: bool, out_path: Path) -> list[tuple
     for name, param in model.parameters_and_names():
         param.set_data(Tensor.from_numpy(weight(name, param.shape)))
     model.set_train(False)
-    sample, image_embeds = inputs(size)
-    sample, image_embeds = Tensor(sample), Tensor(image_embeds)
+    sample, image_embeds = inputs(size)  # numpy in, numpy out on CPU, as the pipelines call it
     times = []
     for _ in range(steps + 1):  # the first call warms up
         start, cpu_start = time.perf_counter(), time.process_time()
-        out = model(sample, TIMESTEP, added_cond_kwargs={"image_embeds": image_embeds}).asnumpy()
+        out = model(sample, TIMESTEP, added_cond_kwargs={"image_embeds": image_embeds})
         times.append((time.perf_counter() - start, time.process_time() - cpu_start))
     np.save(out_path, out)
     if profile:
@@ -90,9 +89,11 @@ def profile_ours(model, sample, image_embeds) -> None:
     import collections
 
     import backend.models.unet_2d_condition as unet
+    import backend.nn as layers
+    from backend.nn import entry
 
     totals, counts, stack = collections.Counter(), collections.Counter(), []
-    classes = [unet.Conv2d, unet.GroupNorm, unet.Linear, unet.LayerNorm, unet.Attention, unet.ResnetBlock2D,
+    classes = [layers.Conv2d, layers.GroupNorm, layers.Linear, layers.LayerNorm, unet.Attention, unet.ResnetBlock2D,
                unet.SimpleCrossAttnDownBlock2D, unet.SimpleCrossAttnUpBlock2D, unet.ResnetDownsampleBlock2D,
                unet.ResnetUpsampleBlock2D, unet.UNetMidBlock2DSimpleCrossAttn, unet.UNet2DConditionModel]
     originals = {cls: cls.construct for cls in classes}
@@ -116,10 +117,10 @@ def profile_ours(model, sample, image_embeds) -> None:
     for cls in classes:
         cls.construct = timed(cls)
     # one timing stack: run the samples one after the other (each layer split over the cores)
-    split_batch = unet.split_batch
-    unet.split_batch = lambda batch, forward: None
-    # Attention's host path calls Linear.channels_first directly: time it as Linear too
-    original_cf = unet.Linear.channels_first
+    split_batch = entry.split_batch
+    entry.split_batch = lambda batch, forward: None
+    # Attention calls Linear.channels_first directly: time it as Linear too
+    original_cf = layers.Linear.channels_first
 
     def channels_first(self, x):
         start = time.perf_counter()
@@ -130,16 +131,16 @@ def profile_ours(model, sample, image_embeds) -> None:
         stack[-1] += elapsed
         return result
 
-    unet.Linear.channels_first = channels_first
+    layers.Linear.channels_first = channels_first
     try:
         start = time.perf_counter()
-        model(sample, TIMESTEP, added_cond_kwargs={"image_embeds": image_embeds}).asnumpy()
+        model(sample, TIMESTEP, added_cond_kwargs={"image_embeds": image_embeds})
         total = time.perf_counter() - start
     finally:
         for cls, original in originals.items():
             cls.construct = original
-        unet.Linear.channels_first = original_cf
-        unet.split_batch = split_batch
+        layers.Linear.channels_first = original_cf
+        entry.split_batch = split_batch
     print(f"profile of one step ({total:.2f} s), exclusive seconds per layer kind:")
     for name, seconds in totals.most_common():
         print(f"  {name:32s} {seconds:7.2f} s  {100 * seconds / total:5.1f} %  calls {counts[name]}")
@@ -195,16 +196,17 @@ def serve(side: str, size: int) -> None:
         sys.path.insert(0, str(ROOT))
         from mindspore import Tensor
 
-        import backend.models.unet_2d_condition as unet
+        from backend.models.unet_2d_condition import UNet2DConditionModel
+        from backend.nn import entry
         from backend.nn.host import host_gemm
 
         config = json.loads(CONFIG.read_text())
-        model = unet.UNet2DConditionModel.from_config(config)
+        model = UNet2DConditionModel.from_config(config)
         for name, param in model.parameters_and_names():
             param.set_data(Tensor.from_numpy(weight(name, param.shape)))
         model.set_train(False)
-        arrays = [Tensor(a) for a in inputs(size)]
-        split_batch = unet.split_batch
+        arrays = inputs(size)
+        split_batch = entry.split_batch
         pool = host_gemm().pool
         counter = [0]
         submit = pool.submit
@@ -215,8 +217,8 @@ def serve(side: str, size: int) -> None:
         pool.submit = counting_submit
 
         def step(mode):
-            unet.split_batch = split_batch if mode == "batch" else (lambda batch, forward: None)
-            model(arrays[0], TIMESTEP, added_cond_kwargs={"image_embeds": arrays[1]}).asnumpy()
+            entry.split_batch = split_batch if mode == "batch" else (lambda batch, forward: None)
+            model(arrays[0], TIMESTEP, added_cond_kwargs={"image_embeds": arrays[1]})
 
     step("batch")  # warm-up
     print("READY", flush=True)
