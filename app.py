@@ -4,14 +4,13 @@
     python app.py                 # the published kandinsky-community 2.2, 2.1 and 3 models, downloaded on first use
     python app.py --models 2.2,3  # offer only some of them
 
-flags -> config -> JobRunner (one engine thread) -> ModelManager -> build_ui() -> launch.
+flags -> EngineConfig -> Engine (engine thread + model manager + task executor) -> build_ui -> launch.
 Extra flags can also come from the KANDINSKY_STUDIO_ARGS environment variable (e.g. on a
 Hugging Face Space, where the command line is fixed).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -22,7 +21,6 @@ from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MAX_UPLOAD = "50mb"      # Gradio refuses larger uploads; backend/metadata.py reads PNGs up to the same size
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kandinsky-studio"
 
 logger = logging.getLogger("kandinsky_studio")
 
@@ -62,14 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-FAMILY_NAMES = ("2.2", "2.1", "3")
-
-
 def parse_families(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    from backend.families import FAMILIES  # plain data: no MindSpore before the flags are checked
+
     families = [item.strip().removeprefix("kandinsky-").replace("-", ".") for item in text.split(",") if item.strip()]
-    unknown = [f for f in families if f not in FAMILY_NAMES]
+    unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
-        parser.error(f"--models: expected some of {', '.join(FAMILY_NAMES)} (comma-separated); got {text!r}")
+        parser.error(f"--models: expected some of {', '.join(FAMILIES)} (comma-separated); got {text!r}")
     return list(dict.fromkeys(families))
 
 
@@ -134,52 +131,13 @@ def browser_secret(outputs_dir: Path) -> str:
     return secret
 
 
-def catalogue(args: argparse.Namespace, runner) -> dict:
-    """The selectable models in --models order: the tiny demo models, or the published ones (a
-    folder named like the repo under --models-dir is used instead of the Hub)."""
-    from backend import demo
-    from backend.manager import CATALOGUE
+def engine_config(args: argparse.Namespace):
+    from backend.engine import EngineConfig
+    from backend.memory import parse_memory
 
-    if args.demo:
-        root = Path(args.models_dir) if args.models_dir else DEFAULT_CACHE
-        specs = [runner.call(demo.ensure_demo_models, root, family) for family in args.families]
-        return {spec.key: spec for spec in specs}
-    models = {}
-    for family in args.families:
-        spec = next(spec for spec in CATALOGUE.values() if spec.family == family)
-        repos = dict(spec.repos)
-        if args.models_dir:
-            for role, repo in repos.items():
-                local = Path(args.models_dir) / repo.split("/")[-1]
-                if (local / "model_index.json").is_file():
-                    repos[role] = str(local)
-        models[spec.key] = dataclasses.replace(spec, repos=repos)
-    return models
-
-
-def ui_config(args: argparse.Namespace, models: dict):
-    from backend.jobs import GenerationRequest
-    from backend.manager import FAMILY_DEFAULTS
-    from kandinsky_ui import UIConfig
-
-    defaults = {f: getattr(GenerationRequest(), f) for f in (
-        "prompt", "width", "height", "num_inference_steps", "prior_num_inference_steps", "guidance_scale",
-        "prior_guidance_scale", "scheduler", "preview")}
-    defaults["model"] = next(iter(models))
-    family_defaults = dict(FAMILY_DEFAULTS[models[defaults["model"]].family])  # the first model's docs
-    if args.demo:
-        family_defaults = {"guidance_scale": family_defaults["guidance_scale"]}
-    defaults.update(family_defaults)
-    presets = [("768x768 (square)", (768, 768)), ("512x512", (512, 512)), ("1024x1024", (1024, 1024)),
-               ("1024x576 (16:9)", (1024, 576)), ("576x1024 (9:16)", (576, 1024)), ("768x512 (3:2)", (768, 512)),
-               ("512x768 (2:3)", (512, 768))]
-    if args.demo:
-        # the tiny demo models: small images and few steps keep a run to seconds on a CPU
-        defaults.update(width=128, height=128, num_inference_steps=20, prior_num_inference_steps=10)
-        presets = [("64x64", (64, 64)), ("128x128", (128, 128)), ("256x256", (256, 256)),
-                   ("128x64", (128, 64))] + presets
-    return UIConfig(demo=args.demo, models=[(spec.label, key) for key, spec in models.items()],
-                    defaults=defaults, size_presets=presets)
+    return EngineConfig(families=tuple(args.families), demo=args.demo, device=args.device, dtype=args.dtype,
+                        memory_budget=parse_memory(args.memory_budget), models_dir=args.models_dir,
+                        offline=args.offline, outputs_dir=str(Path(args.outputs_dir).resolve()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,33 +150,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from PIL import Image
 
-    from backend.device import select_device
-    from backend.jobs import MAX_INPUT_PIXELS, JobRunner
-    from backend.manager import ModelManager, parse_memory
-    from backend.metadata import OutputStore
-    from backend.tasks import TaskExecutor
-    from kandinsky_ui import CSS, Studio, build_ui
+    from backend.engine import Engine
+    from backend.limits import MAX_INPUT_PIXELS
+    from kandinsky_ui import CSS, build_ui, page_config
 
     # PIL refuses to open an image of more than twice this many pixels (a decompression bomb)
     # wherever it is opened; the upload checks (kandinsky_ui/guards.py) refuse beyond it exactly.
     Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
-    outputs = Path(args.outputs_dir).resolve()
-    store = OutputStore(outputs)
-    executor: dict = {}
-    runner = JobRunner(lambda job: executor["run"](job)).start()
-    device = runner.call(select_device, args.device)   # MindSpore's context is set on the engine thread
-    models = catalogue(args, runner)
-    cache = Path(args.models_dir) if args.models_dir else DEFAULT_CACHE
-    manager = ModelManager(models, dtype=args.dtype, memory_budget=parse_memory(args.memory_budget),
-                           cache_dir=args.models_dir, offline=args.offline, device=device,
-                           factors_dir=cache / "preview-factors")
-    executor["run"] = TaskExecutor(manager, store)
-    config = ui_config(args, models)
-    config.browser_secret = browser_secret(outputs)
-    studio = Studio(runner, manager, store, config)
-    demo = build_ui(studio)
+    engine = Engine(engine_config(args))
+    outputs = engine.store.root
+    demo = build_ui(engine, page_config(engine.models, browser_secret(outputs)))
     demo.queue(default_concurrency_limit=1)
-    logger.info("device %s, dtype %s, outputs in %s%s", device, args.dtype, outputs,
+    logger.info("device %s, dtype %s, outputs in %s%s", engine.device, args.dtype, outputs,
                 ", DEMO models" if args.demo else "")
     try:
         # Gradio serves uploads, its own cache and allowed_paths: the outputs folder (the gallery's
@@ -228,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                     allowed_paths=[str(outputs)], blocked_paths=[str(secret_path(outputs))], css=CSS,
                     show_error=True, max_file_size=MAX_UPLOAD, footer_links=["api"], run_history=False)
     finally:
-        runner.shutdown()
+        engine.shutdown()
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from backend.manager import ModelSpec
+from backend.families import FAMILIES, ModelSpec
 
 DEMO_VERSION = 2          # bump when a config below changes: old folders are rebuilt
-DEMO_KEY = "kandinsky-2-2-demo"   # the default demo model
 EMBED_DIM = 32            # CLIP projection = prior embedding = UNet encoder_hid_dim
 
 PRIOR_CONFIG = {
@@ -83,29 +84,50 @@ DECODER_SCHEDULER = {
     "steps_offset": 1, "prediction_type": "epsilon", "thresholding": False,
 }
 
-# Folder -> (pipeline class, {component: (library, class, config, weights file name)})
-def _prior_folder(pipeline: str, text_config: dict, image_config: dict) -> tuple:
-    return (pipeline, {
+
+
+@dataclass(frozen=True)
+class DemoFolder:
+    """One demo folder, laid out as the published repo of its role."""
+
+    pipeline: str                         # model_index.json's _class_name
+    components: dict                      # name -> (library, class, config, weights file name)
+    schedulers: dict                      # subfolder -> scheduler config ("scheduler" is the default)
+    tokenizer: Callable | None = None     # writes the tokenizer folder, returns its vocabulary size
+    tokenizer_class: tuple = ()           # the tokenizer's model_index.json entry
+    image_processor: bool = False         # the prior's CLIP image processor
+
+
+CLIP_TOKENIZER = ("transformers", "CLIPTokenizer")
+
+
+def _prior_folder(pipeline: str, text_config: dict, image_config: dict, pad_token: str = "<|endoftext|>"):
+    """The 2.x prior folder. 2.2's CLIP tokenizer pads with the end-of-text token, 2.1's with "!"."""
+    return DemoFolder(pipeline, {
         "prior": ("diffusers", "PriorTransformer", PRIOR_CONFIG, "diffusion_pytorch_model"),
         "text_encoder": ("transformers", "CLIPTextModelWithProjection", text_config, "model"),
         "image_encoder": ("transformers", "CLIPVisionModelWithProjection", image_config, "model"),
-    })
+    }, {"scheduler": PRIOR_SCHEDULER}, lambda folder: write_tokenizer(folder, pad_token), CLIP_TOKENIZER,
+        image_processor=True)
 
 
-def _decoder_folder(pipeline: str, unet_config: dict, text_encoder: tuple | None = None,
-                    unet_class: str = "UNet2DConditionModel") -> tuple:
-    """UNet + MoVQ (+ the text encoder 2.1 and 3 keep in the decoder folder)."""
+def _decoder_folder(pipeline: str, unet_config: dict, schedulers: dict, text_encoder: tuple | None = None,
+                    tokenizer: Callable | None = None, tokenizer_class: tuple = (),
+                    unet_class: str = "UNet2DConditionModel") -> DemoFolder:
+    """UNet + MoVQ (+ the text encoder and tokenizer 2.1 and 3 keep in the decoder folder)."""
     components = {"text_encoder": text_encoder} if text_encoder else {}
     components["unet"] = ("diffusers", unet_class, unet_config, "diffusion_pytorch_model")
     components["movq"] = ("diffusers", "VQModel", MOVQ_CONFIG, "diffusion_pytorch_model")
-    return pipeline, components
+    return DemoFolder(pipeline, components, schedulers, tokenizer, tokenizer_class)
 
 
 FOLDERS = {
     "prior": _prior_folder("KandinskyV22PriorPipeline", TEXT_ENCODER_CONFIG, IMAGE_ENCODER_CONFIG),
-    "decoder": _decoder_folder("KandinskyV22Pipeline", _unet_config(4, "image")),
-    "inpaint": _decoder_folder("KandinskyV22InpaintPipeline", _unet_config(9, "image")),
-    "controlnet": _decoder_folder("KandinskyV22ControlnetPipeline", _unet_config(8, "image_hint")),
+    "decoder": _decoder_folder("KandinskyV22Pipeline", _unet_config(4, "image"), {"scheduler": DECODER_SCHEDULER}),
+    "inpaint": _decoder_folder("KandinskyV22InpaintPipeline", _unet_config(9, "image"),
+                               {"scheduler": DECODER_SCHEDULER}),
+    "controlnet": _decoder_folder("KandinskyV22ControlnetPipeline", _unet_config(8, "image_hint"),
+                                  {"scheduler": DECODER_SCHEDULER}),
 }
 
 # --- Kandinsky 2.1: CLIP ViT-L-style prior (quick_gelu, "!" padding), MCLIP + text_image UNet decoders
@@ -141,10 +163,15 @@ DDPM_2_1_SCHEDULER = {
     "trained_betas": None, "variance_type": "learned_range",
 }
 MCLIP = ("kandinsky", "MultilingualCLIP", MCLIP_CONFIG, "model")
+XLM_ROBERTA = dict(tokenizer=lambda folder: write_unigram_tokenizer(folder, "xlm-roberta"),
+                   tokenizer_class=("transformers", "XLMRobertaTokenizerFast"))
 FOLDERS_2_1 = {
-    "prior": _prior_folder("KandinskyPriorPipeline", TEXT_ENCODER_2_1_CONFIG, IMAGE_ENCODER_2_1_CONFIG),
-    "decoder": _decoder_folder("KandinskyPipeline", _unet_2_1_config(4), MCLIP),
-    "inpaint": _decoder_folder("KandinskyInpaintPipeline", _unet_2_1_config(9), MCLIP),
+    "prior": _prior_folder("KandinskyPriorPipeline", TEXT_ENCODER_2_1_CONFIG, IMAGE_ENCODER_2_1_CONFIG, "!"),
+    "decoder": _decoder_folder("KandinskyPipeline", _unet_2_1_config(4), {"scheduler": DECODER_2_1_SCHEDULER,
+                                                                         "ddpm_scheduler": DDPM_2_1_SCHEDULER},
+                               MCLIP, **XLM_ROBERTA),
+    "inpaint": _decoder_folder("KandinskyInpaintPipeline", _unet_2_1_config(9), {"scheduler": DECODER_2_1_SCHEDULER},
+                               MCLIP, **XLM_ROBERTA),
 }
 
 # --- Kandinsky 3: a T5 encoder (gated-silu, as Flan-UL2), a Kandinsky3UNet and a MoVQ in one folder
@@ -167,24 +194,12 @@ DECODER_3_SCHEDULER = {
     "thresholding": False, "timestep_spacing": "leading", "trained_betas": None, "variance_type": "fixed_small",
 }
 T5 = ("transformers", "T5EncoderModel", T5_CONFIG, "model")
-FOLDERS_3 = {"decoder": _decoder_folder("Kandinsky3Pipeline", UNET_3_CONFIG, T5, unet_class="Kandinsky3UNet")}
+FOLDERS_3 = {"decoder": _decoder_folder("Kandinsky3Pipeline", UNET_3_CONFIG, {"scheduler": DECODER_3_SCHEDULER}, T5,
+                                        lambda folder: write_unigram_tokenizer(folder, "t5"),
+                                        ("transformers", "T5TokenizerFast"), unet_class="Kandinsky3UNet")}
 
-MODEL_CLASSES = {
-    "PriorTransformer": "backend.models.prior_transformer",
-    "CLIPTextModelWithProjection": "backend.models.clip",
-    "CLIPVisionModelWithProjection": "backend.models.clip",
-    "UNet2DConditionModel": "backend.models.unet_2d_condition",
-    "VQModel": "backend.models.vq_model",
-    "MultilingualCLIP": "backend.models.mclip",
-    "T5EncoderModel": "backend.models.t5",
-    "Kandinsky3UNet": "backend.models.unet_kandinsky3",
-}
-# Families: key suffix, label, ModelSpec family, folders (role -> pipeline and components)
-FAMILIES = {
-    "2.2": ("kandinsky-2-2-demo", "Kandinsky 2.2 demo (tiny random weights)", FOLDERS),
-    "2.1": ("kandinsky-2-1-demo", "Kandinsky 2.1 demo (tiny random weights)", FOLDERS_2_1),
-    "3": ("kandinsky-3-demo", "Kandinsky 3 demo (tiny random weights)", FOLDERS_3),
-}
+# Family (backend/families.py) -> its demo folders, role -> DemoFolder
+DEMO_FOLDERS = {"2.2": FOLDERS, "2.1": FOLDERS_2_1, "3": FOLDERS_3}
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -310,57 +325,31 @@ def _write_component(folder: Path, class_name: str, config: dict, weights_name: 
 
     from safetensors.numpy import save_file
 
-    model_class = getattr(importlib.import_module(MODEL_CLASSES[class_name]), class_name)
+    from backend.pipelines.loading import MODEL_CLASSES
+
+    module, attr = MODEL_CLASSES[class_name]
+    model_class = getattr(importlib.import_module(module), attr)
     model = model_class.from_config(config)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     save_file(random_weights(model, seed), str(folder / f"{weights_name}.safetensors"))
 
 
-# role -> (tokenizer writer, model_index entry of the tokenizer) for the folders that read text
-def _tokenizer_for(family: str, role: str):
-    if family == "2.2" and role == "prior":
-        return write_tokenizer, ["transformers", "CLIPTokenizer"]
-    if family == "2.1" and role == "prior":
-        return (lambda folder: write_tokenizer(folder, pad_token="!")), ["transformers", "CLIPTokenizer"]
-    if family == "2.1":
-        return (lambda folder: write_unigram_tokenizer(folder, "xlm-roberta")), \
-            ["transformers", "XLMRobertaTokenizerFast"]
-    if family == "3":
-        return (lambda folder: write_unigram_tokenizer(folder, "t5")), ["transformers", "T5TokenizerFast"]
-    return None, None
-
-
-def _schedulers_for(family: str, role: str) -> dict:
-    """Subfolder -> scheduler config, as in the published repos."""
-    if role == "prior":
-        return {"scheduler": PRIOR_SCHEDULER}
-    if family == "2.1":
-        schedulers = {"scheduler": DECODER_2_1_SCHEDULER}
-        if role == "decoder":
-            schedulers["ddpm_scheduler"] = DDPM_2_1_SCHEDULER
-        return schedulers
-    if family == "3":
-        return {"scheduler": DECODER_3_SCHEDULER}
-    return {"scheduler": DECODER_SCHEDULER}
-
-
 def build_folder(folder: Path, role: str, seed: int = 0, family: str = "2.2") -> Path:
-    pipeline_class, components = FAMILIES[family][2][role]
+    spec = DEMO_FOLDERS[family][role]
     folder.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": pipeline_class, "_diffusers_version": "0.35.2"}
+    index = {"_class_name": spec.pipeline, "_diffusers_version": "0.35.2"}
     vocab_size = None
-    write, entry = _tokenizer_for(family, role)
-    if write is not None:
-        vocab_size = write(folder / "tokenizer")
-        index["tokenizer"] = entry
-    for name, config in _schedulers_for(family, role).items():
+    if spec.tokenizer is not None:
+        vocab_size = spec.tokenizer(folder / "tokenizer")
+        index["tokenizer"] = list(spec.tokenizer_class)
+    for name, config in spec.schedulers.items():
         _write_json(folder / name / "scheduler_config.json", config)
-    index["scheduler"] = ["diffusers", _schedulers_for(family, role)["scheduler"]["_class_name"]]
-    if role == "prior":
+    index["scheduler"] = ["diffusers", spec.schedulers["scheduler"]["_class_name"]]
+    if spec.image_processor:
         index["image_processor"] = ["transformers", "CLIPImageProcessor"]
         _write_json(folder / "image_processor" / "preprocessor_config.json", IMAGE_PROCESSOR_CONFIG)
-    for offset, (name, (library, class_name, config, weights_name)) in enumerate(components.items()):
+    for offset, (name, (library, class_name, config, weights_name)) in enumerate(spec.components.items()):
         config = dict(config)
         if config.get("vocab_size", 0) is None:
             config["vocab_size"] = vocab_size
@@ -380,18 +369,21 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
+def demo_key(family: str) -> str:
+    return f"{FAMILIES[family].key}-demo"
+
+
 def ensure_demo_models(root: str | os.PathLike, family: str = "2.2") -> ModelSpec:
     """Build one family's demo folders under `root` (once; reused while DEMO_VERSION is unchanged).
 
     Engine thread only: the models are built as MindSpore cells to learn their parameter names.
     """
-    key, _, folders = FAMILIES[family]
-    base = Path(root) / f"{key}-v{DEMO_VERSION}"
+    base = Path(root) / f"{demo_key(family)}-v{DEMO_VERSION}"
     done = base / "complete.json"
     if not done.is_file():
         tmp = base.with_name(base.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        for seed, role in enumerate(folders, start=1):
+        for seed, role in enumerate(DEMO_FOLDERS[family], start=1):
             build_folder(tmp / role, role, seed, family)
         _write_json(tmp / "complete.json", {"version": DEMO_VERSION})
         shutil.rmtree(base, ignore_errors=True)
@@ -400,12 +392,12 @@ def ensure_demo_models(root: str | os.PathLike, family: str = "2.2") -> ModelSpe
 
 
 def ensure_demo_catalogue(root: str | os.PathLike) -> dict[str, ModelSpec]:
-    """Every family's demo model (2.2 first: the default), as a ModelManager catalogue."""
-    specs = [ensure_demo_models(root, family) for family in FAMILIES]
+    """Every family's demo model (2.2 first: the default), by key."""
+    specs = [ensure_demo_models(root, family) for family in DEMO_FOLDERS]
     return {spec.key: spec for spec in specs}
 
 
 def demo_spec(base: Path, family: str = "2.2") -> ModelSpec:
-    key, label, folders = FAMILIES[family]
-    return ModelSpec(key=key, label=label, repos={role: str(base / role) for role in folders}, demo=True,
-                     family=family)
+    return ModelSpec(key=demo_key(family), label=f"{FAMILIES[family].label} demo (tiny random weights)",
+                     family=FAMILIES[family], repos={role: str(base / role) for role in DEMO_FOLDERS[family]},
+                     demo=True)

@@ -26,6 +26,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from backend.requests import check_owner
+
 JSON_CHUNK = "kandinsky_studio"
 PARAMETERS_CHUNK = "parameters"
 FORMAT_VERSION = 1
@@ -55,7 +57,7 @@ _A1111_KEYS = (
     ("Mask blur", "mask_blur", int),
     ("Mask grow", "mask_grow", int),
     ("Mask invert", "mask_invert", str),
-    ("ControlNet mode", "controlnet_mode", str),
+    ("ControlNet mode", "mode", str),
     ("Interpolation weights", "weights", str),
     ("Partial", "partial", str),
 )
@@ -282,20 +284,10 @@ def _inflate(name: str, data: bytes) -> bytes:
     return out
 
 
-_OWNER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def check_owner(owner: str) -> str:
-    """An owner names one browser (or API client): its images live in their own folder."""
-    if not isinstance(owner, str) or not _OWNER_RE.match(owner):
-        raise ValueError("owner must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'; "
-                         f"got {owner!r}")
-    return owner
-
-
 class OutputStore:
     """The outputs directory: `<root>/<owner>/<time>-<n>-<seed>.png`, plus `<owner>/inputs/` for
-    the images a request was given (referenced from the JSON chunk by file name).
+    the images a request was given (referenced from the JSON chunk by file name). Owner ids are
+    checked by backend/requests.py `check_owner` before any becomes a folder name.
 
     Safe to call from any thread; file names do not collide (a lock guards the counter).
     """

@@ -4,15 +4,16 @@ A full MoVQ decode costs about two UNet steps (DESIGN.md, "Previews must be chea
 default preview is a linear map: rgb = x0 . W + b per latent pixel, (4, 3) weights plus a bias,
 then upscaled. W and b are fitted once per checkpoint from the loaded MoVQ itself, the way
 InvokeAI derives its latent-RGB factors: encode the sample images in assets/samples/, average
-the pixels over each latent cell, and solve least squares. The factors are cached on disk keyed
-by the MoVQ's config and weight files, so the fit (a few MoVQ encodes) runs once per checkpoint.
+the pixels over each latent cell, and solve least squares. `PreviewFactorCache` keeps them in
+memory and on disk keyed by the MoVQ's fingerprint (backend/fingerprints.py), so the fit (a few
+MoVQ encodes) runs once per checkpoint: the published decoder, inpainting and ControlNet repos
+ship the same MoVQ and share one fit.
 
 Everything here except `fit_factors_from_pipeline` is numpy/PIL; that one runs the MoVQ and
 so belongs on the engine thread.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -126,27 +127,9 @@ def fit_factors_from_pipeline(pipe, size: int = FIT_SIZE) -> LatentRGBFactors:
     return fit_factors(latents, pixels)
 
 
-def checkpoint_key(movq_dir: str | os.PathLike) -> str:
-    """Identifies one MoVQ checkpoint by content: its config, and each weight file's size and first
-    and last MiB. The published decoder, inpainting and ControlNet repos ship the same MoVQ file,
-    so they share one fit; hashing whole files (271 MB) at every start would cost seconds."""
-    folder = Path(movq_dir)
-    digest = hashlib.sha256()
-    config = folder / "config.json"
-    if config.is_file():
-        digest.update(config.read_bytes())
-    for path in sorted(folder.glob("*.safetensors")):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as f:
-            digest.update(f.read(2**20))
-            f.seek(max(0, size - 2**20))
-            digest.update(f.read(2**20))
-    return digest.hexdigest()[:24]
-
-
 class PreviewFactorCache:
-    """Factors per MoVQ checkpoint: in memory, and as JSON files in `folder` (None = memory only)."""
+    """Factors per MoVQ checkpoint (by fingerprint): in memory, and as JSON files in `folder`
+    (None = memory only)."""
 
     def __init__(self, folder: str | os.PathLike | None):
         self.folder = Path(folder) if folder else None

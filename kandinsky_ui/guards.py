@@ -19,7 +19,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from backend.jobs import MAX_INPUT_PIXELS
+from backend.limits import MAX_INPUT_PIXELS
+from backend.requests import check_image_size
 
 # Kept as they are: what the requests and pipelines take (alpha is handled where it matters).
 PLAIN_MODES = ("RGB", "RGBA", "L", "LA")
@@ -56,17 +57,17 @@ def name_errors(component, field: str):
 
 
 def check_image_file(field: str, path) -> None:
-    """Refuse an unreadable file, an empty image or one beyond MAX_INPUT_PIXELS, reading its header only."""
+    """Refuse an unreadable file, an empty image or one beyond MAX_INPUT_PIXELS (the requests' own
+    rule), reading its header only."""
     try:
         with Image.open(path) as image:  # lazy: the header only
             width, height = image.size
     except Exception as error:  # noqa: BLE001
         raise gr.Error(f"{field}: {_reason(error)}") from None
-    if width < 1 or height < 1:
-        raise gr.Error(f"{field}: the image is empty ({width}x{height} pixels)")
-    if width * height > MAX_INPUT_PIXELS:
-        raise gr.Error(f"{field}: the image is {width}x{height} pixels; at most {MAX_INPUT_PIXELS:,} pixels "
-                       f"(8192x8192) are allowed. It was refused before decoding.")
+    try:
+        check_image_size("the image", width, height)
+    except ValueError as error:
+        raise gr.Error(f"{field}: {error}. It was refused before decoding.") from None
 
 
 def normalize_mode(image: Image.Image) -> Image.Image:
@@ -114,9 +115,10 @@ def guard_image(component, field: str):
             check_image_file(field, path)
         value = original(payload)
         if isinstance(value, Image.Image):
-            if value.width * value.height > MAX_INPUT_PIXELS:  # e.g. a data: URL, checked only now
-                raise gr.Error(f"{field}: the image is {value.width}x{value.height} pixels; at most "
-                               f"{MAX_INPUT_PIXELS:,} pixels are allowed")
+            try:  # e.g. a data: URL, checked only now
+                check_image_size("the image", value.width, value.height)
+            except ValueError as error:
+                raise gr.Error(f"{field}: {error}") from None
             value = normalize_mode(value)
         return value
 

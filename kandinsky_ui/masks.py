@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from backend.jobs import InpaintRequest
+from backend import masks
 
 OVERLAY_COLOUR = np.array([255, 40, 40], np.float32)
 
@@ -47,10 +47,11 @@ def uploaded_mask(mask, size: tuple[int, int]) -> Image.Image:
     return mask.convert("L").resize(size, Image.NEAREST)
 
 
-def overlay(image: Image.Image, request: InpaintRequest) -> Image.Image:
-    """The image with the repaint region (after invert/grow/blur) tinted red."""
+def overlay(image: Image.Image, mask: Image.Image, invert: bool, grow: int, blur: int) -> Image.Image:
+    """The image with the region the model repaints (backend/masks.py: inverted, grown, blurred as
+    the request will be) tinted red."""
     image = image.convert("RGB")
-    blend = np.asarray(request.blend_mask(image.size), np.float32)[..., None] / 255.0 * 0.6
+    blend = np.asarray(masks.blend_mask(mask, image.size, invert, grow, blur), np.float32)[..., None] / 255.0 * 0.6
     pixels = np.asarray(image, np.float32)
     mixed = pixels * (1 - blend) + OVERLAY_COLOUR * blend
     return Image.fromarray(np.clip(mixed + 0.5, 0, 255).astype(np.uint8))

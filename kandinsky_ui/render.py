@@ -5,11 +5,12 @@ import html
 import re
 from pathlib import Path
 
-from backend.jobs import Cancelled, Failed, Loading, Queued, Result, Step
-from backend.manager import format_bytes
+from backend.events import Cancelled, Failed, Loading, Queued, Result, Step
+from backend.memory import format_bytes
 
-PHASE_NAMES = {"prior": "Prior (text → image embedding)", "text": "Encoding the prompt (T5)",
-               "decoder": "Denoising", "decode": "Decoding the image"}
+# backend/events.py PHASES
+PHASE_NAMES = {"prior": "Prior (text → image embedding)", "encode": "Encoding the prompt (T5)",
+               "denoise": "Denoising", "decode": "Decoding the image"}
 
 
 def _duration(seconds: float | None) -> str:
@@ -95,29 +96,30 @@ def gallery_items(paths: list[Path]) -> list[tuple[str, str]]:
     return [(str(path), caption(path)) for path in paths]
 
 
-def status_markdown(status: dict, waiting: int = 0, running: str | None = None) -> str:
+def status_markdown(status: dict) -> str:
+    """The models panel from `Engine.status()`."""
     lines = [f"**Device** {status['device']} · **dtype** {status['dtype']} · "
              f"**memory in use** {format_bytes(status['used'])} of a {format_bytes(status['budget'])} budget"]
     if status["over_budget"]:
         lines.append("\n⚠️ Over budget: one model folder is larger than the whole budget and was loaded alone.")
-    lines.append(f"\n**Jobs** running: {running or 'none'} · waiting: {waiting}")
-    if not status["folders"]:
+    lines.append(f"\n**Jobs** running: {status['running'] or 'none'} · waiting: {status['waiting']}")
+    if not status["units"]:
         lines.append("\nNo model loaded yet: models load on first use.")
         return "\n".join(lines)
     lines.append("\n| Folder | Role | Component | Memory | State |\n|---|---|---|---|---|")
-    for folder in status["folders"]:
-        state = "in use" if folder["in_use"] else f"idle {folder['idle_s']:.0f} s"
-        parts = folder["source"].rstrip("/").split("/")
+    for unit in status["units"]:
+        state = "in use" if unit["in_use"] else f"idle {unit['idle_s']:.0f} s"
+        parts = unit["source"].rstrip("/").split("/")
         # a repo id or a folder named like one; the demo's role folders also need their parent's name
-        name = "/".join(parts[-2:]) if parts[-1] == folder["role"] else parts[-1]
-        role = f"{folder['role']} ({folder['part']})" if folder.get("part") else folder["role"]
-        for index, (component, size) in enumerate(folder["components"].items()):
+        name = "/".join(parts[-2:]) if parts[-1] == unit["role"] else parts[-1]
+        role = f"{unit['role']} ({unit['part']})" if unit["part"] else unit["role"]
+        for index, (component, size) in enumerate(unit["components"].items()):
             first = index == 0
-            if component in folder.get("shared", ()):
+            if component in unit["shared"]:
                 component += " (shared, counted once)"
             lines.append(f"| {name if first else ''} | {role if first else ''} | {component} | "
                          f"{format_bytes(size)} | {state if first else ''} |")
-        lines.append(f"| | | **total** | **{format_bytes(folder['bytes'])}** | |")
+        lines.append(f"| | | **total** | **{format_bytes(unit['bytes'])}** | |")
     return "\n".join(lines)
 
 

@@ -18,18 +18,6 @@ SMALL = dict(width=64, height=64, num_inference_steps=5, prior_num_inference_ste
 OWNER_A, OWNER_B = "a" * 32, "b" * 32
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = AppServer(tmp_path_factory.mktemp("api"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return Client(server.url, verbose=False)
-
-
 def final(job):
     """The last update of a streaming job: (owner, progress html, preview, gallery, seeds)."""
     outputs = job.outputs()
@@ -175,16 +163,36 @@ def test_login_is_required_when_given(tmp_path):
         server.stop()
 
 
+BACKEND = ("backend.engine, backend.jobs, backend.tasks, backend.manager, backend.metadata, backend.previews, "
+           "backend.demo, backend.pipelines")
+
+
 def test_front_end_never_imports_mindspore_and_backend_never_imports_gradio():
     check = ("import sys, kandinsky_ui; assert 'mindspore' not in sys.modules, 'kandinsky_ui imported mindspore';"
-             "import backend.jobs, backend.tasks, backend.manager, backend.metadata, backend.previews, backend.demo;"
-             "import backend.pipelines; assert 'mindspore' in sys.modules")
+             f"import {BACKEND}; assert 'mindspore' in sys.modules")
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    check = ("import sys, backend.jobs, backend.tasks, backend.manager, backend.metadata, backend.previews, "
-             "backend.demo, backend.pipelines; assert 'gradio' not in sys.modules, 'the backend imported gradio'")
+    check = f"import sys, {BACKEND}; assert 'gradio' not in sys.modules, 'the backend imported gradio'"
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+    # the plain-data modules the page shares with the backend load without MindSpore
+    check = ("import sys, backend.families, backend.requests, backend.events, backend.limits, backend.memory; "
+             "assert 'mindspore' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_page_talks_to_the_engine_only():
+    """kandinsky_ui never reaches around the Engine (backend/engine.py) to its parts, and only
+    backend/families.py knows which family is which."""
+    import re
+
+    for path in (ROOT / "kandinsky_ui").glob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"backend\.(manager|tasks|jobs|engine|demo|pipelines)\b|check_task\(|\.spec\(", source), path
+    for path in [ROOT / "app.py", *(ROOT / "backend").rglob("*.py"), *(ROOT / "kandinsky_ui").glob("*.py")]:
+        if path.name != "families.py":
+            assert not re.search(r"family\s*(==|!=)|\.name\s*==\s*[\"']\d", path.read_text()), path
 
 
 def test_without_demo_the_published_repos_are_found_in_models_dir(tmp_path):
@@ -209,34 +217,21 @@ def test_without_demo_the_published_repos_are_found_in_models_dir(tmp_path):
         server.stop()
 
 
-def test_a_waiting_job_nobody_follows_any_more_is_dropped():
+def test_a_waiting_job_nobody_follows_any_more_is_dropped(engine):
     """A tab closed while its job waits in line: Gradio closes the handler, the job leaves the queue.
-    (A stand-in engine that holds the device; this is the handler's queueing logic.)"""
-    import threading
+    (An in-process Engine on the demo models; a long job holds the device.)"""
+    from backend.events import Cancelled
+    from backend.requests import Text2ImageRequest
+    from kandinsky_ui import page_config
+    from kandinsky_ui.handlers import Studio
 
-    from backend.jobs import Cancelled, JobRunner, Result, Text2ImageRequest
-    from backend.manager import CATALOGUE, ModelManager
-    from kandinsky_ui.handlers import Studio, UIConfig
-
-    release = threading.Event()
-
-    def engine(job):
-        release.wait(10)
-        job.emit(Result(images=[], seeds=[1]))
-
-    runner = JobRunner(engine).start()
-    try:
-        studio = Studio(runner, manager=ModelManager(CATALOGUE), store=None,
-                        config=UIConfig(demo=True, models=[("demo", "demo")], defaults={}, size_presets=[]))
-        first = runner.submit(Text2ImageRequest(width=64, height=64), owner=OWNER_A)
-        stream = studio._submit(OWNER_B, lambda: Text2ImageRequest(width=64, height=64))
-        owner, progress, *_ = next(stream)
-        assert owner == OWNER_B and "1 job ahead" in progress
-        (waiting,) = runner.jobs_of(OWNER_B)
-        stream.close()  # what Gradio does when the browser goes away
-        assert isinstance(waiting.wait(5), Cancelled) and runner.jobs_of(OWNER_B) == []
-        release.set()
-        assert isinstance(first.wait(5), Result)
-    finally:
-        release.set()
-        runner.shutdown()
+    studio = Studio(engine, page_config(engine.models))
+    first = engine.submit(Text2ImageRequest(model="kandinsky-2-2-demo", width=64, height=64, num_inference_steps=200,
+                                            prior_num_inference_steps=2), OWNER_A)
+    stream = studio.text2img(OWNER_B, prompt="waiting", **SMALL)
+    owner, progress, *_ = next(stream)
+    assert owner == OWNER_B and "1 job ahead" in progress
+    (waiting,) = engine.jobs_of(OWNER_B)
+    stream.close()  # what Gradio does when the browser goes away
+    assert isinstance(waiting.wait(5), Cancelled) and engine.jobs_of(OWNER_B) == []
+    assert engine.cancel(OWNER_A) == 1 and isinstance(first.wait(30), Cancelled)

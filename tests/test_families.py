@@ -1,41 +1,36 @@
-"""Kandinsky 2.1 and 3 in the app's engine (tiny random-weight demo models): what each family
+"""Kandinsky 2.1 and 3 in the app's Engine (tiny random-weight demo models): what each family
 offers, the job a request becomes equals calling the library pipelines directly, truncated prompts
 are reported, and Kandinsky 3's text encoder is its own loading unit that the budget evicts
 before the UNet loads."""
+import logging
+
 import mindspore as ms
 import numpy as np
 import pytest
 from PIL import Image
 
-from backend import demo, pipelines
-from backend.jobs import (ControlNetRequest, Failed, Image2ImageRequest, InpaintRequest, InterpolateRequest,
-                          JobRunner, Result, Step, Text2ImageRequest)
-from backend.manager import CATALOGUE, ModelManager
-from backend.metadata import OutputStore, read_settings
-from backend.tasks import TaskExecutor
+from backend import pipelines
+from backend.engine import Engine, EngineConfig
+from backend.events import Result, Step
+from backend.families import CATALOGUE, FAMILIES, ModelSpec
+from backend.manager import ModelManager
+from backend.metadata import read_settings
+from backend.requests import (ControlNetRequest, Image2ImageRequest, InpaintRequest, InterpolateRequest,
+                              Text2ImageRequest)
 
 SAMPLES = "assets/samples"
 LONG_PROMPT = "a red cat " + "in the snowy forest " * 40
+OWNER = "fa" * 16
 
 
 @pytest.fixture(scope="module")
-def catalogue(tmp_path_factory):
-    runner = JobRunner(lambda job: None).start()
-    try:
-        yield runner.call(demo.ensure_demo_catalogue, tmp_path_factory.getbasetemp() / "demo-models")
-    finally:
-        runner.shutdown()
+def catalogue(engine):
+    return engine.models
 
 
-@pytest.fixture(scope="module")
-def engine(catalogue, tmp_path_factory):
-    holder = {}
-    runner = JobRunner(lambda job: holder["run"](job)).start()
-    manager = ModelManager(catalogue, factors_dir=tmp_path_factory.mktemp("factors"))
-    store = OutputStore(tmp_path_factory.mktemp("outputs"))
-    holder["run"] = TaskExecutor(manager, store)
-    yield runner, manager
-    runner.shutdown()
+def pipeline(manager, spec, stage, scheduler="default"):
+    with manager.use(spec.stage(stage)) as unit:
+        return unit.pipeline(scheduler)
 
 
 def small(model, **kw):
@@ -45,8 +40,8 @@ def small(model, **kw):
     return base
 
 
-def run(runner, request):
-    job = runner.submit(request, owner="families")
+def run(engine, request):
+    job = engine.submit(request, OWNER)
     events = list(job.events(timeout=120, coalesce=False))
     return events, events[-1]
 
@@ -56,7 +51,7 @@ def pixels(image) -> np.ndarray:
 
 
 def test_each_family_offers_its_tasks_and_says_why_not_the_others(catalogue):
-    assert [s.family for s in catalogue.values()] == ["2.2", "2.1", "3"]
+    assert [s.family.name for s in catalogue.values()] == list(FAMILIES) == ["2.2", "2.1", "3"]
     assert CATALOGUE["kandinsky-2-1"].repos == {"prior": "kandinsky-community/kandinsky-2-1-prior",
                                                 "decoder": "kandinsky-community/kandinsky-2-1",
                                                 "inpaint": "kandinsky-community/kandinsky-2-1-inpaint"}
@@ -77,26 +72,25 @@ def test_each_family_offers_its_tasks_and_says_why_not_the_others(catalogue):
     (InpaintRequest, {"image": Image.new("RGB", (64, 64)), "mask": Image.new("L", (64, 64), 255)}),
     (InterpolateRequest, {"inputs": ["a", "b"], "weights": [0.5, 0.5]}),
 ])
-def test_a_task_the_model_cannot_do_fails_naming_the_model_field(engine, request_class, extra):
-    runner, manager = engine
+def test_a_task_the_model_cannot_do_is_refused_naming_the_model_field(engine, request_class, extra):
     models = ["kandinsky-3-demo"] + (["kandinsky-2-1-demo"] if request_class is ControlNetRequest else [])
     for model in models:
         request = request_class(**small(model), **extra)
         with pytest.raises(ValueError, match=r"^model: Kandinsky (3|2\.1) demo .* cannot do"):
-            manager.check_task(request.model, request.task)
-        _, end = run(runner, request)   # a library caller that skips the check gets a clean failure
-        assert isinstance(end, Failed) and end.message.startswith("model:")
+            engine.model(request.model).check_task(request.task)
+        with pytest.raises(ValueError, match=r"^model: Kandinsky (3|2\.1) demo .* cannot do"):
+            engine.submit(request, OWNER)   # the one place: the Engine checks before it queues
+    assert engine.jobs_of(OWNER) == []
 
 
 def test_2_1_text_to_image_equals_the_library_pipelines_and_reports_both_truncations(engine, catalogue):
-    runner, manager = engine
     spec = catalogue["kandinsky-2-1-demo"]
-    events, end = run(runner, Text2ImageRequest(**small(spec.key, prompt=LONG_PROMPT, negative_prompt="blurry")))
+    events, end = run(engine, Text2ImageRequest(**small(spec.key, prompt=LONG_PROMPT, negative_prompt="blurry")))
     assert isinstance(end, Result), end
     assert any(n.startswith("CLIP reads 77 tokens") for n in end.notes)
     assert any(n.startswith("The decoder's MultilingualCLIP reads 77 tokens") for n in end.notes)
     phases = [e.phase for e in events if isinstance(e, Step)]
-    assert phases.index("prior") < phases.index("decoder") < phases.index("decode")
+    assert phases.index("prior") < phases.index("denoise") < phases.index("decode")
 
     # the same run through the diffusers-named pipelines
     generator = np.random.default_rng(3)
@@ -112,7 +106,6 @@ def test_2_1_text_to_image_equals_the_library_pipelines_and_reports_both_truncat
 
 
 def test_2_1_image_to_image_inpaint_and_interpolate_run(engine):
-    runner, _ = engine
     model = "kandinsky-2-1-demo"
     image = Image.open(f"{SAMPLES}/landscape.png")
     mask = Image.new("L", image.size, 0)
@@ -120,7 +113,7 @@ def test_2_1_image_to_image_inpaint_and_interpolate_run(engine):
     for request in (Image2ImageRequest(**small(model, scheduler="ddpm"), image=image, strength=0.5),
                     InpaintRequest(**small(model, width=128), image=image, mask=mask),
                     InterpolateRequest(**small(model), inputs=["a cat", image], weights=[0.3, 0.7], walk_steps=2)):
-        events, end = run(runner, request)
+        events, end = run(engine, request)
         assert isinstance(end, Result), (request.task, end)
         assert any(isinstance(e, Step) and e.preview is not None for e in events)
         assert end.images[0].image.size == (request.width, request.height)
@@ -128,15 +121,14 @@ def test_2_1_image_to_image_inpaint_and_interpolate_run(engine):
 
 
 def test_3_text_to_image_equals_the_whole_pipeline_though_encoder_and_unet_load_apart(engine, catalogue):
-    runner, manager = engine
     spec = catalogue["kandinsky-3-demo"]
-    events, end = run(runner, Text2ImageRequest(**small(spec.key, prompt=LONG_PROMPT, negative_prompt="blurry",
+    events, end = run(engine, Text2ImageRequest(**small(spec.key, prompt=LONG_PROMPT, negative_prompt="blurry",
                                                         batch_size=2, width=128, guidance_scale=3.0)))
     assert isinstance(end, Result), end
     assert any(n.startswith("T5 reads 128 tokens; this part of the prompt was dropped:") for n in end.notes)
     steps = [e for e in events if isinstance(e, Step)]
-    assert steps[0].phase == "text" and [e.step for e in steps if e.phase == "decoder"] == [1, 2, 3, 4]
-    parts = {f["part"] for f in manager.status()["folders"] if f["source"] == spec.repos["decoder"]}
+    assert steps[0].phase == "encode" and [e.step for e in steps if e.phase == "denoise"] == [1, 2, 3, 4]
+    parts = {u["part"] for u in engine.status()["units"] if u["source"] == spec.repos["decoder"]}
     assert parts == {"text encoder", "unet and movq"}
 
     pipe = pipelines.Kandinsky3Pipeline.from_pretrained(spec.repos["decoder"])
@@ -148,45 +140,47 @@ def test_3_text_to_image_equals_the_whole_pipeline_though_encoder_and_unet_load_
 
 
 def test_3_image_to_image_and_consecutive_seeds(engine):
-    runner, _ = engine
     image = Image.open(f"{SAMPLES}/portrait.png")
-    _, end = run(runner, Image2ImageRequest(**small("kandinsky-3-demo", batch_count=2), image=image, strength=0.6))
+    _, end = run(engine, Image2ImageRequest(**small("kandinsky-3-demo", batch_count=2), image=image, strength=0.6))
     assert isinstance(end, Result), end
     assert end.seeds == [3, 4] and [i.image.size for i in end.images] == [(64, 64)] * 2
-    _, single = run(runner, Image2ImageRequest(**small("kandinsky-3-demo", seed=4), image=image, strength=0.6))
+    _, single = run(engine, Image2ImageRequest(**small("kandinsky-3-demo", seed=4), image=image, strength=0.6))
     assert np.array_equal(pixels(single.images[0].image), pixels(end.images[1].image))
 
 
-def test_3_budget_below_encoder_plus_unet_evicts_the_encoder_before_the_unet_loads(catalogue, tmp_path):
+def test_3_budget_below_encoder_plus_unet_evicts_the_encoder_before_the_unet_loads(catalogue, demo_root, tmp_path,
+                                                                                   caplog):
     spec = catalogue["kandinsky-3-demo"]
-    probe = ModelManager(catalogue)
-    probe.pipeline("prior", spec.key)
-    probe.pipeline("text2img", spec.key)
-    sizes = {f["part"]: f["bytes"] for f in probe.status()["folders"]}
+    probe = ModelManager()
+    pipeline(probe, spec, "text_encoder")
+    pipeline(probe, spec, "text2img")
+    sizes = {u["part"]: u["bytes"] for u in probe.status()["units"]}
     assert sizes["text encoder"] > 0 and sizes["unet and movq"] > 0
 
-    holder = {}
-    runner = JobRunner(lambda job: holder["run"](job)).start()
+    budget = max(sizes.values()) + min(sizes.values()) // 2     # either unit fits, not both
+    engine = Engine(EngineConfig(families=("3",), demo=True, memory_budget=budget, cache_dir=str(demo_root),
+                                 outputs_dir=str(tmp_path / "outputs")))
+    encoder, unet = spec.repos["decoder"] + "#text encoder", spec.repos["decoder"] + "#unet and movq"
     try:
-        budget = max(sizes.values()) + min(sizes.values()) // 2     # either unit fits, not both
-        manager = ModelManager(catalogue, memory_budget=budget, factors_dir=tmp_path / "factors")
-        holder["run"] = TaskExecutor(manager, OutputStore(tmp_path / "outputs"))
         for _ in range(2):  # the second job reloads the encoder and evicts the UNet, and back
-            _, end = run(runner, Text2ImageRequest(**small(spec.key)))
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="backend.manager"):
+                _, end = run(engine, Text2ImageRequest(**small(spec.key)))
             assert isinstance(end, Result), end
-            assert manager.last_evicted == [spec.repos["decoder"] + "#text encoder"]
-            assert [f["part"] for f in manager.status()["folders"]] == ["unet and movq"]
-            assert manager.status()["used"] <= budget
+            # in this order: the encoder went before the UNet loaded, so both were never in memory
+            log = [(r.msg.split()[0], r.args[0]) for r in caplog.records if r.msg.startswith(("evicted", "loaded"))]
+            assert log[-2:] == [("evicted", encoder), ("loaded", unet)], log
+            assert [u["part"] for u in engine.status()["units"]] == ["unet and movq"]
+            assert engine.status()["used"] <= budget
     finally:
-        runner.shutdown()
+        engine.shutdown()
 
 
 @pytest.mark.parametrize("prompt", ["x" * 10_000, "🦊 in the snow 🌨️" * 30, "قطة حمراء في الثلج", "tab\tnew\nline\x00\x07",
                                     ""])
 @pytest.mark.parametrize("model", ["kandinsky-2-1-demo", "kandinsky-3-demo"])
 def test_odd_prompts_work_and_long_ones_are_reported(engine, model, prompt):
-    runner, _ = engine
-    _, end = run(runner, Text2ImageRequest(**small(model, prompt=prompt, negative_prompt=prompt[:50],
+    _, end = run(engine, Text2ImageRequest(**small(model, prompt=prompt, negative_prompt=prompt[:50],
                                                    num_inference_steps=2)))
     assert isinstance(end, Result), end
     assert end.images[0].settings["prompt"] == prompt
@@ -195,14 +189,14 @@ def test_odd_prompts_work_and_long_ones_are_reported(engine, model, prompt):
 
 
 def test_2_1_ddpm_means_the_repos_own_ddpm_scheduler_folder(catalogue):
-    manager = ModelManager(catalogue)
-    ddpm = manager.pipeline("text2img", "kandinsky-2-1-demo", scheduler="ddpm").scheduler
+    manager, spec = ModelManager(), catalogue["kandinsky-2-1-demo"]
+    ddpm = pipeline(manager, spec, "text2img", scheduler="ddpm").scheduler
     assert type(ddpm).__name__ == "DDPMScheduler"
     assert ddpm.config["variance_type"] == "learned_range" and ddpm.config["thresholding"] is True
-    default = manager.pipeline("text2img", "kandinsky-2-1-demo").scheduler
+    default = pipeline(manager, spec, "text2img").scheduler
     assert type(default).__name__ == "DDIMScheduler"
     # the inpainting repo ships no alternative: DDPM is built from its DDIM config, as for 2.2
-    inpaint = manager.pipeline("inpaint", "kandinsky-2-1-demo", scheduler="ddpm").scheduler
+    inpaint = pipeline(manager, spec, "inpaint", scheduler="ddpm").scheduler
     assert type(inpaint).__name__ == "DDPMScheduler" and inpaint.config["beta_end"] == 0.012
     assert inpaint.config.get("variance_type", "fixed_small") == "fixed_small"
 
@@ -215,7 +209,6 @@ def test_3_text_encoder_keeps_its_checkpoints_half_precision_in_a_float32_app(ca
 
     from safetensors.numpy import load_file, save_file
 
-    from backend.manager import ModelSpec
     from backend.models.t5 import T5EncoderModel
     from backend.weights import load_model
 
@@ -224,15 +217,15 @@ def test_3_text_encoder_keeps_its_checkpoints_half_precision_in_a_float32_app(ca
     path = folder / "text_encoder" / "model.safetensors"
     tensors = {k: (v if ".wo." in k else v.astype(np.float16)) for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path))
-    spec = ModelSpec("k3-half", "K3 half", {"decoder": str(folder)}, family="3")
-    manager = ModelManager({spec.key: spec})
-    encoder = manager.pipeline("prior", spec.key)
+    spec = ModelSpec("k3-half", "K3 half", FAMILIES["3"], {"decoder": str(folder)})
+    manager = ModelManager()
+    encoder = pipeline(manager, spec, "text_encoder")
     dtypes = {name: str(p.dtype) for name, p in encoder.text_encoder.parameters_and_names()}
     assert {d for n, d in dtypes.items() if ".wo." in n} == {"Float32"}
     assert {d for n, d in dtypes.items() if ".wo." not in n} == {"Float16"}
-    (unit,) = manager.status()["folders"]
+    (unit,) = manager.status()["units"]
     assert unit["bytes"] == sum(v.nbytes for v in tensors.values())   # what the file holds, not float32
-    assert manager.pipeline("text2img", spec.key).unet.conv_in.weight.dtype == ms.float32
+    assert pipeline(manager, spec, "text2img").unet.conv_in.weight.dtype == ms.float32
 
     full = load_model(T5EncoderModel, folder / "text_encoder", dtype="float32")
     embeds, _, mask, _ = encoder.encode_prompt(["a red cat in the snow"], False, 1, None)
@@ -242,8 +235,8 @@ def test_3_text_encoder_keeps_its_checkpoints_half_precision_in_a_float32_app(ca
 
 
 def test_2_1_decoder_and_inpaint_folders_share_their_multilingual_clip_and_movq(catalogue):
-    manager = ModelManager(catalogue)
-    decoder = manager.pipeline("text2img", "kandinsky-2-1-demo")
-    inpaint = manager.pipeline("inpaint", "kandinsky-2-1-demo")
+    manager, spec = ModelManager(), catalogue["kandinsky-2-1-demo"]
+    decoder = pipeline(manager, spec, "text2img")
+    inpaint = pipeline(manager, spec, "inpaint")
     assert inpaint.text_encoder is decoder.text_encoder and inpaint.movq is decoder.movq
-    assert {tuple(f["shared"]) for f in manager.status()["folders"]} == {("movq", "text_encoder")}
+    assert {tuple(u["shared"]) for u in manager.status()["units"]} == {("movq", "text_encoder")}

@@ -1,4 +1,4 @@
-"""JobRunner: order, positions, stop, failures, the single engine thread, request checks.
+"""JobRunner: order, positions, stop, failures, the single engine thread; the requests' checks.
 
 The engine here is a stand-in that "steps" with sleeps (the real pipelines are covered in
 tests/test_tasks.py and the browser tests); what is tested is the runner's queueing logic.
@@ -9,12 +9,17 @@ import time
 import pytest
 from PIL import Image
 
-from backend.jobs import (Cancelled, ControlNetRequest, Failed, Image2ImageRequest, InpaintRequest,
-                          InterpolateRequest, JobRunner, Loading, Queued, Result, Step, Text2ImageRequest)
+from backend.events import Cancelled, Failed, Loading, Queued, Result, Step
+from backend.jobs import JobCancelled, JobRunner
+from backend.requests import (ControlNetRequest, Image2ImageRequest, InpaintRequest, InterpolateRequest,
+                              Text2ImageRequest)
+
+OWNER = "0" * 32
 
 
 class SteppingEngine:
-    """Emits `steps` Step events `delay` s apart, checking for stop after each, like the callback."""
+    """Emits `steps` Step events `delay` s apart, checking for stop after each, like the callback,
+    and ends a stopped job as the task executor does."""
 
     def __init__(self, steps=5, delay=0.01):
         self.steps, self.delay = steps, delay
@@ -31,10 +36,14 @@ class SteppingEngine:
         if job.request.prompt == "bad":
             raise ValueError("width 999 is not allowed")
         job.emit(Loading("unet", 10, 20))
-        for i in range(self.steps):
-            time.sleep(self.delay)
-            job.emit(Step("decoder", i + 1, self.steps))
-            job.check_cancelled()
+        try:
+            for i in range(self.steps):
+                time.sleep(self.delay)
+                job.emit(Step("denoise", i + 1, self.steps))
+                job.check_cancelled()
+        except JobCancelled:
+            job.emit(Cancelled(latency_s=job.stop_latency()))
+            return
         job.emit(Result(images=[], seeds=[1]))
 
 
@@ -52,7 +61,7 @@ def runner():
 
 
 def test_events_in_order_and_one_terminal(runner):
-    job = runner.submit(request())
+    job = runner.submit(request(), OWNER)
     events = list(job.events(timeout=10, coalesce=False))
     assert isinstance(events[0], Queued)
     assert isinstance(events[-1], Result)
@@ -64,7 +73,7 @@ def test_events_in_order_and_one_terminal(runner):
 
 def test_jobs_run_in_submission_order_on_one_thread(runner):
     runner.engine.delay = 0.02
-    jobs = [runner.submit(request(f"job {i}")) for i in range(4)]
+    jobs = [runner.submit(request(f"job {i}"), OWNER) for i in range(4)]
     for job in jobs:
         assert isinstance(job.wait(timeout=10), Result)
     assert runner.engine.order == [f"job {i}" for i in range(4)]
@@ -74,10 +83,10 @@ def test_jobs_run_in_submission_order_on_one_thread(runner):
 
 def test_waiting_jobs_see_their_position_go_down(runner):
     runner.engine.delay = 0.03
-    first = runner.submit(request("first"))
+    first = runner.submit(request("first"), OWNER)
     runner.engine.started.wait(5)
-    second = runner.submit(request("second"))
-    third = runner.submit(request("third"))
+    second = runner.submit(request("second"), OWNER)
+    third = runner.submit(request("third"), OWNER)
     positions = [e.position for e in third.events(timeout=10) if isinstance(e, Queued)]
     # the latest status first (2 ahead: first running, second waiting), then 1, then 0
     assert positions == [2, 1, 0]
@@ -86,7 +95,7 @@ def test_waiting_jobs_see_their_position_go_down(runner):
 
 def test_stop_ends_a_running_job_within_one_step(runner):
     runner.engine.steps, runner.engine.delay = 200, 0.02
-    job = runner.submit(request())
+    job = runner.submit(request(), OWNER)
     for event in job.events(timeout=10):
         if isinstance(event, Step) and event.step == 3:
             job.cancel()
@@ -96,14 +105,14 @@ def test_stop_ends_a_running_job_within_one_step(runner):
     assert end.latency_s is not None and end.latency_s < 0.5  # one step is 0.02 s
     # the engine moved on to the next job
     runner.engine.steps = 3
-    assert isinstance(runner.submit(request("next")).wait(10), Result)
+    assert isinstance(runner.submit(request("next"), OWNER).wait(10), Result)
 
 
 def test_stop_of_a_waiting_job_removes_it_from_the_queue(runner):
     runner.engine.steps, runner.engine.delay = 20, 0.02
-    first = runner.submit(request("first"))
-    second = runner.submit(request("second"))
-    third = runner.submit(request("third"))
+    first = runner.submit(request("first"), OWNER)
+    second = runner.submit(request("second"), OWNER)
+    third = runner.submit(request("third"), OWNER)
     second.cancel()
     assert isinstance(second.wait(5), Cancelled)
     assert isinstance(first.wait(10), Result) and isinstance(third.wait(10), Result)
@@ -111,21 +120,21 @@ def test_stop_of_a_waiting_job_removes_it_from_the_queue(runner):
 
 
 def test_failures_are_reported_and_the_engine_survives(runner):
-    assert runner.submit(request("fail")).wait(10) == Failed("RuntimeError: out of memory")
-    assert runner.submit(request("bad")).wait(10) == Failed("width 999 is not allowed")
-    assert isinstance(runner.submit(request()).wait(10), Result)
+    assert runner.submit(request("fail"), OWNER).wait(10) == Failed("RuntimeError: out of memory")
+    assert runner.submit(request("bad"), OWNER).wait(10) == Failed("width 999 is not allowed")
+    assert isinstance(runner.submit(request(), OWNER).wait(10), Result)
 
 
 def test_engine_that_forgets_the_result_still_ends_the_job():
     runner = JobRunner(lambda job: None).start()
     try:
-        assert runner.submit(request()).wait(5) == Failed("the job ended without a result")
+        assert runner.submit(request(), OWNER).wait(5) == Failed("the job ended without a result")
     finally:
         runner.shutdown()
 
 
 def test_call_runs_on_the_engine_thread_between_jobs(runner):
-    runner.submit(request()).wait(10)
+    runner.submit(request(), OWNER).wait(10)
     engine_thread = next(iter(runner.engine.threads))
     assert runner.call(threading.get_ident) == engine_thread
     with pytest.raises(KeyError):
@@ -134,7 +143,7 @@ def test_call_runs_on_the_engine_thread_between_jobs(runner):
 
 def test_a_late_reader_gets_the_latest_status_and_then_the_rest(runner):
     runner.engine.steps, runner.engine.delay = 30, 0.02
-    job = runner.submit(request())
+    job = runner.submit(request(), OWNER)
     for event in job.events(timeout=10):
         if isinstance(event, Step) and event.step >= 5:
             break
@@ -149,7 +158,7 @@ def test_a_late_reader_gets_the_latest_status_and_then_the_rest(runner):
 
 def test_a_slow_reader_gets_only_fresh_steps(runner):
     runner.engine.steps, runner.engine.delay = 20, 0.001
-    job = runner.submit(request())
+    job = runner.submit(request(), OWNER)
     reader = job.events(timeout=10)
     next(reader)  # Queued
     time.sleep(0.3)  # everything happened meanwhile
@@ -169,9 +178,9 @@ def test_owner_jobs_and_cancel_owner(runner):
     assert isinstance(b1.wait(10), Result)
 
 
-def test_bad_requests_are_refused_at_submit(runner):
+def test_bad_requests_name_the_field():
     cases = [
-        (request(num_inference_steps=0), "num_inference_steps must be between 1 and 1000"),
+        (request(num_inference_steps=0), "num_inference_steps must be between 1 and 200"),
         (Text2ImageRequest(width=100, height=64), "width must be a multiple of 64"),
         (request(guidance_scale=float("nan")), "guidance_scale"),
         (request(seed=2**40), "seed must be between -1 and 4294967295"),
@@ -185,15 +194,22 @@ def test_bad_requests_are_refused_at_submit(runner):
         (ControlNetRequest(width=64, height=64), "hint is required"),
         (ControlNetRequest(width=64, height=64, hint=Image.new("RGB", (8, 8)), mode="img2img"),
          "image is required"),
+        (ControlNetRequest(width=64, height=64, hint=Image.new("RGB", (8, 8)), mode="sideways"),
+         "mode must be one of ['text2img', 'img2img']"),
+        (request(scheduler="euler"), "scheduler must be one of ['default', 'ddpm', 'ddim']; got 'euler'"),
+        (InterpolateRequest(width=64, height=64, inputs=["a", "b"], weights=[0.5, 2]),
+         "weights[1] must be between 0.0 and 1.0; got 2.0"),
+        (InpaintRequest(width=64, height=64, image=Image.new("RGB", (8, 8)), mask=Image.new("L", (8, 8)),
+                        mask_grow=65), "mask_grow must be between 0 and 64"),
     ]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            runner.submit(bad)
+            bad.validate()
 
 
 def test_request_settings_are_json_ready():
     image = Image.new("RGB", (8, 8))
-    req = InterpolateRequest(inputs=["a cat", image], weights=[1, 3], seed=5)
+    req = InterpolateRequest(inputs=["a cat", image], weights=[0.3, 0.9], seed=5)
     req.validate()
     settings = req.settings()
     assert settings["task"] == "interpolate" and settings["seed"] == 5
@@ -203,3 +219,13 @@ def test_request_settings_are_json_ready():
     req = Text2ImageRequest(seed=-7)
     req.validate()
     assert req.seed == -1
+
+
+def test_owner_ids_are_32_hex_digits():
+    from backend.requests import check_owner, is_owner, new_owner
+
+    assert is_owner(new_owner()) and check_owner("0123456789abcdef" * 2)
+    for bad in ("alice", "AB" * 16, "a" * 31, "a" * 33, "../" + "a" * 29, None, 7):
+        assert not is_owner(bad)
+        with pytest.raises(ValueError, match="owner must be 32 hexadecimal digits"):
+            check_owner(bad)

@@ -1,18 +1,29 @@
-"""ModelManager on the demo folders (real loading): lazy load, sharing, schedulers, memory budget,
-least-recently-used eviction, unload, status."""
+"""ModelManager on the demo folders (real loading): lazy load, the unit handle, sharing, schedulers,
+memory budget, least-recently-used eviction, unload, status."""
+import logging
+
 import pytest
 
 from backend import demo
-from backend.manager import (ModelManager, estimate_folder_bytes, format_bytes, parse_memory)
+from backend.events import Loading
+from backend.families import ModelSpec
+from backend.manager import ModelManager
+from backend.memory import component_bytes, format_bytes, parse_memory
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    return demo.ensure_demo_models(tmp_path_factory.getbasetemp() / "demo-models")
+def spec(demo_root):
+    return demo.ensure_demo_models(demo_root)
 
 
-def manager_for(spec, **kw):
-    return ModelManager({spec.key: spec}, **kw)
+def pipeline(manager, spec, stage, scheduler="default", on_progress=None):
+    """A pipeline of `stage`, loading its unit if needed."""
+    with manager.use(spec.stage(stage), on_progress) as unit:
+        return unit.pipeline(scheduler)
+
+
+def roles(manager) -> set:
+    return {unit["role"] for unit in manager.status()["units"]}
 
 
 def test_parse_memory():
@@ -28,78 +39,87 @@ def test_parse_memory():
 
 
 def test_nothing_loads_until_used_then_status_lists_components(spec):
-    manager = manager_for(spec, memory_budget=10**9)
-    assert manager.status()["folders"] == [] and manager.status()["used"] == 0
+    manager = ModelManager(memory_budget=10**9)
+    assert manager.status()["units"] == [] and manager.status()["used"] == 0
     reports = []
-    pipe = manager.pipeline("text2img", spec.key, on_progress=reports.append)
+    pipe = pipeline(manager, spec, "text2img", on_progress=reports.append)
     assert type(pipe).__name__ == "KandinskyV22Pipeline"
+    assert all(isinstance(r, Loading) for r in reports)
     assert {r.component.split(" / ")[1] for r in reports} == {"unet", "movq"}
     assert reports[-1].done == reports[-1].total
     status = manager.status()
-    (folder,) = status["folders"]
-    assert folder["role"] == "decoder" and set(folder["components"]) == {"unet", "movq"}
-    assert folder["bytes"] == sum(folder["components"].values()) == status["used"]
+    (unit,) = status["units"]
+    assert unit["role"] == "decoder" and set(unit["components"]) == {"unet", "movq"}
+    assert unit["bytes"] == sum(unit["components"].values()) == status["used"]
     assert status["device"] == "CPU" and status["dtype"] == "float32"
     # the header-only estimate equals what loading took
-    assert estimate_folder_bytes(manager._loaded[spec.repos["decoder"]].folder, 4) == folder["bytes"]
+    decoder = spec.stage("text2img").source
+    assert sum(component_bytes(f"{decoder}/{name}", 4) for name in ("unet", "movq")) == unit["bytes"]
 
 
-def test_pipelines_of_one_folder_share_components_and_swap_schedulers(spec):
-    manager = manager_for(spec)
-    text2img = manager.pipeline("text2img", spec.key)
-    img2img = manager.pipeline("img2img", spec.key, scheduler="ddim")
+def test_pipelines_of_one_unit_share_components_and_swap_schedulers(spec):
+    manager = ModelManager()
+    with manager.use(spec.stage("text2img")) as unit:
+        text2img = unit.pipeline()
+        assert unit.pipeline().unet is text2img.unet
+    img2img = pipeline(manager, spec, "img2img", scheduler="ddim")
+    assert type(img2img).__name__ == "KandinskyV22Img2ImgPipeline"   # the stage's class, the unit's components
     assert img2img.unet is text2img.unet and img2img.movq is text2img.movq
     assert type(text2img.scheduler).__name__ == "DDPMScheduler"
     assert type(img2img.scheduler).__name__ == "DDIMScheduler"
     assert img2img.scheduler.config["beta_end"] == text2img.scheduler.config["beta_end"]
-    assert len(manager.status()["folders"]) == 1
+    assert len(manager.status()["units"]) == 1
     with pytest.raises(ValueError, match="scheduler must be one of"):
-        manager.pipeline("text2img", spec.key, scheduler="euler")
-    with pytest.raises(ValueError, match="model must be one of"):
-        manager.pipeline("text2img", "kandinsky-9")
-    with pytest.raises(ValueError, match="kind must be one of"):
-        manager.pipeline("upscale", spec.key)
+        pipeline(manager, spec, "text2img", scheduler="euler")
+    with pytest.raises(ValueError, match="has no upscale stage"):
+        spec.stage("upscale")
 
 
-def test_least_recently_used_folder_is_evicted_to_fit_the_budget(spec):
-    probe = manager_for(spec)
-    probe.pipeline("text2img", spec.key)
-    probe.pipeline("controlnet", spec.key)
+def test_least_recently_used_unit_is_evicted_to_fit_the_budget(spec, caplog):
+    probe = ModelManager()
+    pipeline(probe, spec, "text2img")
+    pipeline(probe, spec, "controlnet")
     both = probe.status()["used"]                # the two decoders share their MoVQ: counted once
-    probe.pipeline("prior", spec.key)
-    sizes = {f["role"]: f["bytes"] for f in probe.status()["folders"]}
+    pipeline(probe, spec, "prior")
+    sizes = {u["role"]: u["bytes"] for u in probe.status()["units"]}
     # room for the decoder and the controlnet folder, not for the prior as well
-    manager = manager_for(spec, memory_budget=both + sizes["prior"] // 2)
-    manager.pipeline("prior", spec.key)
-    manager.pipeline("text2img", spec.key)       # the decoder is used after the prior: the prior is older
-    manager.pipeline("controlnet", spec.key)     # needs room: the least recently used folder goes
-    assert {f["role"] for f in manager.status()["folders"]} == {"decoder", "controlnet"}
-    assert manager.last_evicted == [spec.repos["prior"]]
+    manager = ModelManager(memory_budget=both + sizes["prior"] // 2)
+    pipeline(manager, spec, "prior")
+    pipeline(manager, spec, "text2img")         # the decoder is used after the prior: the prior is older
+    with caplog.at_level(logging.INFO, logger="backend.manager"):
+        pipeline(manager, spec, "controlnet")   # needs room: the least recently used unit goes
+    assert roles(manager) == {"decoder", "controlnet"}
+    assert evictions(caplog) == [spec.repos["prior"]]
     assert manager.status()["used"] <= manager.memory_budget
-    manager.pipeline("text2img", spec.key)       # now the controlnet folder is the older one
-    manager.pipeline("prior", spec.key)
-    assert {f["role"] for f in manager.status()["folders"]} == {"decoder", "prior"}
-    assert manager.last_evicted == [spec.repos["controlnet"]]
+    caplog.clear()
+    pipeline(manager, spec, "text2img")         # now the controlnet folder is the older one
+    with caplog.at_level(logging.INFO, logger="backend.manager"):
+        pipeline(manager, spec, "prior")
+    assert roles(manager) == {"decoder", "prior"}
+    assert evictions(caplog) == [spec.repos["controlnet"]]
 
 
-def test_a_folder_in_use_is_never_evicted_and_unload_frees_the_rest(spec):
-    manager = manager_for(spec, memory_budget=1)  # nothing fits: each folder loads alone
-    with manager.use("text2img", spec.key):
-        manager.pipeline("prior", spec.key)
-        roles = {f["role"] for f in manager.status()["folders"]}
-        assert roles == {"decoder", "prior"}     # the decoder is pinned by the running job
+def evictions(caplog) -> list[str]:
+    return [r.args[0] for r in caplog.records if r.name == "backend.manager" and r.msg.startswith("evicted")]
+
+
+def test_a_unit_in_use_is_never_evicted_and_unload_frees_the_rest(spec):
+    manager = ModelManager(memory_budget=1)  # nothing fits: each unit loads alone
+    with manager.use(spec.stage("text2img")):
+        pipeline(manager, spec, "prior")
+        assert roles(manager) == {"decoder", "prior"}     # the decoder is pinned by the running job
         assert manager.status()["over_budget"]
         with pytest.raises(RuntimeError, match="in use"):
             manager.unload(spec.repos["decoder"])
         assert manager.unload() == [spec.repos["prior"]]
     assert manager.unload() == [spec.repos["decoder"]]
-    assert manager.status()["folders"] == []
+    assert manager.status()["units"] == []
 
 
 def test_lowering_the_budget_evicts(spec):
-    manager = manager_for(spec, memory_budget=10**9)
-    manager.pipeline("prior", spec.key)
-    manager.pipeline("inpaint", spec.key)
+    manager = ModelManager(memory_budget=10**9)
+    pipeline(manager, spec, "prior")
+    pipeline(manager, spec, "inpaint")
     evicted = manager.set_memory_budget(manager.status()["used"] - 1)
     assert evicted == [spec.repos["prior"]]
     with pytest.raises(ValueError):
@@ -107,39 +127,44 @@ def test_lowering_the_budget_evicts(spec):
 
 
 def test_preview_factors_are_fitted_once_per_movq_checkpoint(spec, tmp_path):
-    manager = manager_for(spec, factors_dir=tmp_path)
-    decoder = manager.pipeline("text2img", spec.key)
-    first = manager.preview_factors("text2img", spec.key, decoder)
-    inpaint = manager.pipeline("inpaint", spec.key)
+    manager = ModelManager(factors_dir=tmp_path)
+    fits = []
+    with manager.use(spec.stage("text2img")) as unit:
+        first = unit.preview_factors(on_fit=lambda: fits.append("decoder"))
     # the demo folders share one MoVQ checkpoint, like the published repos: one fit, one file
-    assert manager.preview_factors("inpaint", spec.key, inpaint) is first
-    assert len(list(tmp_path.glob("*.json"))) == 1
+    with manager.use(spec.stage("inpaint")) as unit:
+        assert unit.preview_factors(on_fit=lambda: fits.append("inpaint")) is first
+    assert fits == ["decoder"] and len(list(tmp_path.glob("*.json"))) == 1
+    # a new manager (a restart) reads the file instead of fitting again
+    with ModelManager(factors_dir=tmp_path).use(spec.stage("controlnet")) as unit:
+        again = unit.preview_factors(on_fit=lambda: fits.append("controlnet"))
+    assert fits == ["decoder"] and (again.weight == first.weight).all()
 
 
 def test_identical_components_of_different_folders_are_loaded_once(spec):
     """The published decoder, inpainting and ControlNet repos ship the same MoVQ (as the demo
     folders do): it is loaded once, shared, and counted once."""
-    manager = manager_for(spec)
-    decoder = manager.pipeline("text2img", spec.key)
-    inpaint = manager.pipeline("inpaint", spec.key)
+    manager = ModelManager()
+    decoder = pipeline(manager, spec, "text2img")
+    inpaint = pipeline(manager, spec, "inpaint")
     assert inpaint.movq is decoder.movq and inpaint.unet is not decoder.unet
     status = manager.status()
-    folders = {f["role"]: f for f in status["folders"]}
-    assert folders["decoder"]["shared"] == folders["inpaint"]["shared"] == ["movq"]
-    movq = folders["decoder"]["components"]["movq"]
-    assert status["used"] == folders["decoder"]["bytes"] + folders["inpaint"]["bytes"] - movq
+    units = {u["role"]: u for u in status["units"]}
+    assert units["decoder"]["shared"] == units["inpaint"]["shared"] == ["movq"]
+    movq = units["decoder"]["components"]["movq"]
+    assert status["used"] == units["decoder"]["bytes"] + units["inpaint"]["bytes"] - movq
     # the shared MoVQ outlives the folder it came with
     assert manager.unload(spec.repos["decoder"]) == [spec.repos["decoder"]]
-    assert manager.pipeline("inpaint", spec.key).movq is decoder.movq
-    assert manager.status()["used"] == folders["inpaint"]["bytes"]
-    again = manager.pipeline("text2img", spec.key)
+    assert pipeline(manager, spec, "inpaint").movq is decoder.movq
+    assert manager.status()["used"] == units["inpaint"]["bytes"]
+    again = pipeline(manager, spec, "text2img")
     assert again.movq is decoder.movq and again.unet is not decoder.unet
 
 
 def test_components_differing_in_content_or_config_are_not_shared(spec, tmp_path):
     import shutil
 
-    from backend.manager import ModelSpec
+    from safetensors.numpy import load_file, save_file
 
     other = tmp_path / "decoder-copy"
     shutil.copytree(spec.repos["decoder"], other)
@@ -148,13 +173,28 @@ def test_components_differing_in_content_or_config_are_not_shared(spec, tmp_path
     same_size = tmp_path / "decoder-other-weights"     # same config and sizes, other values
     shutil.copytree(spec.repos["decoder"], same_size)
     weights_file = next((same_size / "movq").glob("*.safetensors"))
-    from safetensors.numpy import load_file, save_file
     tensors = load_file(str(weights_file))
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] + 1
     save_file(tensors, str(weights_file))
-    copy = ModelSpec("copy", "copy", {**spec.repos, "inpaint": str(other), "controlnet": str(same_size)})
-    manager = ModelManager({spec.key: spec, "copy": copy})
-    decoder = manager.pipeline("text2img", spec.key)
-    assert decoder.movq is not manager.pipeline("inpaint", "copy").movq
-    assert decoder.movq is not manager.pipeline("controlnet", "copy").movq
+    copy = ModelSpec("copy", "copy", spec.family, {**spec.repos, "inpaint": str(other), "controlnet": str(same_size)})
+    manager = ModelManager()
+    decoder = pipeline(manager, spec, "text2img")
+    assert decoder.movq is not pipeline(manager, copy, "inpaint").movq
+    assert decoder.movq is not pipeline(manager, copy, "controlnet").movq
+
+
+def test_a_folder_is_resolved_once_and_loaded_without_building_a_pipeline(spec, monkeypatch):
+    """Components load one by one from the folder (backend/pipelines/loading.py); the repo is
+    resolved on first use only."""
+    from backend import pipelines, weights
+
+    resolved = []
+    resolve = weights.resolve_pretrained
+    monkeypatch.setattr(weights, "resolve_pretrained", lambda source, **kw: resolved.append(source) or resolve(source, **kw))
+    monkeypatch.setattr(pipelines.KandinskyV22Pipeline, "from_pretrained", None)
+    manager = ModelManager()
+    pipeline(manager, spec, "text2img")
+    manager.unload()
+    pipeline(manager, spec, "img2img")
+    assert resolved == [spec.repos["decoder"]]

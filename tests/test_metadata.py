@@ -10,6 +10,8 @@ from backend import metadata
 from backend.metadata import OutputStore, parameters_text, parse_parameters_text, read_settings
 
 
+ALICE, BOB, CAROL = "a1" * 16, "b0" * 16, "c4" * 16   # owner ids: 32 hex digits (backend/requests.py)
+
 SETTINGS = {
     "task": "inpaint",
     "model": "kandinsky-2-2",
@@ -84,6 +86,14 @@ def test_a1111_text_from_another_tool():
     assert parsed["extra"] == {"Model hash": "abcdef", "Lora hashes": "a: 1, b: 2", "Version": "v1.9"}
 
 
+def test_controlnet_mode_in_text():
+    settings = {"task": "controlnet", "prompt": "a room", "mode": "img2img", "strength": 0.5, "seed": 1}
+    text = parameters_text(settings)
+    assert "ControlNet mode: img2img" in text
+    parsed = parse_parameters_text(text)
+    assert parsed["mode"] == "img2img" and parsed["strength"] == 0.5
+
+
 def test_interpolation_weights_in_text():
     settings = {"task": "interpolate", "prompt": "", "weights": [0.25, 0.75], "seed": 1}
     parsed = parse_parameters_text(parameters_text(settings))
@@ -115,31 +125,31 @@ def test_corrupt_json_chunk_is_an_error(tmp_path):
 
 def test_output_store_per_owner_newest_first(tmp_path):
     store = OutputStore(tmp_path / "out")
-    first = store.save(small_image(), {"seed": 1, "prompt": "a"}, owner="alice")
+    first = store.save(small_image(), {"seed": 1, "prompt": "a"}, owner=ALICE)
     time.sleep(0.01)
-    second = store.save(small_image(), {"seed": 2, "prompt": "b", "partial": True}, owner="alice")
-    store.save(small_image(), {"seed": 3}, owner="bob")
-    assert store.list("alice") == [second, first]
+    second = store.save(small_image(), {"seed": 2, "prompt": "b", "partial": True}, owner=ALICE)
+    store.save(small_image(), {"seed": 3}, owner=BOB)
+    assert store.list(ALICE) == [second, first]
     assert second.name.endswith("-2-partial.png")
-    assert [read_settings(p)["seed"] for p in store.list("bob")] == [3]
-    assert store.owns("alice", first) and not store.owns("bob", first)
-    assert not store.owns("alice", tmp_path / "out" / "alice" / ".." / "bob" / "x.png")
-    assert store.list("carol") == []
+    assert [read_settings(p)["seed"] for p in store.list(BOB)] == [3]
+    assert store.owns(ALICE, first) and not store.owns(BOB, first)
+    assert not store.owns(ALICE, tmp_path / "out" / ALICE / ".." / BOB / "x.png")
+    assert store.list(CAROL) == []
 
 
 def test_output_store_rejects_owner_names_that_escape_the_folder(tmp_path):
     store = OutputStore(tmp_path)
-    for owner in ("", "../x", "a/b", "x" * 65):
+    for owner in ("", "../x", "a/b", "x" * 65, "alice", "AB" * 16):
         with pytest.raises(ValueError, match="owner"):
             store.save(small_image(), {}, owner=owner)
 
 
 def test_input_images_stored_once_by_content(tmp_path):
     store = OutputStore(tmp_path)
-    ref = store.save_input(small_image(), "alice")
-    assert ref == store.save_input(small_image(), "alice")
-    path = store.input_path("alice", ref)
+    ref = store.save_input(small_image(), ALICE)
+    assert ref == store.save_input(small_image(), ALICE)
+    path = store.input_path(ALICE, ref)
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(small_image()))
     with pytest.raises(ValueError):
-        store.input_path("alice", "../../etc/passwd")
+        store.input_path(ALICE, "../../etc/passwd")
     assert json.loads(json.dumps({"image": ref}))["image"].startswith("inputs/")

@@ -63,15 +63,26 @@ def test_cache_fits_once_and_reuses_the_file(tmp_path):
     assert len(calls) == 2
 
 
-def test_checkpoint_key_follows_the_content(tmp_path):
+def test_the_checkpoint_fingerprint_follows_the_content(tmp_path):
+    """The one fingerprint (backend/fingerprints.py) keys the preview factors and the manager's sharing."""
+    from backend.fingerprints import file_digest, fingerprint
+
     a, b = tmp_path / "a", tmp_path / "b"
     for folder in (a, b):
         folder.mkdir()
         (folder / "config.json").write_text('{"latent_channels": 4}')
         (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 100)
-    assert previews.checkpoint_key(a) == previews.checkpoint_key(b)  # same checkpoint in two repos
+    assert fingerprint(a) == fingerprint(b)  # same checkpoint in two repos
     (b / "diffusion_pytorch_model.safetensors").write_bytes(b"y" * 100)
-    assert previews.checkpoint_key(a) != previews.checkpoint_key(b)
+    assert fingerprint(a) != fingerprint(b)
+    (b / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 100)
+    (b / "config.json").write_text('{"latent_channels": 8}')
+    assert fingerprint(a) != fingerprint(b)
+    # a Hugging Face cache blob is named by its SHA-256: taken from the name, not read
+    blob = tmp_path / ("ab" * 32)
+    blob.write_bytes(b"not what the name says")
+    (tmp_path / "link.safetensors").symlink_to(blob)
+    assert file_digest(tmp_path / "link.safetensors") == "ab" * 32
 
 
 def test_fit_from_a_real_movq_beats_a_flat_colour(tmp_path_factory):

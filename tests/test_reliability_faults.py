@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from tests.ui.server import ROOT, AppServer
+from tests.ui.server import ROOT
 
 REPOS = {"prior": "kandinsky-2-2-prior", "decoder": "kandinsky-2-2-decoder",
          "inpaint": "kandinsky-2-2-decoder-inpaint", "controlnet": "kandinsky-2-2-controlnet-depth"}
@@ -43,16 +43,8 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    server = AppServer(tmp_path_factory.mktemp("faults"), extra_args=["--offline", "--models-dir", str(models)],
-                       demo=False)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return Client(server.url, verbose=False)
+def app_options(models):
+    return {"extra_args": ["--offline", "--models-dir", str(models)], "demo": False}
 
 
 def text2img(client, **kw):

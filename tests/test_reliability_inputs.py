@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from gradio_client import Client, handle_file
-from PIL import Image, PngImagePlugin
+from gradio_client import handle_file
+from PIL import Image
 
 from backend.metadata import read_settings
-from tests.ui.server import ROOT, AppServer
+from tests.ui.server import ROOT
 
 SAMPLES = ROOT / "assets" / "samples"
 OWNER = "5" * 32          # the cases below each use their own owner: galleries stay small
@@ -102,18 +102,6 @@ def make_files(folder: Path) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------ the app
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = AppServer(tmp_path_factory.mktemp("bad-input"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return Client(server.url, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -514,8 +502,8 @@ def test_library_inpaint_masks(pipes, mask, ok):
 
 
 def test_library_requests_name_the_field():
-    """The typed requests the app builds (backend.jobs) check the same things without the app."""
-    from backend.jobs import Image2ImageRequest, InpaintRequest, InterpolateRequest, Text2ImageRequest
+    """The typed requests the app builds (backend/requests.py) check the same things without the app."""
+    from backend.requests import Image2ImageRequest, InpaintRequest, InterpolateRequest, Text2ImageRequest
 
     cases = [
         (Text2ImageRequest(prompt="x" * 10_001), "prompt is 10001 characters"),

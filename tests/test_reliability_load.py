@@ -16,12 +16,10 @@ import threading
 import time
 
 import psutil
-import pytest
 from gradio_client import Client
 from PIL import Image
 
 from backend.metadata import read_settings
-from tests.ui.server import AppServer
 
 CLIENTS = 8
 JOBS_PER_CLIENT = 3
@@ -34,13 +32,6 @@ QUEUE_RE = re.compile(r"Waiting in line: (\d+) jobs? ahead")
 
 def owner_id(name: str) -> str:
     return hashlib.md5(name.encode()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = AppServer(tmp_path_factory.mktemp("load"))
-    yield server
-    server.stop()
 
 
 def rss(server) -> int:

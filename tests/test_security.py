@@ -24,7 +24,7 @@ from PIL import Image
 import app
 from backend import metadata
 from backend.metadata import OutputStore, read_png_texts, read_settings
-from tests.ui.server import ROOT, AppServer
+from tests.ui.server import ROOT
 
 LOGIN = ("alice", "wonderland")
 OWNER = "ab" * 16
@@ -93,24 +93,21 @@ def test_login_file(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("secure")
-    (workdir / "secret.txt").write_text(SECRET)
-    Image.new("RGB", (8, 8), "red").save(workdir / "secret.png")
-    server = AppServer(workdir, extra_args=["--auth", ":".join(LOGIN)])
-    server.workdir = workdir
-    yield server
-    server.stop()
+def app_options():
+    return {"extra_args": ["--auth", ":".join(LOGIN)]}
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return Client(server.url, auth=LOGIN, verbose=False)
+def login():
+    return LOGIN
 
 
 @pytest.fixture(scope="module")
 def session(server, client):
-    """Plain HTTP with the login cookie, and one generated image of OWNER."""
+    """Files the app must never serve next to its outputs; plain HTTP with the login cookie; one
+    generated image of OWNER."""
+    (server.workdir / "secret.txt").write_text(SECRET)
+    Image.new("RGB", (8, 8), "red").save(server.workdir / "secret.png")
     http = httpx.Client(base_url=server.url, timeout=30)
     assert http.post("login", data={"username": LOGIN[0], "password": LOGIN[1]}).status_code == 200
     result = client.predict(owner=OWNER, prompt="mine", **TINY, api_name="/text2img")
@@ -259,7 +256,8 @@ def test_the_app_writes_only_under_outputs_with_names_it_makes(server, client):
 # ------------------------------------------------------------------------------ outputs, in process
 
 
-@pytest.mark.parametrize("owner", ["../x", "..", "a/b", "/etc", "", "a" * 65, "x\x00y", "ä", "a b", ".hidden"])
+@pytest.mark.parametrize("owner", ["../x", "..", "a/b", "/etc", "", "a" * 65, "x\x00y", "ä", "a b", ".hidden", "bob",
+                                   "AB" * 16])
 def test_output_store_refuses_owner_names_that_are_not_plain(owner, tmp_path):
     store = OutputStore(tmp_path / "out")
     with pytest.raises(ValueError, match="owner"):
@@ -271,11 +269,11 @@ def test_output_store_refuses_owner_names_that_are_not_plain(owner, tmp_path):
 def test_file_names_are_made_from_numbers_only(seed, tmp_path):
     store = OutputStore(tmp_path / "out")
     with pytest.raises(ValueError, match="seed"):
-        store.save(Image.new("RGB", (8, 8)), {"seed": seed}, "bob")
-    path = store.save(Image.new("RGB", (8, 8)), {"seed": 2**32 - 1, "partial": True}, "bob")
-    assert path.parent == store.root / "bob" and re.fullmatch(r"\d{8}-\d{6}-\d{4}[0-9a-f]{4}-4294967295-partial\.png",
+        store.save(Image.new("RGB", (8, 8)), {"seed": seed}, OWNER)
+    path = store.save(Image.new("RGB", (8, 8)), {"seed": 2**32 - 1, "partial": True}, OWNER)
+    assert path.parent == store.root / OWNER and re.fullmatch(r"\d{8}-\d{6}-\d{4}[0-9a-f]{4}-4294967295-partial\.png",
                                                                path.name)
-    assert [p.name for p in (tmp_path / "out" / "bob").iterdir()] == [path.name]   # no .tmp left behind
+    assert [p.name for p in (tmp_path / "out" / OWNER).iterdir()] == [path.name]   # no .tmp left behind
 
 
 @pytest.mark.parametrize("reference", ["inputs/../../x.png", "../inputs/" + "0" * 20 + ".png", "/etc/passwd",
@@ -283,14 +281,14 @@ def test_file_names_are_made_from_numbers_only(seed, tmp_path):
 def test_input_references_from_a_png_are_checked(reference, tmp_path):
     store = OutputStore(tmp_path / "out")
     with pytest.raises(ValueError, match="not an input image reference"):
-        store.input_path("bob", reference)
+        store.input_path(OWNER, reference)
 
 
 def test_selected_images_must_be_the_owners_own(tmp_path):
     """Paths that come back from the browser (the gallery selection) are checked before use."""
     import gradio as gr
 
-    from kandinsky_ui.handlers import Studio, UIConfig
+    from kandinsky_ui.gallery import Gallery
 
     store = OutputStore(tmp_path / "out")
     mine = store.save(Image.new("RGB", (8, 8)), {"seed": 1}, OWNER)
@@ -299,11 +297,11 @@ def test_selected_images_must_be_the_owners_own(tmp_path):
     Image.new("RGB", (8, 8)).save(outside)
     link = store.root / OWNER / "link.png"
     link.symlink_to(outside)
-    studio = Studio(None, None, store, UIConfig(demo=True, models=[], defaults={}, size_presets=[]))
-    assert studio._selected_image(OWNER, str(mine)).size == (8, 8)
+    gallery = Gallery(store, limit=100)
+    assert gallery.selected_image(OWNER, str(mine)).size == (8, 8)
     for path in (theirs, outside, link, store.root / OWNER / ".." / ("cd" * 16) / theirs.name, "/etc/passwd", ""):
         with pytest.raises(gr.Error):
-            studio._selected_image(OWNER, str(path))
+            gallery.selected_image(OWNER, str(path))
 
 
 # ------------------------------------------------------------------------------ PNG info bounds

@@ -1,4 +1,4 @@
-"""Requests run end to end on the real engine (tiny random-weight demo models, 64x64):
+"""Requests run end to end on the real Engine (tiny random-weight demo models, 64x64):
 every task, previews before the result, stop within one step with a partial result, seeds,
 PNG settings, and the preview overhead."""
 import time
@@ -7,26 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import demo
-from backend.jobs import (Cancelled, ControlNetRequest, Image2ImageRequest, InpaintRequest, InterpolateRequest,
-                          JobRunner, Loading, Result, Step, Text2ImageRequest)
-from backend.manager import ModelManager
-from backend.metadata import OutputStore, read_settings
-from backend.tasks import TaskExecutor
+from backend.events import Cancelled, Loading, Result, Step
+from backend.metadata import read_settings
+from backend.requests import (ControlNetRequest, Image2ImageRequest, InpaintRequest, InterpolateRequest,
+                              Text2ImageRequest)
 
 SAMPLES = "assets/samples"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    runner_holder = {}
-    runner = JobRunner(lambda job: runner_holder["run"](job)).start()
-    spec = runner.call(demo.ensure_demo_models, tmp_path_factory.getbasetemp() / "demo-models")
-    manager = ModelManager({spec.key: spec}, factors_dir=tmp_path_factory.mktemp("factors"))
-    store = OutputStore(tmp_path_factory.mktemp("outputs"))
-    runner_holder["run"] = TaskExecutor(manager, store)
-    yield runner, spec.key, store, manager
-    runner.shutdown()
+MODEL = "kandinsky-2-2-demo"
+TESTER, STOPPER = "7e" * 16, "5f" * 16
 
 
 def small(model, **kw):
@@ -36,21 +24,21 @@ def small(model, **kw):
     return base
 
 
-def run(runner, request, owner="tester"):
-    job = runner.submit(request, owner=owner)
+def run(engine, request, owner=TESTER):
+    job = engine.submit(request, owner)
     events = list(job.events(timeout=120, coalesce=False))
     return events, events[-1]
 
 
 def test_text_to_image_streams_previews_then_saves_a_png_with_its_settings(engine):
-    runner, model, store, _ = engine
-    events, end = run(runner, Text2ImageRequest(**small(model, seed=11, negative_prior_prompt="blurry")))
+    model, store = MODEL, engine.store
+    events, end = run(engine, Text2ImageRequest(**small(model, seed=11, negative_prior_prompt="blurry")))
     assert isinstance(end, Result), end
     steps = [e for e in events if isinstance(e, Step)]
-    decoder = [e for e in steps if e.phase == "decoder"]
+    decoder = [e for e in steps if e.phase == "denoise"]
     assert [e.step for e in decoder] == [1, 2, 3, 4, 5, 6]
     assert all(e.preview is not None and e.preview.size[0] > 0 for e in decoder)
-    assert [e.phase for e in steps].index("decoder") > [e.phase for e in steps].index("prior")
+    assert [e.phase for e in steps].index("denoise") > [e.phase for e in steps].index("prior")
     assert steps[-1].phase == "decode"
     assert events.index(decoder[0]) < events.index(end)
     assert decoder[-1].eta_s is not None
@@ -60,29 +48,29 @@ def test_text_to_image_streams_previews_then_saves_a_png_with_its_settings(engin
     assert settings["seed"] == 11 and settings["task"] == "text2img" and settings["prompt"] == "a red cat"
     assert settings["negative_prior_prompt"] == "blurry" and settings["partial"] is False
     assert np.array_equal(np.asarray(Image.open(image.path).convert("RGB")), np.asarray(image.image))
-    assert store.list("tester")[0] == image.path
+    assert store.list(TESTER)[0] == image.path
 
 
 def test_same_seed_same_image_and_batches_use_consecutive_seeds(engine):
-    runner, model, _, _ = engine
-    _, first = run(runner, Text2ImageRequest(**small(model, seed=5)))
-    _, runs = run(runner, Text2ImageRequest(**small(model, seed=4, batch_count=2)))
+    model = MODEL
+    _, first = run(engine, Text2ImageRequest(**small(model, seed=5)))
+    _, runs = run(engine, Text2ImageRequest(**small(model, seed=4, batch_count=2)))
     assert runs.seeds == [4, 5]
     # run 2 (seed 5) is the single seed-5 image: runs are independent of each other
     assert np.array_equal(np.asarray(runs.images[1].image), np.asarray(first.images[0].image))
-    _, batch = run(runner, Text2ImageRequest(**small(model, seed=4, batch_size=2)))
+    _, batch = run(engine, Text2ImageRequest(**small(model, seed=4, batch_size=2)))
     assert [(i.settings["seed"], i.settings["batch_position"]) for i in batch.images] == [(4, 0), (4, 1)]
     assert not np.array_equal(np.asarray(batch.images[0].image), np.asarray(batch.images[1].image))
-    _, random_seed = run(runner, Text2ImageRequest(**small(model, seed=-1)))
+    _, random_seed = run(engine, Text2ImageRequest(**small(model, seed=-1)))
     assert 0 <= random_seed.seeds[0] < 2**32 and random_seed.images[0].settings["seed"] == random_seed.seeds[0]
 
 
 def test_stop_ends_within_one_step_and_keeps_the_last_preview_as_partial(engine):
-    runner, model, store, _ = engine
-    job = runner.submit(Text2ImageRequest(**small(model, num_inference_steps=200, seed=3)), owner="stopper")
+    model, store = MODEL, engine.store
+    job = engine.submit(Text2ImageRequest(**small(model, num_inference_steps=200, seed=3)), STOPPER)
     step_times = []
     for event in job.events(timeout=120):
-        if isinstance(event, Step) and event.phase == "decoder":
+        if isinstance(event, Step) and event.phase == "denoise":
             step_times.append(time.monotonic())
             if event.step >= 4:
                 job.cancel()
@@ -96,24 +84,24 @@ def test_stop_ends_within_one_step_and_keeps_the_last_preview_as_partial(engine)
     assert partial.partial and partial.image.size == (64, 64)
     settings = read_settings(partial.path)
     assert settings["partial"] is True and 4 <= settings["stopped_at_step"] < 200
-    assert partial.path.name.endswith("-partial.png") and partial.path in store.list("stopper")
+    assert partial.path.name.endswith("-partial.png") and partial.path in store.list(STOPPER)
 
 
 def test_image_to_image_inpaint_controlnet_and_interpolate(engine):
-    runner, model, store, _ = engine
+    model, store = MODEL, engine.store
     landscape = Image.open(f"{SAMPLES}/landscape.png").convert("RGB")
     depth = Image.open(f"{SAMPLES}/depth.png")
     mask = Image.new("L", (64, 64))
     mask.paste(255, (16, 16, 48, 48))
 
-    _, end = run(runner, Image2ImageRequest(**small(model, width=128), image=landscape, strength=0.5))
+    _, end = run(engine, Image2ImageRequest(**small(model, width=128), image=landscape, strength=0.5))
     assert isinstance(end, Result) and end.images[0].image.size == (128, 64)
     settings = end.images[0].settings
     assert settings["strength"] == 0.5 and settings["input_images"]["image"].startswith("inputs/")
-    stored = Image.open(store.input_path("tester", settings["input_images"]["image"]))
+    stored = Image.open(store.input_path(TESTER, settings["input_images"]["image"]))
     assert stored.size == landscape.size
 
-    _, end = run(runner, InpaintRequest(**small(model), image=landscape, mask=mask, mask_blur=2))
+    _, end = run(engine, InpaintRequest(**small(model), image=landscape, mask=mask, mask_blur=2))
     assert isinstance(end, Result)
     out = np.asarray(end.images[0].image, np.float32)
     original = np.asarray(landscape.resize((64, 64), Image.BICUBIC), np.float32)
@@ -122,11 +110,11 @@ def test_image_to_image_inpaint_controlnet_and_interpolate(engine):
     assert np.abs(out[24:40, 24:40] - original[24:40, 24:40]).mean() > 5.0
 
     for mode in ("text2img", "img2img"):
-        _, end = run(runner, ControlNetRequest(**small(model), hint=depth, mode=mode, image=landscape))
+        _, end = run(engine, ControlNetRequest(**small(model), hint=depth, mode=mode, image=landscape))
         assert isinstance(end, Result), end
         assert end.images[0].settings["mode"] == mode
 
-    events, end = run(runner, InterpolateRequest(**small(model), inputs=["a cat", landscape], weights=[1, 3],
+    events, end = run(engine, InterpolateRequest(**small(model), inputs=["a cat", landscape], weights=[0.3, 0.9],
                                                  walk_steps=3))
     assert isinstance(end, Result), end
     assert len(end.images) == 4  # the mix, then a walk of 3
@@ -134,24 +122,28 @@ def test_image_to_image_inpaint_controlnet_and_interpolate(engine):
     assert [i.settings.get("walk_t") for i in end.images[1:]] == [0.0, 0.5, 1.0]
 
 
-def test_bad_input_found_by_the_pipeline_fails_cleanly(engine):
-    runner, model, _, _ = engine
-    _, end = run(runner, Text2ImageRequest(**small(model, scheduler="euler")))
-    assert type(end).__name__ == "Failed" and "scheduler must be one of" in end.message
+def test_bad_input_is_refused_at_submit_naming_the_field(engine):
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        engine.submit(Text2ImageRequest(**small(MODEL, scheduler="euler")), TESTER)
+    with pytest.raises(ValueError, match="model must be one of"):
+        engine.submit(Text2ImageRequest(**small("kandinsky-9")), TESTER)
+    with pytest.raises(ValueError, match="owner must be 32 hexadecimal digits"):
+        engine.submit(Text2ImageRequest(**small(MODEL)), "tester")
+    assert engine.jobs_of(TESTER) == [] and isinstance(run(engine, Text2ImageRequest(**small(MODEL)))[1], Result)
 
 
 def test_preview_overhead_is_small(engine):
     """Previews at every step cost <= 10% of the run (measured, not assumed)."""
-    runner, model, _, _ = engine
-    _, end = run(runner, Text2ImageRequest(**small(model, num_inference_steps=20, seed=1)))
+    model = MODEL
+    _, end = run(engine, Text2ImageRequest(**small(model, num_inference_steps=20, seed=1)))
     assert isinstance(end, Result)
     assert end.preview_s / end.elapsed_s <= 0.10, (end.preview_s, end.elapsed_s)
 
 
 def test_loading_is_reported_once_per_component_at_most_a_few_times(engine, tmp_path):
-    runner, model, store, manager = engine
-    runner.call(manager.unload)
-    events, end = run(runner, Text2ImageRequest(**small(model)))
+    model = MODEL
+    engine.unload()
+    events, end = run(engine, Text2ImageRequest(**small(model)))
     loading = [e for e in events if isinstance(e, Loading)]
     assert any("prior" in e.component for e in loading) and any("decoder" in e.component for e in loading)
     assert len(loading) < 40

@@ -25,6 +25,7 @@ class AppServer:
     """`python app.py --demo` on a free port, with its own outputs and models folders."""
 
     def __init__(self, workdir: Path, extra_args=(), demo: bool = True):
+        self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.outputs = workdir / "outputs"

@@ -1,0 +1,344 @@
+"""Typed requests: what the page, the HTTP API and library callers hand to the Engine.
+
+One dataclass per task, plain data (settings, texts and PIL images), checked by `validate()`,
+which raises ValueError naming the first field out of range and what is allowed. The limits
+come from backend/limits.py; the choices (schedulers, previews, modes) are declared here once.
+`settings()` is what goes into the PNG's chunks; `dataclasses.fields` of these classes is what
+the page reads back from a PNG (kandinsky_ui/controls.py), so a new field needs no second list.
+"""
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Optional
+
+from PIL import Image
+
+from backend import masks
+from backend.limits import (APP_MAX_BATCH_SIZE, APP_MAX_SIDE, APP_MAX_STEPS, MAX_BATCH_COUNT, MAX_GUIDANCE,
+                            MAX_INPUT_PIXELS, MAX_MASK_EDIT, MAX_MIX_INPUTS, MAX_MIX_WEIGHT, MAX_PREVIEW_EVERY,
+                            MAX_SEED, MAX_TEXT_CHARS, MAX_WALK_STEPS, MIN_MIX_INPUTS, MIN_PRIOR_STEPS,
+                            SIZE_MULTIPLE)
+
+DEFAULT_MODEL = "kandinsky-2-2"
+# Decoder schedulers a request may ask for -> the scheduler class ("default": the repo's own).
+SCHEDULERS = {"default": None, "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
+PREVIEW_MODES = ("fast", "decode", "off")      # linear map of x0 | MoVQ decode of x0 | none
+CONTROLNET_MODES = ("text2img", "img2img")
+
+# An owner names one browser (or API client): its images live in a folder of that name, so the
+# id is made here, from random hex digits only, and anything else a client sends is refused.
+_OWNER_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_owner() -> str:
+    return uuid.uuid4().hex
+
+
+def is_owner(owner) -> bool:
+    return isinstance(owner, str) and bool(_OWNER_RE.match(owner))
+
+
+def check_owner(owner) -> str:
+    if not is_owner(owner):
+        raise ValueError(f"owner must be 32 hexadecimal digits (0-9, a-f); got {owner!r}")
+    return owner
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def check_int(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{name} must be an integer between {low} and {high}; got {value!r}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be between {low} and {high}; got {int(value)}")
+    return int(value)
+
+
+def check_float(name: str, value, low: float, high: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number between {low} and {high}; got {value!r}") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be between {low} and {high}; got {value}")
+    return value
+
+
+def check_text(name: str, value) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be text; got {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"{name} is {len(value)} characters long; at most {MAX_TEXT_CHARS} are allowed "
+                         f"(CLIP reads only the first 77 tokens)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate, e.g. half of an emoji: not storable in the PNG
+        raise ValueError(f"{name} is not valid Unicode text: character {error.start} is a lone surrogate "
+                         f"(U+{ord(value[error.start]):04X})") from None
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
+    return value
+
+
+def check_image(name: str, value) -> Image.Image:
+    if not isinstance(value, Image.Image):
+        raise ValueError(f"{name} is required: an image" + ("" if value is None else
+                                                            f" (got {type(value).__name__})"))
+    check_image_size(name, value.width, value.height)
+    return value
+
+
+def check_image_size(name: str, width: int, height: int) -> None:
+    """The one rule for input images (the page applies it to a file's header before decoding)."""
+    if width < 1 or height < 1:
+        raise ValueError(f"{name} is empty ({width}x{height} pixels)")
+    if width * height > MAX_INPUT_PIXELS:
+        raise ValueError(f"{name} is {width}x{height} pixels; at most {MAX_INPUT_PIXELS:,} pixels "
+                         f"(8192x8192) are allowed")
+
+
+# ---------------------------------------------------------------------------------- requests
+
+
+@dataclass(kw_only=True)
+class GenerationRequest:
+    """Settings every task shares. Defaults follow the Kandinsky 2.2 docs."""
+
+    task: ClassVar[str] = ""
+    model: str = DEFAULT_MODEL                 # key of a model the Engine offers
+    prompt: str = ""
+    negative_prompt: str = ""                  # its prior embedding is the decoder's negative
+    negative_prior_prompt: str = ""            # the prior's own classifier-free guidance negative
+    width: int = 768                           # pixels, a multiple of 64
+    height: int = 768
+    num_inference_steps: int = 50              # decoder steps
+    prior_num_inference_steps: int = 25
+    guidance_scale: float = 4.0                # decoder guidance
+    prior_guidance_scale: float = 1.0
+    scheduler: str = "default"                 # decoder scheduler, one of SCHEDULERS
+    seed: int = -1                             # < 0: a random seed, reported back
+    batch_count: int = 1                       # runs one after another, seeds seed, seed+1, ...
+    batch_size: int = 1                        # images per run
+    preview: str = "fast"                      # one of PREVIEW_MODES
+    preview_every: int = 1                     # a preview every n-th step
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field out of range."""
+        for name in ("model", "prompt", "negative_prompt", "negative_prior_prompt", "scheduler", "preview"):
+            setattr(self, name, check_text(name, getattr(self, name)))
+        for name in ("width", "height"):
+            value = check_int(name, getattr(self, name), SIZE_MULTIPLE, APP_MAX_SIDE)
+            if value % SIZE_MULTIPLE:
+                raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE}; got {value}")
+            setattr(self, name, value)
+        self.num_inference_steps = check_int("num_inference_steps", self.num_inference_steps, 1, APP_MAX_STEPS)
+        self.prior_num_inference_steps = check_int("prior_num_inference_steps", self.prior_num_inference_steps,
+                                                   MIN_PRIOR_STEPS, APP_MAX_STEPS)
+        self.guidance_scale = check_float("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE)
+        self.prior_guidance_scale = check_float("prior_guidance_scale", self.prior_guidance_scale, 0.0,
+                                                MAX_GUIDANCE)
+        if isinstance(self.seed, (int, float)) and not isinstance(self.seed, bool) and self.seed < 0:
+            self.seed = -1  # any negative seed asks for a random one
+        self.seed = check_int("seed", self.seed, -1, MAX_SEED)
+        self.batch_count = check_int("batch_count", self.batch_count, 1, MAX_BATCH_COUNT)
+        self.batch_size = check_int("batch_size", self.batch_size, 1, APP_MAX_BATCH_SIZE)
+        self.scheduler = check_choice("scheduler", self.scheduler.lower() or "default", SCHEDULERS)
+        check_choice("preview", self.preview, PREVIEW_MODES)
+        self.preview_every = check_int("preview_every", self.preview_every, 1, MAX_PREVIEW_EVERY)
+
+    # -------------------------------------------------------------- what the engine asks of a task
+    @property
+    def decoder_stage(self) -> str:
+        """The family stage that makes the image (backend/families.py)."""
+        return self.task
+
+    def denoise_steps(self) -> int:
+        """Denoising steps the decoder runs (image-to-image runs the last `strength` of the schedule)."""
+        return self.num_inference_steps
+
+    def pipeline_inputs(self) -> dict:
+        """The task's own decoder arguments (images, strength), as the pipelines name them."""
+        return {}
+
+    def finish(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The decoder's images -> what is saved."""
+        return images
+
+    # -------------------------------------------------------------- what is stored
+    def image_fields(self) -> dict[str, Image.Image]:
+        """The input images of this request (stored next to the outputs, referenced by name)."""
+        return {}
+
+    def settings(self) -> dict:
+        """JSON-ready fields (input images left out; the caller adds references to them)."""
+        out: dict[str, Any] = {"task": self.task}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, Image.Image):
+                out[f.name] = value
+        return out
+
+
+@dataclass(kw_only=True)
+class Text2ImageRequest(GenerationRequest):
+    task: ClassVar[str] = "text2img"
+
+
+@dataclass(kw_only=True)
+class Image2ImageRequest(GenerationRequest):
+    task: ClassVar[str] = "img2img"
+    image: Optional[Image.Image] = None        # resized to width x height
+    strength: float = 0.3                      # how much of the schedule is re-run: 0 keeps the image
+
+    def validate(self) -> None:
+        super().validate()
+        check_image("image", self.image)
+        self.strength = check_float("strength", self.strength, 0.0, 1.0)
+
+    def denoise_steps(self) -> int:
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+
+    def pipeline_inputs(self) -> dict:
+        return {"image": self.image, "strength": self.strength}
+
+    def image_fields(self):
+        return {"image": self.image}
+
+
+@dataclass(kw_only=True)
+class InpaintRequest(GenerationRequest):
+    task: ClassVar[str] = "inpaint"
+    image: Optional[Image.Image] = None
+    mask: Optional[Image.Image] = None         # white = repaint; resized to the image
+    mask_invert: bool = False                  # repaint what is black instead
+    mask_grow: int = 0                         # pixels added around the painted region
+    mask_blur: int = 0                         # Gaussian blur radius of the mask edge, pixels
+
+    def validate(self) -> None:
+        super().validate()
+        check_image("image", self.image)
+        check_image("mask", self.mask)
+        self.mask_invert = bool(self.mask_invert)
+        self.mask_grow = check_int("mask_grow", self.mask_grow, 0, MAX_MASK_EDIT)
+        self.mask_blur = check_int("mask_blur", self.mask_blur, 0, MAX_MASK_EDIT)
+
+    def pipeline_inputs(self) -> dict:
+        size = (self.width, self.height)
+        return {"image": self.image, "mask_image": masks.repaint_mask(self.mask, size, self.mask_invert,
+                                                                      self.mask_grow)}
+
+    def finish(self, images):
+        """With a blurred edge, the result is pasted over the original through the blurred mask (the
+        pipeline works with a hard mask: diffusers thresholds it at 0.5)."""
+        if not self.mask_blur:
+            return images
+        size = (self.width, self.height)
+        original = self.image.convert("RGB").resize(size, Image.BICUBIC)
+        blend = masks.blend_mask(self.mask, size, self.mask_invert, self.mask_grow, self.mask_blur)
+        return [Image.composite(image, original, blend) for image in images]
+
+    def image_fields(self):
+        return {"image": self.image, "mask": self.mask}
+
+
+@dataclass(kw_only=True)
+class InterpolateRequest(GenerationRequest):
+    """Mix 2 to 6 texts and images by weight; the shared `prompt` is not used."""
+
+    task: ClassVar[str] = "interpolate"
+    inputs: list = field(default_factory=list)     # each a str or a PIL image
+    weights: list = field(default_factory=list)    # one per input, in [0, 1]; normalised to sum 1
+    walk_steps: int = 0                            # > 1: also N images walking from input 1 to 2
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.inputs, (list, tuple)) or not MIN_MIX_INPUTS <= len(self.inputs) <= MAX_MIX_INPUTS:
+            raise ValueError(f"inputs must be a list of {MIN_MIX_INPUTS} to {MAX_MIX_INPUTS} texts or images; got "
+                             f"{len(self.inputs) if isinstance(self.inputs, (list, tuple)) else self.inputs!r}")
+        for index, item in enumerate(self.inputs):
+            if isinstance(item, str):
+                check_text(f"inputs[{index}]", item)
+                if not item.strip():
+                    raise ValueError(f"inputs[{index}] is an empty text; give a text or an image")
+            else:
+                check_image(f"inputs[{index}]", item)
+        if not isinstance(self.weights, (list, tuple)) or len(self.weights) != len(self.inputs):
+            raise ValueError(f"weights must be a list with one weight per input ({len(self.inputs)})")
+        self.weights = [check_float(f"weights[{i}]", w, 0.0, MAX_MIX_WEIGHT) for i, w in enumerate(self.weights)]
+        if sum(self.weights) <= 0:
+            raise ValueError("weights must not all be zero")
+        self.walk_steps = check_int("walk_steps", self.walk_steps, 0, MAX_WALK_STEPS)
+        if self.walk_steps == 1:
+            raise ValueError(f"walk_steps must be 0 (no walk) or between 2 and {MAX_WALK_STEPS}; got 1")
+
+    @property
+    def decoder_stage(self) -> str:
+        return "text2img"
+
+    def normalized_weights(self) -> list[float]:
+        total = float(sum(self.weights))
+        return [float(w) / total for w in self.weights]
+
+    def image_fields(self):
+        return {f"inputs[{i}]": item for i, item in enumerate(self.inputs) if isinstance(item, Image.Image)}
+
+    def settings(self) -> dict:
+        out = super().settings()
+        out["inputs"] = [item if isinstance(item, str) else None for item in self.inputs]
+        out["normalized_weights"] = self.normalized_weights()
+        return out
+
+
+@dataclass(kw_only=True)
+class ControlNetRequest(GenerationRequest):
+    """Depth-guided generation: text-to-image, or image-to-image when `mode` is "img2img"."""
+
+    task: ClassVar[str] = "controlnet"
+    hint: Optional[Image.Image] = None         # depth map, white = near; resized to width x height
+    mode: str = "text2img"                     # one of CONTROLNET_MODES
+    image: Optional[Image.Image] = None        # the start image in img2img mode
+    strength: float = 0.5
+
+    def validate(self) -> None:
+        super().validate()
+        check_image("hint", self.hint)
+        check_choice("mode", self.mode, CONTROLNET_MODES)
+        if self.mode == "img2img":
+            check_image("image", self.image)
+        self.strength = check_float("strength", self.strength, 0.0, 1.0)
+
+    @property
+    def decoder_stage(self) -> str:
+        return "controlnet_img2img" if self.mode == "img2img" else "controlnet"
+
+    def denoise_steps(self) -> int:
+        if self.mode == "img2img":
+            return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+        return self.num_inference_steps
+
+    def pipeline_inputs(self) -> dict:
+        if self.mode == "img2img":
+            return {"hint": self.hint, "image": self.image, "strength": self.strength}
+        return {"hint": self.hint}
+
+    def image_fields(self):
+        out = {"hint": self.hint}
+        if self.mode == "img2img":
+            out["image"] = self.image
+        return out
+
+
+REQUEST_TYPES = {cls.task: cls for cls in (Text2ImageRequest, Image2ImageRequest, InpaintRequest,
+                                           InterpolateRequest, ControlNetRequest)}
+TASKS = tuple(REQUEST_TYPES)     # the app's tasks, in page order

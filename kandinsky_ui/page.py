@@ -1,0 +1,141 @@
+"""Handlers that only serve the page, no job: what the model choice changes, PNG info, the mask
+overlay, the ControlNet hint, sizes, seeds and weights."""
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+from PIL import Image
+
+from backend import metadata
+from backend.requests import SCHEDULERS, TASKS
+from kandinsky_ui import masks
+from kandinsky_ui.config import UIConfig
+from kandinsky_ui.controls import PRIOR_FIELDS, controls_from_settings
+from kandinsky_ui.gallery import Gallery
+from kandinsky_ui.handlers import owner_of
+
+
+class Page:
+    def __init__(self, config: UIConfig, gallery: Gallery):
+        self.config, self.gallery = config, gallery
+
+    # ------------------------------------------------------------------ model choice
+    def model_view(self, model):
+        """What the page shows for a model: per tab a note when it cannot run there (and its Generate
+        button off), the prior's controls off where there is no prior, the scheduler the repo ships.
+        Returns (notes per task, buttons per task, prior controls, scheduler) updates, in that order."""
+        spec = self.config.models.get(model)
+        if spec is None:
+            return (gr.skip(),) * (2 * len(TASKS) + len(PRIOR_FIELDS) + 1)
+        notes, buttons = [], []
+        for task in TASKS:
+            reason = spec.unsupported_reason(task)
+            notes.append(gr.Markdown(unavailable_text(spec, task), visible=bool(reason)))
+            buttons.append(gr.Button(interactive=not reason))
+        family = spec.family
+        info = None if family.has_prior else f"{family.label} has no prior: not used"
+        prior = [gr.update(interactive=family.has_prior, info=info) for _ in PRIOR_FIELDS]
+        return (*notes, *buttons, *prior, gr.Dropdown(choices=scheduler_choices(family)))
+
+    def model_defaults(self, model, width, height, steps, guidance):
+        """The settings a family's docs use, applied when the user picks a model (demo models keep
+        their small sizes and step counts). Returns (width, height, steps, guidance, size preset)."""
+        spec = self.config.models.get(model)
+        if spec is None:
+            return (gr.skip(),) * 5
+        values = self.config.model_defaults(spec)
+        width, height = values.get("width", width), values.get("height", height)
+        return (width, height, values.get("num_inference_steps", steps), values.get("guidance_scale", guidance),
+                self.preset_from_size(width, height))
+
+    # ------------------------------------------------------------------ PNG info
+    @staticmethod
+    def png_info(file):
+        """(parameters text, JSON text) of a dropped PNG."""
+        if not file:
+            return "", ""
+        try:
+            parameters, raw_json = metadata.read_texts(file)
+            settings = metadata.read_settings(file)
+        except (OSError, ValueError) as error:
+            raise gr.Error(f"cannot read the PNG's settings: {error}") from None
+        if not settings:
+            return parameters, "{}  // no Kandinsky Studio or A1111 settings in this file"
+        return parameters, json.dumps(json.loads(raw_json) if raw_json else settings, indent=2, ensure_ascii=False)
+
+    def settings_from_png(self, owner, file) -> tuple[dict, str]:
+        """Control values (by name) stored in a PNG, and the tab to show; input images come back when
+        they are this browser's own."""
+        if not file:
+            raise gr.Error("Drop a PNG first.")
+        try:
+            settings = metadata.read_settings(file)
+        except (OSError, ValueError) as error:
+            raise gr.Error(f"cannot read the PNG's settings: {error}") from None
+        if not settings:
+            raise gr.Error("This PNG carries no generation settings.")
+        images = self.gallery.input_images(owner_of(owner), settings.get("input_images"))
+        values, task = controls_from_settings(settings, images)
+        if values.get("model") not in self.config.models:
+            values.pop("model", None)
+        return values, task
+
+    # ------------------------------------------------------------------ small helpers
+    @staticmethod
+    def normalized_weights(count, *weights) -> str:
+        used = [max(0.0, float(w or 0)) for w in weights[:int(count or 2)]]
+        total = sum(used)
+        if total <= 0:
+            return "Normalised weights: all weights are zero; raise at least one."
+        return "Normalised weights: " + " · ".join(f"**{i + 1}:** {w / total:.2f}" for i, w in enumerate(used))
+
+    @staticmethod
+    def mask_overlay(editor, mask_upload, mask_invert, mask_grow, mask_blur):
+        image = masks.editor_background(editor)
+        if image is None:
+            return None
+        mask = masks.uploaded_mask(mask_upload, image.size) if mask_upload is not None else masks.painted_mask(editor)
+        return masks.overlay(image, mask, bool(mask_invert), int(mask_grow or 0), int(mask_blur or 0))
+
+    @staticmethod
+    def clear_mask(editor):
+        image = masks.editor_background(editor)
+        if image is None:
+            return None
+        return {"background": image, "layers": [], "composite": image}
+
+    @staticmethod
+    def hint_view(depth, width, height):
+        """What the ControlNet sees: the depth map as grey, resized to the output size."""
+        if depth is None:
+            return None
+        return depth.convert("L").resize((int(width), int(height)), Image.BICUBIC).convert("RGB")
+
+    def size_from_preset(self, preset):
+        sizes = dict(self.config.size_presets)
+        if preset not in sizes:
+            return gr.skip(), gr.skip()
+        return sizes[preset]
+
+    def preset_from_size(self, width, height):
+        for label, size in self.config.size_presets:
+            if tuple(size) == (int(width), int(height)):
+                return label
+        return "Custom"
+
+    @staticmethod
+    def reuse_seed(seeds):
+        first = str(seeds or "").split(",")[0].strip()
+        return int(first) if first.isdigit() else -1
+
+
+def unavailable_text(spec, task: str) -> str:
+    reason = spec.unsupported_reason(task)
+    return f"**Not available with {spec.label}**: {reason}." if reason else ""
+
+
+def scheduler_choices(family) -> list[tuple[str, str]]:
+    """The decoder scheduler dropdown (backend.requests.SCHEDULERS), "default" named after the repo's."""
+    return [(f"Repository default ({family.repo_scheduler})" if name == "default" else name.upper(), name)
+            for name in SCHEDULERS]
