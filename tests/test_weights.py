@@ -209,7 +209,7 @@ def test_download_patterns_fetch_kandinsky_3s_fp16_shards_and_nothing_else():
     assert fetched("fp16") == set(repo_files) - {"unet/diffusion_pytorch_model.fp16.bin", "README.md"}
     # without the variant only configs come: the manager asks for fp16 for this repo
     assert not any(f.endswith(".safetensors") for f in fetched(None))
-    from backend.manager import CATALOGUE
+    from backend.families import CATALOGUE
     assert CATALOGUE["kandinsky-3"].variant == "fp16" and CATALOGUE["kandinsky-2-2"].variant is None
 
 

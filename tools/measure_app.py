@@ -12,7 +12,7 @@ times, at 512x512 with classifier-free guidance (batch 2 per UNet step): Generat
 preview, the run with previews "fast" / "off" / "decode" (preview overhead), and Stop ->
 Cancelled. Needs ~7 GB of memory.
 
-Runs the real JobRunner + TaskExecutor on the demo models (backend/demo.py), so the numbers
+Runs the app's Engine (backend/engine.py) on the demo models (backend/demo.py), so the numbers
 include everything the app does per step: the step callback, the preview (linear map of x0 and
 its upscale), the Step event. It also times the preview alone at the latent sizes of the real
 models (512x512 -> 64x64 latents, 768x768 -> 96x96), to compare with a real UNet step.
@@ -20,6 +20,7 @@ models (512x512 -> 64x64 latents, 768x768 -> 96x96), to compare with a real UNet
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -31,10 +32,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend import demo, previews  # noqa: E402
-from backend.jobs import Cancelled, JobRunner, Result, Step, Text2ImageRequest  # noqa: E402
-from backend.manager import ModelManager  # noqa: E402
-from backend.metadata import OutputStore  # noqa: E402
-from backend.tasks import TaskExecutor  # noqa: E402
+from backend.engine import Engine, EngineConfig  # noqa: E402
+from backend.events import Cancelled, Result, Step  # noqa: E402
+from backend.requests import Text2ImageRequest  # noqa: E402
+
+OWNER = "3ea5" * 8
 
 # diffusers, real kandinsky-2-2-decoder UNet, 512x512 with guidance, this CPU, quiet (docs/PERFORMANCE.md)
 REAL_UNET_STEP_512_S = 5.2
@@ -45,12 +47,12 @@ if not CONFIGS.exists():
 REAL_EMBED_DIM = 1280  # CLIP-bigG projection = the decoder UNet's encoder_hid_dim
 
 
-def real_size_spec(work: Path, bench_dir: Path):
-    """A 2.2 model whose decoder is real-size (random weights) and whose prior is tiny (1280-d)."""
+def real_size_models(work: Path, bench_dir: Path) -> Path:
+    """A models folder (--models-dir) with a 2.2 decoder that is real-size (random weights) and a
+    tiny prior (1280-d), under the names of the published repos."""
+    import dataclasses
     import json
     import subprocess
-
-    from backend.manager import ModelSpec
 
     if not all((bench_dir / name / "config.json").exists() for name in ("unet", "movq")):
         subprocess.run(["/work/refenv/bin/python", str(Path(__file__).parent / "bench_suite.py"), "--prepare",
@@ -59,19 +61,17 @@ def real_size_spec(work: Path, bench_dir: Path):
     decoder, prior = base / "decoder", base / "prior"
     if not (base / "complete.json").exists():
         # tiny prior: the demo's, with the embedding the real decoder expects
-        _, label, folders = demo.FAMILIES["2.2"]
-        pipeline, components = folders["prior"]
+        folders = demo.DEMO_FOLDERS["2.2"]
         # the prior reads the text encoder's token states (hidden_size) and embeddings at the same width
         widths = {"prior": ("embedding_dim",), "text_encoder": ("projection_dim", "hidden_size"),
                   "image_encoder": ("projection_dim",)}
         wide = {name: (lib, cls, dict(config, **{key: REAL_EMBED_DIM for key in widths.get(name, ())}), weights)
-                for name, (lib, cls, config, weights) in components.items()}
-        saved = demo.FAMILIES["2.2"]
-        demo.FAMILIES["2.2"] = (saved[0], label, dict(folders, prior=(pipeline, wide)))
+                for name, (lib, cls, config, weights) in folders["prior"].components.items()}
+        demo.DEMO_FOLDERS["2.2"] = dict(folders, prior=dataclasses.replace(folders["prior"], components=wide))
         try:
             demo.build_folder(prior, "prior", 1, "2.2")
         finally:
-            demo.FAMILIES["2.2"] = saved
+            demo.DEMO_FOLDERS["2.2"] = folders
         index = {"_class_name": "KandinskyV22Pipeline", "_diffusers_version": "0.35.2",
                  "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
                  "movq": ["diffusers", "VQModel"]}
@@ -86,26 +86,31 @@ def real_size_spec(work: Path, bench_dir: Path):
                 if not link.exists():
                     link.symlink_to(file)
         (base / "complete.json").write_text("{}")
-    return ModelSpec(key="kandinsky-2-2-realsize", label="Kandinsky 2.2, real-size decoder (random weights)",
-                     repos={"prior": str(prior), "decoder": str(decoder)}, family="2.2")
+    models = work / "models-dir"
+    models.mkdir(exist_ok=True)
+    for folder, name in ((prior, "kandinsky-2-2-prior"), (decoder, "kandinsky-2-2-decoder")):
+        if not (models / name).exists():
+            (models / name).symlink_to(folder, target_is_directory=True)
+    return models
 
 
-def measure_real_size(runner, holder, work: Path, steps: int, stops: int, bench_dir: Path) -> None:
+def measure_real_size(work: Path, steps: int, stops: int, bench_dir: Path) -> None:
     import os
 
-    spec = runner.call(real_size_spec, work / "models", bench_dir)
-    manager = ModelManager({spec.key: spec}, factors_dir=work / "factors", device="cpu")
-    holder["run"] = TaskExecutor(manager, OutputStore(work / "outputs"))
+    models = real_size_models(work / "models", bench_dir)
+    engine = Engine(EngineConfig(families=("2.2",), device="cpu", models_dir=str(models), offline=True,
+                                 outputs_dir=str(work / "outputs")))
+    model = next(iter(engine.models))
 
     def request(**kw):
-        return Text2ImageRequest(model=spec.key, prompt="a red cat", width=512, height=512,
+        return Text2ImageRequest(model=model, prompt="a red cat", width=512, height=512,
                                  prior_num_inference_steps=2, seed=1, **kw)
 
     def load():
         return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
     started = time.monotonic()
-    end = runner.submit(request(num_inference_steps=2), "measure").wait(timeout=3600)
+    end = engine.submit(request(num_inference_steps=2), OWNER).wait(timeout=3600)
     assert isinstance(end, Result), end
     print("## Real-size 2.2 decoder (UNet 1.25 B + MoVQ, random weights; tiny 1280-d prior), 512x512, "
           "guidance 4 (UNet batch 2)")
@@ -115,10 +120,10 @@ def measure_real_size(runner, holder, work: Path, steps: int, stops: int, bench_
     print("|---|---|---|---|---|---|")
     for mode in ("fast", "off", "decode"):
         cpu = time.process_time()
-        job = runner.submit(request(num_inference_steps=steps, preview=mode), "measure")
+        job = engine.submit(request(num_inference_steps=steps, preview=mode), OWNER)
         first = None
         for event in job.events(timeout=3600):
-            if isinstance(event, Step) and event.phase == "decoder" and event.preview is not None and first is None:
+            if isinstance(event, Step) and event.phase == "denoise" and event.preview is not None and first is None:
                 first = time.monotonic() - job.submitted_at
         end = job.wait(timeout=3600)
         assert isinstance(end, Result), end
@@ -128,10 +133,10 @@ def measure_real_size(runner, holder, work: Path, steps: int, stops: int, bench_
 
     latencies, step_times = [], []
     for attempt in range(stops):
-        job = runner.submit(request(num_inference_steps=50, preview="fast"), "measure")
+        job = engine.submit(request(num_inference_steps=50, preview="fast"), OWNER)
         times = []
         for event in job.events(timeout=3600):
-            if isinstance(event, Step) and event.phase == "decoder":
+            if isinstance(event, Step) and event.phase == "denoise":
                 times.append(time.monotonic())
                 if event.step >= 1 + attempt % 2:
                     job.cancel()
@@ -145,6 +150,7 @@ def measure_real_size(runner, holder, work: Path, steps: int, stops: int, bench_
               flush=True)
     print(f"- stop latency: median {1000 * statistics.median(latencies):.0f} ms, max {1000 * max(latencies):.0f} ms "
           f"over {stops} stops" + (f"; one UNet step {statistics.median(step_times):.1f} s" if step_times else ""))
+    engine.shutdown()
 
 
 def main() -> None:
@@ -159,27 +165,23 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ks-measure-"))
 
-    holder = {}
-    runner = JobRunner(lambda job: holder["run"](job)).start()
     if args.real_size:
         steps = args.steps if args.steps != parser.get_default("steps") else 3
-        measure_real_size(runner, holder, work, steps, min(args.stops, 3), args.bench_dir)
-        runner.shutdown()
+        measure_real_size(work, steps, min(args.stops, 3), args.bench_dir)
         return
-    from backend.device import select_device
-    print("device:", runner.call(select_device, args.device))
-    spec = runner.call(demo.ensure_demo_models, work / "models")
-    manager = ModelManager({spec.key: spec}, factors_dir=work / "factors", device=args.device)
-    holder["run"] = TaskExecutor(manager, OutputStore(work / "outputs"))
+    engine = Engine(EngineConfig(families=("2.2",), demo=True, device=args.device, cache_dir=str(work / "models"),
+                                 outputs_dir=str(work / "outputs")))
+    print("device:", engine.device)
+    model = next(iter(engine.models))
 
     first_preview = {}
 
     def run(**kw):
-        request = Text2ImageRequest(model=spec.key, prompt="a red cat", prior_num_inference_steps=2, seed=1, **kw)
-        job = runner.submit(request, "measure")
+        request = Text2ImageRequest(model=model, prompt="a red cat", prior_num_inference_steps=2, seed=1, **kw)
+        job = engine.submit(request, OWNER)
         first = None
         for event in job.events(timeout=600):
-            if isinstance(event, Step) and event.phase == "decoder" and event.preview is not None and first is None:
+            if isinstance(event, Step) and event.phase == "denoise" and event.preview is not None and first is None:
                 first = time.monotonic() - job.submitted_at
         first_preview["s"] = first
         return job.wait(timeout=600)
@@ -197,8 +199,8 @@ def main() -> None:
             print(f"| {size}x{size} | {mode} | {end.elapsed_s:.2f} | {end.preview_s:.3f} | "
                   f"{100 * end.preview_s / end.elapsed_s:.1f}% | {first} |")
 
-    factors = next(iter(previews.PreviewFactorCache(work / "factors")._memory.values()), None) or \
-        manager.preview_factors("text2img", spec.key, manager.pipeline("text2img", spec.key))
+    factors_file = next((work / "models" / "preview-factors").glob("*.json"))   # fitted by the runs above
+    factors = previews.LatentRGBFactors.from_json(json.loads(factors_file.read_text()))
     print("\n## Preview alone at the real models' latent sizes (linear map + upscale to 256 px)")
     for side, pixels in ((64, 512), (96, 768), (128, 1024)):
         x0 = np.random.default_rng(0).standard_normal((1, 4, side, side)).astype(np.float32)
@@ -216,12 +218,12 @@ def main() -> None:
     print(f"\n## Stop latency (demo models, {size}x{size}, Stop after step 3..)")
     latencies, step_times = [], []
     for attempt in range(args.stops):
-        job = runner.submit(Text2ImageRequest(model=spec.key, prompt="a red cat", width=size, height=size,
-                                              num_inference_steps=500, prior_num_inference_steps=2, seed=attempt),
-                            "measure")
+        job = engine.submit(Text2ImageRequest(model=model, prompt="a red cat", width=size, height=size,
+                                              num_inference_steps=200, prior_num_inference_steps=2, seed=attempt),
+                            OWNER)
         times = []
         for event in job.events(timeout=600):
-            if isinstance(event, Step) and event.phase == "decoder":
+            if isinstance(event, Step) and event.phase == "denoise":
                 times.append(time.monotonic())
                 if event.step >= 3 + attempt:
                     job.cancel()
@@ -234,7 +236,7 @@ def main() -> None:
           f"max {1000 * max(latencies):.0f} ms over {args.stops} stops")
     print(f"- one decoder step (with its preview): median {1000 * statistics.median(step_times):.0f} ms")
     print("- every stop kept the last preview as a partial image")
-    runner.shutdown()
+    engine.shutdown()
 
 
 if __name__ == "__main__":
