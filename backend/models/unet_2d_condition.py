@@ -29,9 +29,7 @@ from backend.nn import (Conv2d, GroupNorm, LayerNorm, Linear, Model, SiLU, Times
                         scaled_dot_product_attention, silu, upsample_nearest_2x)
 
 
-# --------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------
+# --- Config ---------------------------------------------------------------------------------------
 
 DOWN_BLOCK_TYPES = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DSimpleCrossAttn",)
@@ -145,9 +143,7 @@ def _per_block(value, n: int, name: str) -> tuple:
     return (value,) * n
 
 
-# --------------------------------------------------------------------------------------------
-# Embeddings (models/embeddings.py)
-# --------------------------------------------------------------------------------------------
+# --- Embeddings (models/embeddings.py) ------------------------------------------------------------
 
 class ImageProjection(nn.Cell):
     """Kandinsky 2.2 encoder_hid_proj: image embedding (B, D) -> 32 tokens (B, 32, cross_dim)."""
@@ -228,9 +224,7 @@ class TextImageTimeEmbedding(nn.Cell):
         return time_image_embeds + time_text_embeds
 
 
-# --------------------------------------------------------------------------------------------
-# ResnetBlock2D (models/resnet.py) with nearest-upsample / average-pool inside
-# --------------------------------------------------------------------------------------------
+# --- ResnetBlock2D (models/resnet.py) with nearest-upsample / average-pool inside -----------------
 
 class ResnetBlock2D(nn.Cell):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
@@ -282,9 +276,7 @@ class ResnetBlock2D(nn.Cell):
         return out
 
 
-# --------------------------------------------------------------------------------------------
-# Attention with added key/value projections (attention_processor.py, AttnAddedKVProcessor2_0)
-# --------------------------------------------------------------------------------------------
+# --- Attention with added key/value projections (attention_processor.py, AttnAddedKVProcessor2_0) ---
 
 class Attention(nn.Cell):
     """Self-attention over the pixels whose keys/values are prefixed by the encoder's tokens.
@@ -341,28 +333,40 @@ class Attention(nn.Cell):
         return add_(out, x).reshape(b, c, h, w)
 
 
-# --------------------------------------------------------------------------------------------
-# Blocks (unets/unet_2d_blocks.py)
-# --------------------------------------------------------------------------------------------
+# --- Blocks (unets/unet_2d_blocks.py) -------------------------------------------------------------
+
+def _attentions(num_layers: int, channels: int, resnet_kwargs: dict, attention: tuple | None):
+    """One Attention per resnet; `attention` is (attention_head_dim, cross_attention_dim,
+    only_cross_attention), None for the blocks without attention."""
+    if attention is None:
+        return None
+    head_dim, cross_attention_dim, only_cross_attention = attention
+    return nn.CellList([Attention(channels, channels // head_dim, head_dim, cross_attention_dim,
+                                  resnet_kwargs["groups"], only_cross_attention) for _ in range(num_layers)])
+
 
 class ResnetDownsampleBlock2D(nn.Cell):
-    has_cross_attention = False
+    """Resnets, then a resnet that average-pools. SimpleCrossAttnDownBlock2D: an attention after
+    each resnet. Returns the output and the states the up blocks take as skips."""
 
     def __init__(self, num_layers: int, in_channels: int, out_channels: int, temb_channels: int,
-                 add_downsample: bool, resnet_kwargs: dict):
+                 add_downsample: bool, resnet_kwargs: dict, attention: tuple | None = None):
         super().__init__()
         self.resnets = nn.CellList([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
                           **resnet_kwargs)
             for i in range(num_layers)])
+        self.attentions = _attentions(num_layers, out_channels, resnet_kwargs, attention)
         self.downsamplers = (nn.CellList([ResnetBlock2D(out_channels, out_channels, temb_channels,
                                                         down=True, **resnet_kwargs)])
                              if add_downsample else None)
 
     def construct(self, hidden_states, temb, encoder_hidden_states=None):
         output_states = []
-        for resnet in self.resnets:
+        for i, resnet in enumerate(self.resnets):
             hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states)
             output_states.append(hidden_states)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states, temb)
@@ -370,49 +374,22 @@ class ResnetDownsampleBlock2D(nn.Cell):
         return hidden_states, output_states
 
 
-class SimpleCrossAttnDownBlock2D(nn.Cell):
-    has_cross_attention = True
-
+class SimpleCrossAttnDownBlock2D(ResnetDownsampleBlock2D):
     def __init__(self, num_layers: int, in_channels: int, out_channels: int, temb_channels: int,
                  add_downsample: bool, resnet_kwargs: dict, attention_head_dim: int,
                  cross_attention_dim: int, only_cross_attention: bool):
-        super().__init__()
-        heads = out_channels // attention_head_dim
-        self.resnets = nn.CellList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
-                          **resnet_kwargs)
-            for i in range(num_layers)])
-        self.attentions = nn.CellList([
-            Attention(out_channels, heads, attention_head_dim, cross_attention_dim,
-                      resnet_kwargs["groups"], only_cross_attention)
-            for _ in range(num_layers)])
-        self.downsamplers = (nn.CellList([ResnetBlock2D(out_channels, out_channels, temb_channels,
-                                                        down=True, **resnet_kwargs)])
-                             if add_downsample else None)
-
-    def construct(self, hidden_states, temb, encoder_hidden_states=None):
-        output_states = []
-        for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = resnet(hidden_states, temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states)
-            output_states.append(hidden_states)
-        if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states, temb)
-            output_states.append(hidden_states)
-        return hidden_states, output_states
+        super().__init__(num_layers, in_channels, out_channels, temb_channels, add_downsample, resnet_kwargs,
+                         (attention_head_dim, cross_attention_dim, only_cross_attention))
 
 
 class UNetMidBlock2DSimpleCrossAttn(nn.Cell):
     def __init__(self, in_channels: int, temb_channels: int, resnet_kwargs: dict, attention_head_dim: int,
                  cross_attention_dim: int, only_cross_attention: bool, num_layers: int = 1):
         super().__init__()
-        heads = in_channels // attention_head_dim
         self.resnets = nn.CellList([ResnetBlock2D(in_channels, in_channels, temb_channels, **resnet_kwargs)
                                     for _ in range(num_layers + 1)])
-        self.attentions = nn.CellList([
-            Attention(in_channels, heads, attention_head_dim, cross_attention_dim,
-                      resnet_kwargs["groups"], only_cross_attention)
-            for _ in range(num_layers)])
+        self.attentions = _attentions(num_layers, in_channels, resnet_kwargs,
+                                      (attention_head_dim, cross_attention_dim, only_cross_attention))
 
     def construct(self, hidden_states, temb, encoder_hidden_states=None):
         hidden_states = self.resnets[0](hidden_states, temb)
@@ -423,10 +400,11 @@ class UNetMidBlock2DSimpleCrossAttn(nn.Cell):
 
 
 class ResnetUpsampleBlock2D(nn.Cell):
-    has_cross_attention = False
+    """Resnets over [state, skip] concatenations, then a resnet that up-samples (nearest 2x).
+    SimpleCrossAttnUpBlock2D: an attention after each resnet."""
 
     def __init__(self, num_layers: int, in_channels: int, prev_output_channel: int, out_channels: int,
-                 temb_channels: int, add_upsample: bool, resnet_kwargs: dict):
+                 temb_channels: int, add_upsample: bool, resnet_kwargs: dict, attention: tuple | None = None):
         super().__init__()
         resnets = []
         for i in range(num_layers):
@@ -435,55 +413,31 @@ class ResnetUpsampleBlock2D(nn.Cell):
             resnets.append(ResnetBlock2D(resnet_in_channels + res_skip_channels, out_channels,
                                          temb_channels, **resnet_kwargs))
         self.resnets = nn.CellList(resnets)
+        self.attentions = _attentions(num_layers, out_channels, resnet_kwargs, attention)
         self.upsamplers = (nn.CellList([ResnetBlock2D(out_channels, out_channels, temb_channels,
                                                       up=True, **resnet_kwargs)])
                            if add_upsample else None)
 
     def construct(self, hidden_states, res_hidden_states, temb, encoder_hidden_states=None):
-        for resnet in self.resnets:
+        for i, resnet in enumerate(self.resnets):
             hidden_states = concat([hidden_states, res_hidden_states.pop()], axis=1)
             hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, temb)
         return hidden_states
 
 
-class SimpleCrossAttnUpBlock2D(nn.Cell):
-    has_cross_attention = True
-
+class SimpleCrossAttnUpBlock2D(ResnetUpsampleBlock2D):
     def __init__(self, num_layers: int, in_channels: int, prev_output_channel: int, out_channels: int,
                  temb_channels: int, add_upsample: bool, resnet_kwargs: dict, attention_head_dim: int,
                  cross_attention_dim: int, only_cross_attention: bool):
-        super().__init__()
-        heads = out_channels // attention_head_dim
-        resnets = []
-        for i in range(num_layers):
-            res_skip_channels = in_channels if i == num_layers - 1 else out_channels
-            resnet_in_channels = prev_output_channel if i == 0 else out_channels
-            resnets.append(ResnetBlock2D(resnet_in_channels + res_skip_channels, out_channels,
-                                         temb_channels, **resnet_kwargs))
-        self.resnets = nn.CellList(resnets)
-        self.attentions = nn.CellList([
-            Attention(out_channels, heads, attention_head_dim, cross_attention_dim,
-                      resnet_kwargs["groups"], only_cross_attention)
-            for _ in range(num_layers)])
-        self.upsamplers = (nn.CellList([ResnetBlock2D(out_channels, out_channels, temb_channels,
-                                                      up=True, **resnet_kwargs)])
-                           if add_upsample else None)
-
-    def construct(self, hidden_states, res_hidden_states, temb, encoder_hidden_states=None):
-        for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = concat([hidden_states, res_hidden_states.pop()], axis=1)
-            hidden_states = resnet(hidden_states, temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states)
-        if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, temb)
-        return hidden_states
+        super().__init__(num_layers, in_channels, prev_output_channel, out_channels, temb_channels, add_upsample,
+                         resnet_kwargs, (attention_head_dim, cross_attention_dim, only_cross_attention))
 
 
-# --------------------------------------------------------------------------------------------
-# The model (unets/unet_2d_condition.py)
-# --------------------------------------------------------------------------------------------
+# --- The model (unets/unet_2d_condition.py) -------------------------------------------------------
 
 class UNet2DConditionModel(Model):
     """Noise predictor of the Kandinsky 2.x decoders.

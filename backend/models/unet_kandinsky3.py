@@ -86,7 +86,7 @@ class Kandinsky3EncoderProj(nn.Cell):
 
 class Kandinsky3ConditionalGroupNorm(nn.Cell):
     """GroupNorm without affine, then * (1 + scale) + shift from the time embedding
-    (context_mlp = Sequential(SiLU, Linear)); an optional SiLU after, fused on the host path."""
+    (context_mlp = Sequential(SiLU, Linear)); an optional SiLU after, fused into the norm."""
 
     def __init__(self, groups: int, normalized_shape: int, context_dim: int):
         super().__init__()
