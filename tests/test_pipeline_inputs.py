@@ -137,7 +137,7 @@ def _modes():
     rgb = Image.open(FIXTURES / "image_a.png").convert("RGB")
     rgba = rgb.copy()
     rgba.putalpha(128)
-    sixteen = Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257).astype(np.uint16), mode="I;16")
+    sixteen = Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257).astype(np.uint16))  # uint16 -> I;16
     return {"RGBA": rgba, "L": rgb.convert("L"), "P": rgb.convert("P"), "I;16": sixteen,
             "CMYK": rgb.convert("CMYK")}
 
