@@ -30,7 +30,7 @@ CONTROLNET_MODES = ("text2img", "img2img")
 
 # An owner names one browser (or API client): its images live in a folder of that name, so the
 # id is made here, from random hex digits only, and anything else a client sends is refused.
-_OWNER_RE = re.compile(r"^[0-9a-f]{32}$")
+_OWNER_RE = re.compile(r"[0-9a-f]{32}")
 
 
 def new_owner() -> str:
@@ -38,7 +38,7 @@ def new_owner() -> str:
 
 
 def is_owner(owner) -> bool:
-    return isinstance(owner, str) and bool(_OWNER_RE.match(owner))
+    return isinstance(owner, str) and _OWNER_RE.fullmatch(owner) is not None
 
 
 def check_owner(owner) -> str:
@@ -106,6 +106,11 @@ def check_image_size(name: str, width: int, height: int) -> None:
     if width * height > MAX_INPUT_PIXELS:
         raise ValueError(f"{name} is {width}x{height} pixels; at most {MAX_INPUT_PIXELS:,} pixels "
                          f"(8192x8192) are allowed")
+
+
+def strength_steps(steps: int, strength: float) -> int:
+    """Steps an image-to-image run takes: the last `strength` of the schedule (diffusers' get_timesteps)."""
+    return min(int(steps * strength), steps)
 
 
 # ---------------------------------------------------------------------------------- requests
@@ -207,7 +212,7 @@ class Image2ImageRequest(GenerationRequest):
         self.strength = check_float("strength", self.strength, 0.0, 1.0)
 
     def denoise_steps(self) -> int:
-        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+        return strength_steps(self.num_inference_steps, self.strength)
 
     def pipeline_inputs(self) -> dict:
         return {"image": self.image, "strength": self.strength}
@@ -234,9 +239,10 @@ class InpaintRequest(GenerationRequest):
         self.mask_blur = check_int("mask_blur", self.mask_blur, 0, MAX_MASK_EDIT)
 
     def pipeline_inputs(self) -> dict:
-        size = (self.width, self.height)
-        return {"image": self.image, "mask_image": masks.repaint_mask(self.mask, size, self.mask_invert,
-                                                                      self.mask_grow)}
+        # one image and mask per image of the run, as diffusers' KandinskyV22InpaintCombinedPipeline
+        # repeats them to the prior's embeddings
+        mask = masks.repaint_mask(self.mask, (self.width, self.height), self.mask_invert, self.mask_grow)
+        return {"image": [self.image] * self.batch_size, "mask_image": [mask] * self.batch_size}
 
     def finish(self, images):
         """With a blurred edge, the result is pasted over the original through the blurred mask (the
@@ -324,7 +330,7 @@ class ControlNetRequest(GenerationRequest):
 
     def denoise_steps(self) -> int:
         if self.mode == "img2img":
-            return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+            return strength_steps(self.num_inference_steps, self.strength)
         return self.num_inference_steps
 
     def pipeline_inputs(self) -> dict:

@@ -109,6 +109,11 @@ def test_image_to_image_inpaint_controlnet_and_interpolate(engine):
     assert np.abs(out[:8, :8] - original[:8, :8]).max() < 1.0
     assert np.abs(out[24:40, 24:40] - original[24:40, 24:40]).mean() > 5.0
 
+    _, end = run(engine, InpaintRequest(**small(model, batch_size=2, negative_prompt="blurry"), image=landscape,
+                                        mask=mask))
+    assert isinstance(end, Result), end
+    assert [i.settings["batch_position"] for i in end.images] == [0, 1]
+
     for mode in ("text2img", "img2img"):
         _, end = run(engine, ControlNetRequest(**small(model), hint=depth, mode=mode, image=landscape))
         assert isinstance(end, Result), end
