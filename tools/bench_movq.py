@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_PYTHON = "/work/refenv/bin/python"
+from reference_env import TORCH_PYTHON as REFERENCE_PYTHON  # noqa: E402
 DEFAULT_CONFIG = Path("/work/shared/reference-configs/kandinsky-2-2-decoder/movq.json")
 # Importing mindspore prepends its plugin folder to LD_LIBRARY_PATH; a torch child process
 # started with that environment loads another OpenMP runtime and runs on one thread.

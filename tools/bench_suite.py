@@ -4,7 +4,7 @@
                                  [--work /tmp/kandinsky-bench] [--steps 2] [--rounds 1] [--json out.json]
 
 Real published configs (../shared/reference-configs/kandinsky-2-2-*), random weights. Once per
-work folder, the reference environment (/work/refenv) builds each component with its library's
+work folder, the reference environment (tools/reference_env.py) builds each component with its library's
 own random init and writes it with save_pretrained (safetensors); both sides then LOAD THE SAME
 FILES (the 2.1 and Kandinsky 3 UNets are written by a streaming writer instead, with the
 deterministic per-name values of tools/bench_unet.py `weight()`: save_pretrained would hold a
@@ -57,11 +57,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_unet import TIMESTEP, inputs as unet_inputs  # noqa: E402  (no heavy imports there)
+from reference_env import TORCH_PYTHON  # noqa: E402
 
 CONFIGS = Path(os.environ.get("KANDINSKY_REFERENCE_CONFIGS", ROOT.parent / "shared" / "reference-configs"))
 if not CONFIGS.exists():
     CONFIGS = Path("/work/shared/reference-configs")
-REFERENCE_PYTHON = os.environ.get("KANDINSKY_TORCH_PYTHON", "/work/refenv/bin/python")
 
 # component: (config file, diffusers/transformers class)
 COMPONENTS = {
@@ -431,8 +431,8 @@ def run_ours(case: str, work: Path, steps: int) -> dict:
 
 # ------------------------------------------------------------------------------------- driver
 
-def subprocess_run(python: str, case: str, work: Path, steps: int) -> dict:
-    out = subprocess.run([python, __file__, "--run", case, "--work", str(work), "--steps", str(steps)],
+def subprocess_run(python: str, side: str, case: str, work: Path, steps: int) -> dict:
+    out = subprocess.run([python, __file__, "--run", case, "--side", side, "--work", str(work), "--steps", str(steps)],
                          capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -487,6 +487,7 @@ def main() -> int:
                              "(the machine's load changes between runs; the best run is reported)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # a measurement process (either environment)
+    parser.add_argument("--side", choices=("ours", "torch"), default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", help=argparse.SUPPRESS)  # reference environment: write checkpoints
     args = parser.parse_args()
 
@@ -494,8 +495,7 @@ def main() -> int:
         prepare(args.work, args.prepare.split(","))
         return 0
     if args.run:
-        in_torch_env = "refenv" in sys.executable or os.environ.get("KANDINSKY_BENCH_SIDE") == "torch"
-        runner = run_torch if in_torch_env else run_ours
+        runner = run_torch if args.side == "torch" else run_ours
         print("RESULT " + json.dumps(runner(args.run, args.work, args.steps)), flush=True)
         return 0
 
@@ -505,17 +505,17 @@ def main() -> int:
             parser.error(f"unknown case {case!r}; choose from {list(CASES)}")
     needed = sorted({name for case in cases for name in CASES[case][0]})
     args.work.mkdir(parents=True, exist_ok=True)
-    subprocess.run([REFERENCE_PYTHON, __file__, "--prepare", ",".join(needed), "--work", str(args.work)], check=True)
+    subprocess.run([TORCH_PYTHON, __file__, "--prepare", ",".join(needed), "--work", str(args.work)], check=True)
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, {memory_gb():.0f} GB RAM; load average {load_average()}",
           flush=True)
     results = {}
-    sides = [("ours", sys.executable), ("torch", REFERENCE_PYTHON)]
+    sides = [("ours", sys.executable), ("torch", TORCH_PYTHON)]
     for case in cases:
         results[case] = {}
         for round_ in range(args.rounds):
             for side, python in (sides if round_ % 2 == 0 else sides[::-1]):
-                result = subprocess_run(python, case, args.work, args.steps)
+                result = subprocess_run(python, side, case, args.work, args.steps)
                 run = min(result["run"], key=lambda t: t[1])
                 print(f"  {case:12s} {side:5s} {run[0]:7.2f} s wall {run[1]:7.2f} s CPU  "
                       f"peak RSS {result['peak_rss'] / 1e9:5.2f} GB  (load average {load_average()})",

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT.parent / "shared" / "reference-configs" / "kandinsky-2-2-decoder" / "unet.json"
 if not CONFIG.exists():
     CONFIG = Path("/work/shared/reference-configs/kandinsky-2-2-decoder/unet.json")
-REFERENCE_PYTHON = "/work/refenv/bin/python"
+from reference_env import TORCH_PYTHON as REFERENCE_PYTHON  # noqa: E402
 TIMESTEP = 500
 
 

@@ -43,9 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
+from reference_env import TORCH_PYTHON
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path(os.environ.get("KANDINSKY_REFERENCE_CONFIGS", ROOT.parent / "shared" / "reference-configs"))
-TORCH_PYTHON = os.environ.get("KANDINSKY_TORCH_PYTHON", "/work/refenv/bin/python")
 WORK = Path(os.environ.get("KANDINSKY_COMPARE_DIR", "/tmp/kandinsky-full-size"))
 
 COMPONENTS = {

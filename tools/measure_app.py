@@ -35,6 +35,7 @@ from backend import demo, previews  # noqa: E402
 from backend.engine import Engine, EngineConfig  # noqa: E402
 from backend.events import Cancelled, Result, Step  # noqa: E402
 from backend.requests import Text2ImageRequest  # noqa: E402
+from reference_env import TORCH_PYTHON  # noqa: E402
 
 OWNER = "3ea5" * 8
 
@@ -55,7 +56,7 @@ def real_size_models(work: Path, bench_dir: Path) -> Path:
     import subprocess
 
     if not all((bench_dir / name / "config.json").exists() for name in ("unet", "movq")):
-        subprocess.run(["/work/refenv/bin/python", str(Path(__file__).parent / "bench_suite.py"), "--prepare",
+        subprocess.run([TORCH_PYTHON, str(Path(__file__).parent / "bench_suite.py"), "--prepare",
                         "unet,movq", "--work", str(bench_dir)], check=True)
     base = work / "kandinsky-2-2-realsize"
     decoder, prior = base / "decoder", base / "prior"

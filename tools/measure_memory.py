@@ -33,9 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+from reference_env import TORCH_PYTHON
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path(os.environ.get("KANDINSKY_REFERENCE_CONFIGS", ROOT.parent / "shared" / "reference-configs"))
-TORCH_PYTHON = os.environ.get("KANDINSKY_TORCH_PYTHON", "/work/refenv/bin/python")
 
 # component kind -> (our module, our class, reference library class)
 CLASSES = {
