@@ -77,6 +77,10 @@ class Family:
         return "kandinsky-" + self.name.replace(".", "-")
 
     @property
+    def decoder_reads_prompt(self) -> bool:
+        return bool(self.decoder_text_reader)
+
+    @property
     def has_prior(self) -> bool:
         """Whether the prior's settings (its steps, guidance, negative prompt) mean anything."""
         return self.text_stage == "prior"
@@ -153,7 +157,7 @@ class PriorFamily(Family):
             if request.negative_prompt:
                 negative = prior(request.negative_prompt, negative_prompt=negative_prior, **common)[0]
         condition = {"image_embeds": embeds, "negative_image_embeds": negative}
-        if self.decoder_text_reader:  # 2.1: the decoder reads the prompt too (none when mixing inputs)
+        if self.decoder_reads_prompt:  # 2.1 (none when mixing inputs, as diffusers' docs do)
             prompt = "" if isinstance(request, InterpolateRequest) else request.prompt
             condition["prompt"] = [prompt] * len(embeds)
             if request.negative_prompt:

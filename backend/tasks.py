@@ -168,7 +168,7 @@ class Run:
                 self.progress.emit("decode", 1, 1, batch + 1)
             images = pipe(**condition, **self.family.decoder_arguments(r), generator=generator,
                           callback=self._denoise_callback(pipe, factors, batch, seed))[0]
-            if self.family.decoder_text_reader:
+            if self.family.decoder_reads_prompt:
                 self._note(self.family.decoder_text_reader, pipe.truncated_text)
             self.progress.record("decode")  # the decode ran since the last step's mark
         self.current = None
