@@ -1,6 +1,6 @@
 """What every pipeline shares: `from_pretrained` from a diffusers-layout folder or Hub repo (the
 components are built by loading.py), the step callback contract, classifier-free guidance, the
-truncation notes, and tensor <-> numpy moves."""
+truncation notes, and model outputs as numpy."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,6 @@ from typing import Callable
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor
 
 from backend import weights
 from backend.pipelines.loading import ProgressCallback, load_component, load_subfolder
@@ -131,16 +130,12 @@ class DiffusionPipeline:
             logger.warning("The text encoder reads %d tokens; this part of the prompt was dropped: %s",
                            max_length, self.truncated_text)
 
-    # -- tensor moves: MindSpore for the models, numpy float32 for schedulers and outputs
-    def to_tensor(self, array: np.ndarray) -> Tensor:
-        return Tensor(np.ascontiguousarray(array, dtype=np.float32)).astype(self.dtype) \
-            if self.dtype != ms.float32 else Tensor(np.ascontiguousarray(array, dtype=np.float32))
-
     @staticmethod
-    def to_numpy(tensor) -> np.ndarray:
-        """A model's output as float32 numpy: the host path already returns numpy arrays."""
-        if isinstance(tensor, np.ndarray):
-            return tensor if tensor.dtype == np.float32 else tensor.astype(np.float32)
-        if tensor.dtype != ms.float32:
-            tensor = tensor.astype(ms.float32)
-        return tensor.asnumpy()
+    def to_numpy(output) -> np.ndarray:
+        """A model's output as float32 numpy. Models take numpy inputs and, on the host path (CPU),
+        return numpy; on the device path they return Tensors (backend/nn/entry.py run_model)."""
+        if isinstance(output, np.ndarray):
+            return output if output.dtype == np.float32 else output.astype(np.float32)
+        if output.dtype != ms.float32:
+            output = output.astype(ms.float32)
+        return output.asnumpy()

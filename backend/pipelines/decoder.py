@@ -112,7 +112,7 @@ class DecoderPipeline(DiffusionPipeline):
         """MoVQ decode to (B, H, W, 3) in [0, 1] (np) or PIL images; "latent" returns the latents."""
         if output_type == "latent":
             return latents
-        image = self.to_numpy(self.movq.decode(self.to_tensor(latents), force_not_quantize=True)["sample"])
+        image = self.to_numpy(self.movq.decode(latents, force_not_quantize=True)["sample"])
         image = np.clip(image * 0.5 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         if output_type == "pil":
             return inputs.numpy_to_pil(image)
@@ -142,7 +142,7 @@ class DecoderPipeline(DiffusionPipeline):
                                      f"expected {width}x{height} (PIL images are resized)")
                 arrays.append(array)
         pixels = np.stack(arrays).transpose(0, 3, 1, 2) * 2.0 - 1.0
-        return self.to_numpy(self.movq.encode(self.to_tensor(pixels))["latents"])
+        return self.to_numpy(self.movq.encode(pixels)["latents"])
 
     # -- inpainting (2.1 and 2.2)
     def inpaint_channels(self, keep_mask: np.ndarray, pixels: np.ndarray, num_images_per_prompt: int,
@@ -150,7 +150,7 @@ class DecoderPipeline(DiffusionPipeline):
         """The image's MoVQ latents, and the inpainting UNet's extra input channels: masked image
         latents and the keep mask (1 = keep) at latent size, repeated per image and for both
         guidance halves. Returns (image_latents, keep_mask, extra)."""
-        image_latents = self.to_numpy(self.movq.encode(self.to_tensor(pixels))["latents"])
+        image_latents = self.to_numpy(self.movq.encode(pixels)["latents"])
         keep_mask = prepare_mask(nearest_resize(keep_mask, image_latents.shape[-2:]))
         masked_image = image_latents * keep_mask
         keep_mask = keep_mask.repeat(num_images_per_prompt, axis=0)

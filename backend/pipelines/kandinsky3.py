@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from mindspore import Tensor
 
 from backend.pipelines import inputs
 from backend.pipelines.base import StepCallback, do_classifier_free_guidance, get_timesteps
@@ -43,7 +42,7 @@ class Kandinsky3Pipeline(DecoderPipeline):
         tokens = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                                 return_tensors="np")
         ids, mask = tokens["input_ids"], tokens["attention_mask"].astype(np.int64)
-        states = self.to_numpy(self.text_encoder(Tensor(ids.astype(np.int32)), mask)[0])  # (B, 128, D)
+        states = self.to_numpy(self.text_encoder(ids, mask)[0])  # (B, 128, D)
         return states, mask
 
     def encode_prompt(self, prompt, do_classifier_free_guidance=True, num_images_per_prompt=1,

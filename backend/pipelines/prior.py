@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from mindspore import Tensor
 from PIL import Image
 
 from backend.pipelines import inputs
@@ -57,7 +56,7 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
                                      truncation=True, return_tensors="np")
         self.record_truncation(prompt, self.tokenizer.model_max_length)
         text_mask = text_inputs["attention_mask"].astype(bool)
-        output = self.text_encoder(Tensor(text_inputs["input_ids"].astype(np.int32)))
+        output = self.text_encoder(text_inputs["input_ids"])
         prompt_embeds = self.to_numpy(output.text_embeds).repeat(num_images_per_prompt, axis=0)
         hidden = self.to_numpy(output.last_hidden_state).repeat(num_images_per_prompt, axis=0)
         text_mask = text_mask.repeat(num_images_per_prompt, axis=0)
@@ -76,7 +75,7 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
                                     max_length=self.tokenizer.model_max_length, truncation=True,
                                     return_tensors="np")
             uncond_mask = uncond["attention_mask"].astype(bool)
-            output = self.text_encoder(Tensor(uncond["input_ids"].astype(np.int32)))
+            output = self.text_encoder(uncond["input_ids"])
             negative_embeds = self.to_numpy(output.text_embeds)
             uncond_hidden = self.to_numpy(output.last_hidden_state)
             # diffusers repeats the negative batch with repeat (tile), not repeat_interleave
@@ -94,28 +93,25 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
 
     def _encode_image(self, images: list, num_images_per_prompt: int) -> np.ndarray:
         pixel_values = self.image_processor.preprocess([inputs.to_rgb(i, "image") for i in images])
-        embeds = self.to_numpy(self.image_encoder(self.to_tensor(pixel_values)).image_embeds)
+        embeds = self.to_numpy(self.image_encoder(pixel_values).image_embeds)
         return embeds.repeat(num_images_per_prompt, axis=0)
 
     def get_zero_embed(self, batch_size: int = 1) -> np.ndarray:
         size = int(self.image_encoder.config.image_size)
         zero_img = np.zeros((1, 3, size, size), np.float32)
-        embeds = self.to_numpy(self.image_encoder(self.to_tensor(zero_img)).image_embeds)
+        embeds = self.to_numpy(self.image_encoder(zero_img).image_embeds)
         return np.tile(embeds, (batch_size, 1))
 
     def _denoise(self, latents, text: "_TextConditioning", timesteps, generator, callback: StepCallback | None):
         """The prior loop shared by text-to-embedding and embedding-to-embedding."""
         guided = do_classifier_free_guidance(text.guidance_scale)
-        proj = self.to_tensor(text.prompt_embeds)
-        hidden_t = self.to_tensor(text.hidden_states)
-        mask_t = Tensor(text.text_mask)
         total = len(timesteps)
         for i, t in enumerate(timesteps):
             # expand the latents if we are doing classifier-free guidance
             model_input = np.concatenate([latents] * 2) if guided else latents
-            predicted = self.to_numpy(self.prior(self.to_tensor(model_input), timestep=int(t),
-                                                 proj_embedding=proj, encoder_hidden_states=hidden_t,
-                                                 attention_mask=mask_t))
+            predicted = self.to_numpy(self.prior(model_input, timestep=int(t), proj_embedding=text.prompt_embeds,
+                                                 encoder_hidden_states=text.hidden_states,
+                                                 attention_mask=text.text_mask))
             if guided:
                 predicted = apply_guidance(predicted, text.guidance_scale, learned_variance=False)
             prev_timestep = None if i + 1 == total else timesteps[i + 1]
@@ -124,7 +120,7 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
             latents = out.prev_sample
             if callback is not None:
                 callback(i, total, latents, out.pred_original_sample)
-        return self.to_numpy(self.prior.post_process_latents(self.to_tensor(latents)))
+        return self.to_numpy(self.prior.post_process_latents(latents))
 
     def __call__(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1,
                  num_inference_steps: int = 25, generator: np.random.Generator | None = None,
