@@ -85,7 +85,6 @@ DECODER_SCHEDULER = {
 }
 
 
-
 @dataclass(frozen=True)
 class DemoFolder:
     """One demo folder, laid out as the published repo of its role."""
@@ -121,13 +120,13 @@ def _decoder_folder(pipeline: str, unet_config: dict, schedulers: dict, text_enc
     return DemoFolder(pipeline, components, schedulers, tokenizer, tokenizer_class)
 
 
+DECODER_SCHEDULERS = {"scheduler": DECODER_SCHEDULER}
 FOLDERS = {
     "prior": _prior_folder("KandinskyV22PriorPipeline", TEXT_ENCODER_CONFIG, IMAGE_ENCODER_CONFIG),
-    "decoder": _decoder_folder("KandinskyV22Pipeline", _unet_config(4, "image"), {"scheduler": DECODER_SCHEDULER}),
-    "inpaint": _decoder_folder("KandinskyV22InpaintPipeline", _unet_config(9, "image"),
-                               {"scheduler": DECODER_SCHEDULER}),
+    "decoder": _decoder_folder("KandinskyV22Pipeline", _unet_config(4, "image"), DECODER_SCHEDULERS),
+    "inpaint": _decoder_folder("KandinskyV22InpaintPipeline", _unet_config(9, "image"), DECODER_SCHEDULERS),
     "controlnet": _decoder_folder("KandinskyV22ControlnetPipeline", _unet_config(8, "image_hint"),
-                                  {"scheduler": DECODER_SCHEDULER}),
+                                  DECODER_SCHEDULERS),
 }
 
 # --- Kandinsky 2.1: CLIP ViT-L-style prior (quick_gelu, "!" padding), MCLIP + text_image UNet decoders
