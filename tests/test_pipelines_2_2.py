@@ -189,6 +189,14 @@ def test_combined(prior, decoder, ref):
     assert_close(out, ref["combined"], TOL)
 
 
+def test_combined_reports_the_priors_truncation(prior, decoder):
+    pipe = KandinskyV22CombinedPipeline(prior, decoder)
+    pipe("the dog on the mat " * 30, num_inference_steps=1, prior_num_inference_steps=2, height=64, width=64,
+         output_type="latent")
+    assert pipe.truncated_text and pipe.truncated_text == prior.truncated_text
+    assert decoder.truncated_text == []  # the 2.2 decoder reads no text
+
+
 def test_combined_from_pretrained_with_explicit_prior():
     pipe = KandinskyV22CombinedPipeline.from_pretrained(DECODER, prior_pretrained_model_name_or_path=PRIOR)
     assert set(pipe.components) >= {"unet", "movq", "scheduler", "prior_prior", "prior_text_encoder"}

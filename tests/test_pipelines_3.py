@@ -139,6 +139,14 @@ def test_t5_tokenizer_without_sentencepiece_names_the_file(monkeypatch, tmp_path
     assert loading.load_t5_tokenizer(REPO / "tokenizer")(["a cat"])["input_ids"][0][-1] == 1
 
 
+def test_truncated_text_is_this_calls(pipe, ref):
+    pipe("a red cat " * 60, num_inference_steps=1, height=64, width=64, output_type="latent")
+    assert pipe.truncated_text and pipe.truncated_text[0].strip().startswith("red cat")
+    pipe(prompt_embeds=ref["given_embeds"], attention_mask=ref["given_mask"], num_inference_steps=1, height=64,
+         width=64, output_type="latent")
+    assert pipe.truncated_text == []
+
+
 def test_text_encoder_can_be_released_before_the_unet(pipe):
     calls = []
     pipe.on_text_encoded = lambda p: calls.append(p.text_encoder is not None)

@@ -50,7 +50,7 @@ class Kandinsky3Pipeline(DecoderPipeline):
                       attention_mask=None, negative_attention_mask=None, _cut_context=True):
         """(prompt_embeds, negative_prompt_embeds, attention_mask, negative_attention_mask) as numpy;
         the negative pair is None without guidance."""
-        self.truncated_text = []
+        self.truncated_text = []  # this call's notes: none when given `prompt_embeds`
         if prompt_embeds is None:
             prompt_embeds, attention_mask = self._encode(prompt)
             self.record_truncation(prompt, MAX_LENGTH)

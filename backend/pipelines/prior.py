@@ -127,13 +127,16 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
                  latents=None, guidance_scale: float = 4.0, output_type: str = "np",
                  callback: StepCallback | None = None):
         """Returns (image_embeds, negative_image_embeds), each float32 (B * num_images_per_prompt, D)."""
+        # CLIP text conditioning, negative half first when guiding
         text = self._prepare_text(prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
                                   guidance_scale, output_type)
+        # timesteps and initial latents
         self.scheduler.set_timesteps(text.num_inference_steps)
         timesteps = self.scheduler.timesteps
         shape = (text.batch_size, self.embedding_dim)
         latents = randn(shape, generator) if latents is None else inputs.as_latents("latents", latents, shape)
         latents = latents * np.float32(self.scheduler.init_noise_sigma)
+        # denoising loop, then the CLIP statistics put back
         embeds = self._denoise(latents, text, timesteps, generator, callback)
         return self._split_negative(embeds, text)
 
@@ -212,9 +215,11 @@ class KandinskyV22PriorEmb2EmbPipeline(KandinskyV22PriorPipeline):
                  generator: np.random.Generator | None = None, guidance_scale: float = 4.0,
                  output_type: str = "np", callback: StepCallback | None = None):
         strength = inputs.check_strength(strength)
+        # CLIP text conditioning, negative half first when guiding
         text = self._prepare_text(prompt, negative_prompt, num_images_per_prompt, num_inference_steps,
                                   guidance_scale, output_type)
         num_images_per_prompt, batch_size = text.num_images_per_prompt, text.batch_size
+        # the starting embeddings: CLIP's of the images, or the embeddings given
         images = inputs.images_list("image", image)
         if all(isinstance(i, Image.Image) for i in images):
             image_embeds = self._encode_image(images, num_images_per_prompt)
@@ -222,6 +227,7 @@ class KandinskyV22PriorEmb2EmbPipeline(KandinskyV22PriorPipeline):
             image_embeds = inputs.as_embeds("image", images, self.embedding_dim)
             image_embeds = image_embeds.repeat(num_images_per_prompt, axis=0)
 
+        # the last `strength` of the schedule, and the embeddings noised to its first step
         self.scheduler.set_timesteps(text.num_inference_steps)
         timesteps = get_timesteps(self.scheduler, text.num_inference_steps, strength)
         if batch_size > image_embeds.shape[0]:
@@ -233,5 +239,6 @@ class KandinskyV22PriorEmb2EmbPipeline(KandinskyV22PriorPipeline):
         if len(timesteps):
             noise = randn(latents.shape, generator)
             latents = self.scheduler.add_noise(latents, noise, np.repeat(timesteps[:1], batch_size))
+        # denoising loop, then the CLIP statistics put back
         embeds = self._denoise(latents, text, timesteps, generator, callback)
         return self._split_negative(embeds, text)
