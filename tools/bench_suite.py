@@ -315,9 +315,13 @@ def run_torch(case: str, work: Path, steps: int) -> dict:
 
 # ----------------------------------------------------------------------------------- our side
 
+def as_numpy(x) -> np.ndarray:
+    """A model output as numpy: the host path returns numpy arrays, the device path Tensors."""
+    return x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
+
+
 def run_ours(case: str, work: Path, steps: int) -> dict:
     sys.path.insert(0, str(ROOT))
-    from mindspore import Tensor
 
     from backend.weights import load_model
 
@@ -347,14 +351,13 @@ def run_ours(case: str, work: Path, steps: int) -> dict:
         name = components[0]
         model = load(name)
         for size, label in ((16, "warm"), (latent, "run")):
-            kw = {k: Tensor(v.astype(np.int32) if v.dtype == np.int64 else v)
-                  for k, v in unet_step_inputs(name, size).items()}
+            kw = unet_step_inputs(name, size)  # numpy arrays, as the pipelines pass them
             sample = kw.pop("sample")
             if name != "unet3":
                 kw = {"encoder_hidden_states": kw.pop("encoder_hidden_states", None), "added_cond_kwargs": kw}
             for _ in range(1 if label == "warm" else steps):
                 with Clock() as clock:
-                    model(sample, TIMESTEP, **kw).asnumpy()
+                    as_numpy(model(sample, TIMESTEP, **kw))
                 if label == "run":
                     result.setdefault("run", []).append([clock.wall, clock.cpu])
                 else:
@@ -362,9 +365,9 @@ def run_ours(case: str, work: Path, steps: int) -> dict:
     elif case.startswith("movq"):
         model = load("movq")
         for size, label in ((16, "warm"), (latent, "run")):
-            z = Tensor(np.random.default_rng(1).standard_normal((1, 4, size, size)).astype(np.float32))
+            z = np.random.default_rng(1).standard_normal((1, 4, size, size)).astype(np.float32)
             with Clock() as clock:
-                model.decode(z, force_not_quantize=True)["sample"].asnumpy()
+                as_numpy(model.decode(z, force_not_quantize=True)["sample"])
             if label == "run":
                 result["run"] = [[clock.wall, clock.cpu]]
             else:
@@ -375,15 +378,15 @@ def run_ours(case: str, work: Path, steps: int) -> dict:
 
         parts = {}
         model = load("text_encoder")
-        ids = [Tensor(token_batch(t)[0].astype(np.int32)) for t in (PROMPT_IDS, EMPTY_IDS)]
+        ids = [token_batch(t)[0].astype(np.int32) for t in (PROMPT_IDS, EMPTY_IDS)]
         with Clock() as warm:
-            model(ids[0]).text_embeds.asnumpy()
+            as_numpy(model(ids[0]).text_embeds)
         result["first"] = {"text_encoder": [warm.wall, warm.cpu]}
         with Clock() as clock:
             text = model(ids[0])
             uncond = model(ids[1])
-            proj = np.concatenate([uncond.text_embeds.asnumpy(), text.text_embeds.asnumpy()])
-            hidden = np.concatenate([uncond.last_hidden_state.asnumpy(), text.last_hidden_state.asnumpy()])
+            proj = np.concatenate([as_numpy(uncond.text_embeds), as_numpy(text.text_embeds)])
+            hidden = np.concatenate([as_numpy(uncond.last_hidden_state), as_numpy(text.last_hidden_state)])
         parts["text_encoder"] = [clock.wall, clock.cpu]
         mask = np.concatenate([token_batch(EMPTY_IDS)[1], token_batch(PROMPT_IDS)[1]]).astype(bool)
         del model, text, uncond
@@ -394,34 +397,33 @@ def run_ours(case: str, work: Path, steps: int) -> dict:
         scheduler.set_timesteps(PRIOR_STEPS)
         generator = np.random.default_rng(0)
         latents = np.random.default_rng(2).standard_normal((1, proj.shape[1])).astype(np.float32)
-        proj_t, hidden_t, mask_t = Tensor(proj), Tensor(hidden), Tensor(mask)
         with Clock() as warm:
-            model(Tensor(np.concatenate([latents] * 2)), timestep=999, proj_embedding=proj_t,
-                  encoder_hidden_states=hidden_t, attention_mask=mask_t).asnumpy()
+            as_numpy(model(np.concatenate([latents] * 2), timestep=999, proj_embedding=proj,
+                           encoder_hidden_states=hidden, attention_mask=mask))
         result["first"]["prior"] = [warm.wall, warm.cpu]
         with Clock() as clock:
             timesteps = scheduler.timesteps
             for i, t in enumerate(timesteps):
-                predicted = model(Tensor(np.concatenate([latents] * 2)), timestep=int(t), proj_embedding=proj_t,
-                                  encoder_hidden_states=hidden_t, attention_mask=mask_t).asnumpy()
+                predicted = as_numpy(model(np.concatenate([latents] * 2), timestep=int(t), proj_embedding=proj,
+                                           encoder_hidden_states=hidden, attention_mask=mask))
                 uncond_pred, text_pred = np.split(predicted, 2)
                 predicted = uncond_pred + np.float32(PRIOR_GUIDANCE) * (text_pred - uncond_pred)
                 prev = None if i + 1 == len(timesteps) else timesteps[i + 1]
                 latents = scheduler.step(predicted, timestep=t, sample=latents, generator=generator,
                                          prev_timestep=prev).prev_sample
-            model.post_process_latents(Tensor(latents)).asnumpy()
+            as_numpy(model.post_process_latents(latents))
         parts["prior"] = [clock.wall, clock.cpu]
         del model
         gc.collect()
         _ = randn  # the scheduler draws its noise through backend.random
 
         model = load("image_encoder")
-        zero = Tensor(np.zeros((1, 3, 224, 224), np.float32))
+        zero = np.zeros((1, 3, 224, 224), np.float32)
         with Clock() as warm:
-            model(zero).image_embeds.asnumpy()
+            as_numpy(model(zero).image_embeds)
         result["first"]["image_encoder"] = [warm.wall, warm.cpu]
         with Clock() as clock:
-            model(zero).image_embeds.asnumpy()
+            as_numpy(model(zero).image_embeds)
         parts["image_encoder"] = [clock.wall, clock.cpu]
         result["parts"] = parts
         result["run"] = [[sum(p[0] for p in parts.values()), sum(p[1] for p in parts.values())]]

@@ -237,7 +237,6 @@ def run_case(case: str) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import mindspore as ms
-    from mindspore import Tensor
 
     from backend.weights import load_state_dict
 
@@ -273,7 +272,7 @@ def run_case(case: str) -> dict:
     load_s = time.time() - start
     loaded = psutil.Process().memory_info().rss
     rng = np.random.default_rng(0)
-    f32 = lambda *shape: Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731  (numpy, as the pipelines pass)
     latent = size // 8
     cpu0 = time.process_time()
     start = time.time()
@@ -290,7 +289,8 @@ def run_case(case: str) -> dict:
     wall = time.time() - start
     cpu = time.process_time() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    finite = bool(np.isfinite(out.asnumpy().astype(np.float32)).all())
+    out = out.asnumpy() if hasattr(out, "asnumpy") else np.asarray(out)  # numpy on the host path
+    finite = bool(np.isfinite(out.astype(np.float32)).all())
     param_bytes = sum(int(np.prod(p.shape)) * (4 if p.dtype == ms.float32 else 2) for p in params.values())
     return {"case": case, "parameters": n_params, "param_gb": param_bytes / GB,
             "baseline_rss_gb": baseline / GB, "loaded_rss_gb": loaded / GB, "peak_rss_gb": peak / GB,
