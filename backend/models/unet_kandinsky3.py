@@ -24,8 +24,8 @@ from backend.nn import (Conv2d, ConvTranspose2d, GroupNorm, Identity, LayerNorm,
 # Hard-coded in diffusers' Kandinsky3UNet (its "TODO: put into config").
 EXPANSION_RATIO = 4  # feed-forward width / channels in the attention blocks
 COMPRESSION_RATIO = 2  # resnet hidden width = max(in, out) / this
-ADD_CROSS_ATTENTION = (False, True, True, True)  # per level
-ADD_SELF_ATTENTION = (False, True, True, True)  # per level
+ADD_CROSS_ATTENTION = (False, True, True, True)  # per level (down blocks from the first, up blocks from the last)
+ADD_SELF_ATTENTION = (False, True, True, True)  # per level (likewise)
 
 
 @dataclass
@@ -35,9 +35,9 @@ class Kandinsky3UNetConfig:
     in_channels: int = 4  # latent channels in and out
     time_embedding_dim: int = 1536  # width of the time embedding every norm is conditioned on
     groups: int = 32  # groups of every GroupNorm
-    attention_head_dim: int = 64  # width of one attention head (heads = channels / this)
+    attention_head_dim: int = 64  # width of one attention head (heads = channels // this)
     layers_per_block: int = 3  # resnet(+attention) pairs per level
-    block_out_channels: tuple = (384, 768, 1536, 3072)  # channels per level (4 levels)
+    block_out_channels: tuple = (384, 768, 1536, 3072)  # channels per level (1 to 4 levels)
     cross_attention_dim: int = 4096  # width of the projected text tokens
     encoder_hid_dim: int = 4096  # width of the text encoder's states (T5: d_model)
 

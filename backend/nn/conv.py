@@ -14,7 +14,6 @@ On GPU and Ascend the native `ops.conv2d` is used.
 """
 from __future__ import annotations
 
-import numpy as np
 from mindspore import Tensor, nn, ops
 
 from backend.device import on_cpu
@@ -27,7 +26,7 @@ def conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0):
     if is_host(x):
         return conv2d_host(x, host_param(weight), None if bias is None else host_param(bias), stride, padding)
     if on_cpu():  # a Tensor on CPU: its asnumpy() and Tensor.from_numpy share the memory
-        out = conv2d_host(_f32(x.asnumpy()), host_param(weight), None if bias is None else host_param(bias),
+        out = conv2d_host(host_param(x), host_param(weight), None if bias is None else host_param(bias),
                           stride, padding)
         out = Tensor.from_numpy(out)
         return out if x.dtype == out.dtype else out.astype(x.dtype)
@@ -35,10 +34,6 @@ def conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0):
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
     return y
-
-
-def _f32(array: np.ndarray) -> np.ndarray:
-    return array if array.dtype == np.float32 else array.astype(np.float32)
 
 
 class Conv2d(nn.Cell):
