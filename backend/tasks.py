@@ -65,6 +65,8 @@ class TaskExecutor:
 
 
 class Run:
+    """One job: its seeds and step plan, the images it saved, the previews a stop would keep."""
+
     def __init__(self, executor: TaskExecutor, job: Job):
         self.manager, self.store, self.job = executor.manager, executor.store, job
         self.request = r = job.request

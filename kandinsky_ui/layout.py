@@ -153,11 +153,14 @@ def _settings_events(page, shared, settings, out) -> None:
 def _task_events(page, shared, task_tabs) -> None:
     """What a task tab shows as its controls change: the mask overlay, interpolation rows and
     weights, the ControlNet hint and mode."""
+    # One event per view, whichever control changed: "always_last" then runs it once more after a
+    # burst of changes, so the last answer to arrive is the one for the controls' final values.
     inpaint = task_tabs["inpaint"]
-    mask_inputs = [inpaint.inputs[name] for name in ("editor", "mask_upload", "mask_invert", "mask_grow", "mask_blur")]
-    for component, event in zip(mask_inputs, ("change", "change", "change", "release", "release")):
-        getattr(component, event)(page.mask_overlay, inputs=mask_inputs, outputs=[inpaint.overlay],
-                                  trigger_mode="always_last", show_progress="hidden", **PRIVATE)
+    editor, upload, invert, grow, blur = (inpaint.inputs[name] for name in
+                                          ("editor", "mask_upload", "mask_invert", "mask_grow", "mask_blur"))
+    gr.on([editor.change, upload.change, invert.change, grow.release, blur.release], page.mask_overlay,
+          inputs=[editor, upload, invert, grow, blur], outputs=[inpaint.overlay], trigger_mode="always_last",
+          show_progress="hidden", **PRIVATE)
     inpaint.clear.click(page.clear_mask, inputs=[inpaint.editor], outputs=[inpaint.editor], **PRIVATE)
 
     mix = task_tabs["interpolate"]
@@ -169,15 +172,14 @@ def _task_events(page, shared, task_tabs) -> None:
         kind, text, image = (mix.inputs[f"{name}_{i + 1}"] for name in ("kind", "text", "image"))
         kind.change(lambda k: (gr.Textbox(visible=k == "Text"), gr.Image(visible=k == "Image")), inputs=[kind],
                     outputs=[text, image], queue=False, **PRIVATE)
-    for component in [count, *weights]:
-        component.change(page.normalized_weights, inputs=[count, *weights], outputs=[mix.normalized], queue=False,
-                         show_progress="hidden", **PRIVATE)
+    gr.on([component.change for component in (count, *weights)], page.normalized_weights, inputs=[count, *weights],
+          outputs=[mix.normalized], queue=False, trigger_mode="always_last", show_progress="hidden", **PRIVATE)
 
     controlnet = task_tabs["controlnet"]
     depth, mode = controlnet.inputs["depth"], controlnet.inputs["controlnet_mode"]
-    for component in (depth, shared["width"], shared["height"]):
-        component.change(page.hint_view, inputs=[depth, shared["width"], shared["height"]], outputs=[controlnet.hint],
-                         show_progress="hidden", trigger_mode="always_last", **PRIVATE)
+    size = [shared["width"], shared["height"]]
+    gr.on([component.change for component in (depth, *size)], page.hint_view, inputs=[depth, *size],
+          outputs=[controlnet.hint], show_progress="hidden", trigger_mode="always_last", **PRIVATE)
     mode.change(lambda m: gr.Row(visible=m == "Image to image"), inputs=[mode], outputs=[controlnet.img2img_row],
                 queue=False, **PRIVATE)
 
@@ -208,7 +210,7 @@ def _model_choice(demo, page, shared, settings, task_tabs) -> None:
     model.change(page.model_view, inputs=[model], outputs=view, queue=False, show_progress="hidden", **PRIVATE)
     demo.load(page.model_view, inputs=[model], outputs=view, queue=False, show_progress="hidden", **PRIVATE)
     sized = [shared["width"], shared["height"], shared["num_inference_steps"], shared["guidance_scale"]]
-    model.input(page.model_defaults, inputs=[model, *sized], outputs=[*sized, settings.size_preset], queue=False,
+    model.input(page.model_defaults, inputs=[model], outputs=[*sized, settings.size_preset], queue=False,
                 show_progress="hidden", **PRIVATE)
 
 

@@ -38,16 +38,17 @@ class Page:
         prior = [gr.update(interactive=family.has_prior, info=info) for _ in PRIOR_FIELDS]
         return (*notes, *buttons, *prior, gr.Dropdown(choices=scheduler_choices(family)))
 
-    def model_defaults(self, model, width, height, steps, guidance):
+    def model_defaults(self, model):
         """The settings a family's docs use, applied when the user picks a model (demo models keep
-        their small sizes and step counts). Returns (width, height, steps, guidance, size preset)."""
+        their small sizes and step counts). Returns (width, height, steps, guidance, size preset)
+        updates; what the model does not set is left alone (a skip, not the value read when the
+        choice was made: the user may have moved it since)."""
         spec = self.config.models.get(model)
-        if spec is None:
-            return (gr.skip(),) * 5
-        values = self.config.model_defaults(spec)
-        width, height = values.get("width", width), values.get("height", height)
-        return (width, height, values.get("num_inference_steps", steps), values.get("guidance_scale", guidance),
-                self.preset_from_size(width, height))
+        values = self.config.model_defaults(spec) if spec is not None else {}
+        names = ("width", "height", "num_inference_steps", "guidance_scale")
+        updates = [values.get(name, gr.skip()) for name in names]
+        preset = self.preset_from_size(values["width"], values["height"]) if "width" in values else gr.skip()
+        return (*updates, preset)
 
     # ------------------------------------------------------------------ PNG info
     @staticmethod
