@@ -204,7 +204,7 @@ def print_table(counts: dict) -> None:
     t5 = counts["3/decoder/text_encoder"]
     t5_stored = 2 * t5 + 2 * kept
     print(f"\nK3 text encoder as the published fp16 shards store it (its {kept:,} `wo` parameters in float32): "
-          f"{fmt(t5_stored)} GB. A float32 app keeps it so (backend/manager.py: checkpoint_precision); "
+          f"{fmt(t5_stored)} GB. A float32 app keeps it so (backend/families.py: keeps_checkpoint_precision); "
           "a float16/bfloat16 app converts `wo` too.")
     print("\nText-to-image: parameters resident per phase; the peak is the largest phase when the budget "
           "frees the earlier unit, the sum when it keeps both\n")
@@ -216,7 +216,9 @@ def print_table(counts: dict) -> None:
             for label, parts in phases:
                 n = sum(folder_totals[(family, role)] if name is None else counts[f"{family}/{role}/{name}"]
                         for role, name in parts)
-                if family == "3" and itemsize == 4 and parts == [("decoder", "text_encoder")]:
+                kinds = {kind for role, name in parts for component, kind, _ in FAMILIES[family][role][1]
+                         if component == name}
+                if itemsize == 4 and kinds == {"t5"}:
                     sizes.append((label + " (as stored)", t5_stored))  # the float32 app's T5 (see above)
                     continue
                 sizes.append((label, n * itemsize))
