@@ -163,6 +163,20 @@ def test_conv2d_with_few_outputs_sums_taps_on_the_output_side(padding):
         host.FEW_OUTPUTS_BAND_COLUMNS = banded
 
 
+def test_conv2d_native_kernel_matches_the_host_kernel(monkeypatch):
+    """The branch GPU and Ascend run (ops.conv2d on Tensors), taken on CPU by pretending to be
+    elsewhere: on CPU a Tensor's convolution otherwise goes to the host kernel too."""
+    import backend.nn.conv as conv
+
+    layer = Conv2d(4, 6, 3, stride=2, padding=1)
+    layer.weight.set_data(Tensor(randn(6, 4, 3, 3)))
+    layer.bias.set_data(Tensor(randn(6)))
+    x = randn(2, 4, 7, 9)
+    host = layer(x)
+    monkeypatch.setattr(conv, "on_cpu", lambda: False)
+    assert_close(layer(Tensor(x)), host, 2e-5)
+
+
 def test_conv2d_host_batch_smaller_and_larger_than_cores():
     weight, bias = randn(4, 3, 3, 3), randn(4)
     for batch in (1, 2, 5):
