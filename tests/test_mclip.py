@@ -101,7 +101,7 @@ def test_parameter_names_match_transformers(model):
 @pytest.mark.parametrize("change,message", [
     ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
     ({"transformerDimensions": 512}, "transformerDimensions"),
-    ({"hidden_act": "relu"}, "hidden_act"),
+    ({"hidden_act": "tanh"}, "hidden_act"),
     ({"num_attention_heads": 5}, "divisible"),
     ({"is_decoder": True}, "is_decoder"),
     ({"numDims": 0}, "numDims"),

@@ -1,6 +1,7 @@
 """backend/nn, the layer library: each layer on both paths (numpy arrays on the host path, Tensors
 on the device path) against MindSpore's reference ops, numpy formulas or torch's outputs; the host
 kernels (backend/nn/host.py)."""
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from backend.nn import (Conv2d, ConvTranspose2d, Downsample2D, GroupNorm, LayerNorm, Linear, Upsample2D, attention,
-                        avg_pool_2x, get_timestep_embedding, group_norm, interpolate_nearest, layer_norm,
+                        avg_pool_2x, get_activation, get_timestep_embedding, group_norm, interpolate_nearest, layer_norm,
                         scaled_dot_product_attention, silu, silu_, torch_nearest_indices, upsample_nearest_2x)
 from backend.nn.host import conv2d_host, host_gemm, host_matmul, in_parallel_share, split_batch
 from tests.conftest import as_numpy, assert_close
@@ -284,6 +285,22 @@ def test_silu_and_its_in_place_form():
     before = x.copy()
     GroupNorm(1, 5)(x, act=True)  # the norm's SiLU runs in place on its own output only
     np.testing.assert_array_equal(x, before)
+
+
+def test_get_activation_takes_transformers_and_diffusers_names():
+    x = randn(3, 7).astype(np.float64) * 3
+    erf = np.vectorize(math.erf)
+    tanh_gelu = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    silu_x = x / (1 + np.exp(-x))
+    expected = {"gelu": 0.5 * x * (1 + erf(x / math.sqrt(2))), "gelu_new": tanh_gelu, "gelu_pytorch_tanh": tanh_gelu,
+                "quick_gelu": x / (1 + np.exp(-1.702 * x)), "relu": np.maximum(x, 0), "silu": silu_x,
+                "swish": silu_x, "mish": x * np.tanh(np.log1p(np.exp(x)))}
+    for name, values in expected.items():
+        for (inp,) in both_paths(x.astype(np.float32)):
+            assert_close(get_activation(name)(inp), values, 1e-5)
+    assert get_activation(None) is None
+    with pytest.raises(ValueError, match=r"'tanh' is not supported; use one of \['gelu', 'gelu_new'"):
+        get_activation("tanh")
 
 
 @pytest.mark.parametrize("host", [True, False])

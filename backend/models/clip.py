@@ -16,16 +16,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from backend.nn import (Conv2d, Embedding, LayerNorm, Linear, Model, concat, gelu, host_param, is_host, quick_gelu,
-                        run_model, scaled_dot_product_attention, zeros_parameter)
-
-# transformers' ACT2FN names this port supports.
-_ACTIVATIONS = {
-    "gelu": gelu,
-    "quick_gelu": quick_gelu,
-    "gelu_new": lambda x: gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: gelu(x, approximate="tanh"),
-}
+from backend.nn import (ACTIVATIONS, Conv2d, Embedding, LayerNorm, Linear, Model, concat, get_activation, host_param,
+                        is_host, run_model, scaled_dot_product_attention, zeros_parameter)
 
 
 def _fields_from(cls, config: dict, sub_key: str):
@@ -44,8 +36,8 @@ def _check_common(config, name: str) -> None:
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"{name} config: hidden_size ({config.hidden_size}) must be divisible by "
                          f"num_attention_heads ({config.num_attention_heads})")
-    if config.hidden_act not in _ACTIVATIONS:
-        raise ValueError(f"{name} config: hidden_act must be one of {sorted(_ACTIVATIONS)}; got {config.hidden_act!r}")
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"{name} config: hidden_act must be one of {sorted(ACTIVATIONS)}; got {config.hidden_act!r}")
 
 
 @dataclass
@@ -134,12 +126,12 @@ class CLIPAttention(nn.Cell):
 class CLIPMLP(nn.Cell):
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
-        self.hidden_act = hidden_act
+        self.activation_fn = get_activation(hidden_act)
         self.fc1 = Linear(hidden_size, intermediate_size)
         self.fc2 = Linear(intermediate_size, hidden_size)
 
     def construct(self, x):
-        return self.fc2(_ACTIVATIONS[self.hidden_act](self.fc1(x)))
+        return self.fc2(self.activation_fn(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nn.Cell):

@@ -20,15 +20,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from backend.nn import (Embedding, LayerNorm, Linear, Model, gelu, host_param, is_host, run_model,
-                        scaled_dot_product_attention)
-
-# transformers ACT2FN names this port supports.
-_ACTIVATIONS = {
-    "gelu": gelu,
-    "gelu_new": lambda x: gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: gelu(x, approximate="tanh"),
-}
+from backend.nn import (ACTIVATIONS, Embedding, LayerNorm, Linear, Model, get_activation, host_param, is_host,
+                        run_model, scaled_dot_product_attention)
 
 
 @dataclass
@@ -71,8 +64,8 @@ class MCLIPConfig:
         if result.transformerDimensions != result.hidden_size:
             raise ValueError(f"MultilingualCLIP config: transformerDimensions ({result.transformerDimensions}) must "
                              f"equal hidden_size ({result.hidden_size}); LinearTransformation reads the encoder output")
-        if result.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"MultilingualCLIP config: hidden_act must be one of {sorted(_ACTIVATIONS)}; "
+        if result.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"MultilingualCLIP config: hidden_act must be one of {sorted(ACTIVATIONS)}; "
                              f"got {result.hidden_act!r}")
         if result.position_embedding_type != "absolute":
             raise ValueError(f"MultilingualCLIP config: position_embedding_type must be 'absolute'; "
@@ -155,11 +148,11 @@ class XLMRobertaAttention(nn.Cell):
 class XLMRobertaIntermediate(nn.Cell):
     def __init__(self, config: MCLIPConfig):
         super().__init__()
-        self.hidden_act = config.hidden_act
         self.dense = Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = get_activation(config.hidden_act)
 
     def construct(self, hidden_states):
-        return _ACTIVATIONS[self.hidden_act](self.dense(hidden_states))
+        return self.intermediate_act_fn(self.dense(hidden_states))
 
 
 class XLMRobertaOutput(XLMRobertaSelfOutput):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 from mindspore import Tensor, nn
 
-from backend.nn import (LayerNorm, Linear, Model, concat, gelu, get_timestep_embedding, host_param, is_host, mish,
-                        relu, run_model, scaled_dot_product_attention, silu, zeros_parameter)
+from backend.nn import (ACTIVATIONS, LayerNorm, Linear, Model, concat, gelu, get_activation, get_timestep_embedding,
+                        host_param, is_host, run_model, scaled_dot_product_attention, zeros_parameter)
 
 
 @dataclass
@@ -60,8 +60,8 @@ class PriorTransformerConfig:
         if not isinstance(self.additional_embeddings, int) or self.additional_embeddings < 0:
             raise ValueError("PriorTransformer config: additional_embeddings must be an integer >= 0; "
                              f"got {self.additional_embeddings!r}")
-        if self.time_embed_act_fn not in _ACTIVATIONS:
-            raise ValueError(f"PriorTransformer config: time_embed_act_fn must be one of {sorted(_ACTIVATIONS)}; "
+        if self.time_embed_act_fn not in ACTIVATIONS:
+            raise ValueError(f"PriorTransformer config: time_embed_act_fn must be one of {sorted(ACTIVATIONS)}; "
                              f"got {self.time_embed_act_fn!r}")
         allowed = {"norm_in_type": (None, "layer"), "embedding_proj_norm_type": (None, "layer"),
                    "encoder_hid_proj_type": (None, "linear"), "added_emb_type": (None, "prd")}
@@ -69,10 +69,6 @@ class PriorTransformerConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"PriorTransformer config: {name} must be one of {choices}; "
                                  f"got {getattr(self, name)!r}")
-
-
-# diffusers' get_activation table (activations.py), restricted to what has a CPU kernel.
-_ACTIVATIONS = {"silu": silu, "swish": silu, "gelu": gelu, "relu": relu, "mish": mish}
 
 
 # Local until backend/nn's TimestepEmbedding takes diffusers' `out_dim` and the activations above
@@ -83,11 +79,11 @@ class TimestepEmbedding(nn.Cell):
     def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str, out_dim: int):
         super().__init__()
         self.linear_1 = Linear(in_channels, time_embed_dim)
-        self.act_fn = act_fn
+        self.act = get_activation(act_fn)
         self.linear_2 = Linear(time_embed_dim, out_dim)
 
     def construct(self, sample):
-        return self.linear_2(_ACTIVATIONS[self.act_fn](self.linear_1(sample)))
+        return self.linear_2(self.act(self.linear_1(sample)))
 
 
 class Attention(nn.Cell):

@@ -28,11 +28,8 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from backend import interrupt
-from backend.nn import (Embedding, Linear, Model, RMSNorm, gelu, is_host, relu, run_model, scaled_dot_product_attention,
-                        silu)
-
-# transformers' ACT2FN names this port supports.
-_ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_new": lambda x: gelu(x, approximate="tanh"), "silu": silu}
+from backend.nn import (ACTIVATIONS, Embedding, Linear, Model, RMSNorm, get_activation, is_host, run_model,
+                        scaled_dot_product_attention)
 
 
 @dataclass
@@ -66,8 +63,8 @@ class T5Config:
             result.dense_act_fn = derived_act
         if result.is_gated_act is None:
             result.is_gated_act = parts[0] == "gated"
-        if result.dense_act_fn not in _ACTIVATIONS:
-            raise ValueError(f"T5EncoderModel config: dense_act_fn must be one of {list(_ACTIVATIONS)}; "
+        if result.dense_act_fn not in ACTIVATIONS:
+            raise ValueError(f"T5EncoderModel config: dense_act_fn must be one of {sorted(ACTIVATIONS)}; "
                              f"got {result.dense_act_fn!r}")
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                      "relative_attention_num_buckets", "relative_attention_max_distance"):
@@ -145,7 +142,7 @@ class T5DenseGatedActDense(nn.Cell):
 
     def __init__(self, config: T5Config):
         super().__init__()
-        self.act = _ACTIVATIONS[config.dense_act_fn]
+        self.act = get_activation(config.dense_act_fn)
         self.wi_0 = Linear(config.d_model, config.d_ff, bias=False)
         self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
         self.wo = Linear(config.d_ff, config.d_model, bias=False)
@@ -159,7 +156,7 @@ class T5DenseActDense(nn.Cell):
 
     def __init__(self, config: T5Config):
         super().__init__()
-        self.act = _ACTIVATIONS[config.dense_act_fn]
+        self.act = get_activation(config.dense_act_fn)
         self.wi = Linear(config.d_model, config.d_ff, bias=False)
         self.wo = Linear(config.d_ff, config.d_model, bias=False)
 

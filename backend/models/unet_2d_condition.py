@@ -469,7 +469,8 @@ class UNet2DConditionModel(Model):
         if config.encoder_hid_dim_type not in ENCODER_HID_DIM_TYPES:
             raise ValueError(f"encoder_hid_dim_type {config.encoder_hid_dim_type!r} is not supported; "
                              f"use one of {ENCODER_HID_DIM_TYPES}")
-        get_activation(config.act_fn)
+        if config.act_fn not in ("silu", "swish"):  # the resnets' activation is fused into their group norms
+            raise ValueError(f"act_fn must be 'silu' (or 'swish'); got {config.act_fn!r}")
         block_out = tuple(config.block_out_channels)
         # None means one head of the block's full width (resolved per block below, as diffusers does)
         head_dims = _per_block(config.attention_head_dim, n_blocks, "attention_head_dim")

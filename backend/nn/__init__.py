@@ -7,11 +7,13 @@ backend/nn/host.py holds the host kernels. Models import layers from here, by th
   conv         Conv2d, ConvTranspose2d, conv2d
   norm         GroupNorm / group_norm (scale/shift and SiLU fused), SpatialNorm, LayerNorm, RMSNorm
   attention    scaled_dot_product_attention (one kernel, one score-block policy)
-  activations  silu (silu_ in place), gelu, quick_gelu, relu, mish
+  activations  silu (silu_ in place), gelu, gelu_tanh, quick_gelu, relu, mish; get_activation and
+               ACTIVATIONS, the names transformers' and diffusers' configs use
   sampling     nearest up-sampling, 2x average pooling, Upsample2D, Downsample2D
   embeddings   Timesteps, TimestepEmbedding, get_timestep_embedding
 """
-from backend.nn.activations import SiLU, gelu, get_activation, mish, quick_gelu, relu, silu, silu_
+from backend.nn.activations import (ACTIVATIONS, SiLU, gelu, gelu_tanh, get_activation, mish, quick_gelu, relu,
+                                   silu, silu_)
 from backend.nn.attention import scaled_dot_product_attention
 from backend.nn.conv import Conv2d, ConvTranspose2d, conv2d
 from backend.nn.core import (Identity, add_, as_dtype, concat, host_param, is_host, matmul, ones_parameter,
@@ -24,10 +26,11 @@ from backend.nn.sampling import (Downsample2D, Upsample2D, avg_pool_2x, interpol
                                  torch_nearest_indices, upsample_nearest_2x)
 
 __all__ = [
-    "Conv2d", "ConvTranspose2d", "Downsample2D", "Embedding", "GroupNorm", "Identity", "LayerNorm", "Linear",
-    "Model", "RMSNorm", "SiLU", "SpatialNorm", "TimestepEmbedding", "Timesteps", "Upsample2D", "add_",
-    "as_dtype", "avg_pool_2x", "batch_timesteps", "concat", "conv2d", "gelu", "get_activation",
-    "get_timestep_embedding", "group_norm", "host_param", "interpolate_nearest", "is_host", "layer_norm",
-    "matmul", "mish", "ones_parameter", "quick_gelu", "relu", "run_model", "scaled_dot_product_attention",
-    "silu", "silu_", "torch_nearest_indices", "upsample_nearest_2x", "zeros_parameter",
+    "ACTIVATIONS", "Conv2d", "ConvTranspose2d", "Downsample2D", "Embedding", "GroupNorm", "Identity",
+    "LayerNorm", "Linear", "Model", "RMSNorm", "SiLU", "SpatialNorm", "TimestepEmbedding", "Timesteps",
+    "Upsample2D", "add_", "as_dtype", "avg_pool_2x", "batch_timesteps", "concat", "conv2d", "gelu", "gelu_tanh",
+    "get_activation", "get_timestep_embedding", "group_norm", "host_param", "interpolate_nearest", "is_host",
+    "layer_norm", "matmul", "mish", "ones_parameter", "quick_gelu", "relu", "run_model",
+    "scaled_dot_product_attention", "silu", "silu_", "torch_nearest_indices", "upsample_nearest_2x",
+    "zeros_parameter",
 ]

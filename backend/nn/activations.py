@@ -39,15 +39,6 @@ class SiLU(nn.Cell):
         return silu(x)
 
 
-def get_activation(name: str | None):
-    """The activation function a diffusers config names (None: no activation)."""
-    if name is None:
-        return None
-    if name in ("silu", "swish"):
-        return silu
-    raise ValueError(f"activation {name!r} is not supported (use 'silu' or 'swish')")
-
-
 def gelu(x, approximate: str = "none"):
     if is_host(x):
         return _elementwise_host(x, _gelu_erf_chunk if approximate == "none" else _gelu_tanh_chunk)
@@ -68,7 +59,38 @@ def relu(x):
 def mish(x):
     if is_host(x):
         return x * np.tanh(np.logaddexp(np.float32(0), x))
-    return x * ops.tanh(ops.softplus(x))
+    return ops.mish(x)  # not tanh(ops.softplus(x)): MindSpore's CPU softplus is ~1% off for x << 0
+
+
+def gelu_tanh(x):
+    """gelu with the tanh approximation (transformers `NewGELUActivation`, "gelu_pytorch_tanh")."""
+    return gelu(x, approximate="tanh")
+
+
+# One table for both vocabularies: transformers' ACT2FN names (the text encoders' hidden_act, T5's
+# dense_act_fn) and diffusers' get_activation names (act_fn, time_embed_act_fn, ...), restricted
+# to the functions ported here. Where both name a function they mean the same one ("gelu" is the
+# exact erf gelu in both).
+_ACTIVATIONS = {
+    "gelu": gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "relu": relu,
+    "silu": silu,
+    "swish": silu,
+    "mish": mish,
+}
+ACTIVATIONS = frozenset(_ACTIVATIONS)  # the names get_activation takes, for config validation
+
+
+def get_activation(name: str | None):
+    """The activation function a transformers or diffusers config names (None: no activation)."""
+    if name is None:
+        return None
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
 
 
 # Element-wise activations on the host run in place over row chunks that stay in the CPU cache,
