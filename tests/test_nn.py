@@ -9,8 +9,8 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from backend.nn import (Conv2d, ConvTranspose2d, Downsample2D, GroupNorm, LayerNorm, Linear, Upsample2D, attention,
-                        avg_pool_2x, get_activation, get_timestep_embedding, group_norm, interpolate_nearest, layer_norm,
+from backend.nn import (GELU, Conv2d, ConvTranspose2d, Downsample2D, GroupNorm, LayerNorm, Linear, TimestepEmbedding,
+                        Upsample2D, attention, avg_pool_2x, get_activation, get_timestep_embedding, group_norm, interpolate_nearest, layer_norm,
                         scaled_dot_product_attention, silu, silu_, torch_nearest_indices, upsample_nearest_2x)
 from backend.nn.host import conv2d_host, host_gemm, host_matmul, in_parallel_share, split_batch
 from tests.conftest import as_numpy, assert_close
@@ -301,6 +301,33 @@ def test_get_activation_takes_transformers_and_diffusers_names():
     assert get_activation(None) is None
     with pytest.raises(ValueError, match=r"'tanh' is not supported; use one of \['gelu', 'gelu_new'"):
         get_activation("tanh")
+
+
+def random_linears(cell):
+    """Random weights for every Linear in `cell`; returns {name: numpy value}."""
+    values = {}
+    for name, param in cell.parameters_and_names():
+        param.set_data(Tensor(randn(*param.shape)))
+        values[name] = param.asnumpy()
+    return values
+
+
+def test_gelu_projection_and_timestep_embedding_with_out_dim():
+    erf = np.vectorize(math.erf)
+    x = randn(2, 6)
+    layer = GELU(6, 10)
+    w = random_linears(layer)
+    h = x @ w["proj.weight"].T + w["proj.bias"]
+    for (inp,) in both_paths(x):
+        assert_close(layer(inp), 0.5 * h * (1 + erf(h / math.sqrt(2))), 1e-5)
+
+    # the prior's time MLP: in_channels -> time_embed_dim -> out_dim, diffusers' activation names
+    embedding = TimestepEmbedding(6, 16, act_fn="relu", out_dim=4, post_act_fn="silu")
+    w = random_linears(embedding)
+    h = np.maximum(x @ w["linear_1.weight"].T + w["linear_1.bias"], 0) @ w["linear_2.weight"].T + w["linear_2.bias"]
+    for (inp,) in both_paths(x):
+        assert_close(embedding(inp), h / (1 + np.exp(-h)), 1e-5)
+    assert tuple(TimestepEmbedding(6, 16).linear_2.weight.shape) == (16, 16)  # out_dim defaults to time_embed_dim
 
 
 @pytest.mark.parametrize("host", [True, False])

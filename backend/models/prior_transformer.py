@@ -2,9 +2,9 @@
 
 Port of diffusers 0.35.2 `PriorTransformer`
 (diffusers/models/transformers/prior_transformer.py) together with the pieces of
-models/attention.py (`BasicTransformerBlock`, `FeedForward`), activations.py (`GELU`),
-attention_processor.py (`Attention` + `AttnProcessor2_0`) and embeddings.py
-(`Timesteps`, `TimestepEmbedding`) that it uses. Attribute paths equal the diffusers
+models/attention.py (`BasicTransformerBlock`, `FeedForward`) and attention_processor.py
+(`Attention` + `AttnProcessor2_0`) that it uses; `GELU`, `TimestepEmbedding` and the `Timesteps`
+embedding come from backend/nn. Attribute paths equal the diffusers
 checkpoint keys (`transformer_blocks.0.attn1.to_q.weight`, `clip_mean`, ...), so
 `backend.weights.load_model(PriorTransformer, folder)` is the identity map.
 
@@ -19,8 +19,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 from mindspore import Tensor, nn
 
-from backend.nn import (ACTIVATIONS, LayerNorm, Linear, Model, concat, gelu, get_activation, get_timestep_embedding,
-                        host_param, is_host, run_model, scaled_dot_product_attention, zeros_parameter)
+from backend.nn import (ACTIVATIONS, GELU, Identity, LayerNorm, Linear, Model, TimestepEmbedding, concat,
+                        get_timestep_embedding, host_param, is_host, run_model, scaled_dot_product_attention,
+                        zeros_parameter)
 
 
 @dataclass
@@ -71,21 +72,6 @@ class PriorTransformerConfig:
                                  f"got {getattr(self, name)!r}")
 
 
-# Local until backend/nn's TimestepEmbedding takes diffusers' `out_dim` and the activations above
-# (the prior's time MLP may be time_embed_dim wide inside and inner_dim wide out).
-class TimestepEmbedding(nn.Cell):
-    """diffusers `TimestepEmbedding`: linear_1 -> act -> linear_2."""
-
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str, out_dim: int):
-        super().__init__()
-        self.linear_1 = Linear(in_channels, time_embed_dim)
-        self.act = get_activation(act_fn)
-        self.linear_2 = Linear(time_embed_dim, out_dim)
-
-    def construct(self, sample):
-        return self.linear_2(self.act(self.linear_1(sample)))
-
-
 class Attention(nn.Cell):
     """diffusers `Attention` as a self-attention with biased q/k/v (AttnProcessor2_0)."""
 
@@ -98,7 +84,7 @@ class Attention(nn.Cell):
         self.to_k = Linear(query_dim, inner_dim)
         self.to_v = Linear(query_dim, inner_dim)
         # to_out.1 is a Dropout in diffusers; an identity at inference keeps the key "to_out.0".
-        self.to_out = nn.CellList([Linear(inner_dim, query_dim), nn.Identity()])
+        self.to_out = nn.CellList([Linear(inner_dim, query_dim), Identity()])
 
     def construct(self, hidden_states, attention_mask=None):
         b, n, _ = hidden_states.shape  # (B, N, C)
@@ -108,24 +94,13 @@ class Attention(nn.Cell):
         return self.to_out[0](out.swapaxes(1, 2).reshape(b, n, self.heads * self.dim_head))
 
 
-class GELUProjection(nn.Cell):
-    """diffusers `GELU` (activations.py): a linear `proj`, then exact gelu."""
-
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = Linear(dim_in, dim_out)
-
-    def construct(self, x):
-        return gelu(self.proj(x))
-
-
 class FeedForward(nn.Cell):
     """diffusers `FeedForward` with activation_fn="gelu", mult 4: net.0 (GELU proj), net.1 (dropout), net.2."""
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         inner_dim = int(dim * mult)
-        self.net = nn.CellList([GELUProjection(dim, inner_dim), nn.Identity(), Linear(inner_dim, dim)])
+        self.net = nn.CellList([GELU(dim, inner_dim), Identity(), Linear(inner_dim, dim)])
 
     def construct(self, x):
         for layer in self.net:
@@ -164,7 +139,8 @@ class PriorTransformer(Model):
 
         # `time_proj` (diffusers `Timesteps(inner_dim, flip_sin_to_cos=True, shift=0)`) has no weights:
         # construct calls get_timestep_embedding.
-        self.time_embedding = TimestepEmbedding(inner_dim, time_embed_dim, config.time_embed_act_fn, inner_dim)
+        self.time_embedding = TimestepEmbedding(inner_dim, time_embed_dim, config.time_embed_act_fn,
+                                                out_dim=inner_dim)
         self.proj_in = Linear(config.embedding_dim, inner_dim)
         self.embedding_proj_norm = (LayerNorm(embedding_proj_dim)
                                     if config.embedding_proj_norm_type == "layer" else None)

@@ -7,12 +7,12 @@ backend/nn/host.py holds the host kernels. Models import layers from here, by th
   conv         Conv2d, ConvTranspose2d, conv2d
   norm         GroupNorm / group_norm (scale/shift and SiLU fused), SpatialNorm, LayerNorm, RMSNorm
   attention    scaled_dot_product_attention (one kernel, one score-block policy)
-  activations  silu (silu_ in place), gelu, gelu_tanh, quick_gelu, relu, mish; get_activation and
-               ACTIVATIONS, the names transformers' and diffusers' configs use
+  activations  silu (silu_ in place), gelu, gelu_tanh, quick_gelu, relu, mish, GELU (proj + gelu);
+               get_activation and ACTIVATIONS, the names transformers' and diffusers' configs use
   sampling     nearest up-sampling, 2x average pooling, Upsample2D, Downsample2D
   embeddings   Timesteps, TimestepEmbedding, get_timestep_embedding
 """
-from backend.nn.activations import (ACTIVATIONS, SiLU, gelu, gelu_tanh, get_activation, mish, quick_gelu, relu,
+from backend.nn.activations import (ACTIVATIONS, GELU, SiLU, gelu, gelu_tanh, get_activation, mish, quick_gelu, relu,
                                    silu, silu_)
 from backend.nn.attention import scaled_dot_product_attention
 from backend.nn.conv import Conv2d, ConvTranspose2d, conv2d
@@ -26,7 +26,7 @@ from backend.nn.sampling import (Downsample2D, Upsample2D, avg_pool_2x, interpol
                                  torch_nearest_indices, upsample_nearest_2x)
 
 __all__ = [
-    "ACTIVATIONS", "Conv2d", "ConvTranspose2d", "Downsample2D", "Embedding", "GroupNorm", "Identity",
+    "ACTIVATIONS", "Conv2d", "ConvTranspose2d", "Downsample2D", "Embedding", "GELU", "GroupNorm", "Identity",
     "LayerNorm", "Linear", "Model", "RMSNorm", "SiLU", "SpatialNorm", "TimestepEmbedding", "Timesteps",
     "Upsample2D", "add_", "as_dtype", "avg_pool_2x", "batch_timesteps", "concat", "conv2d", "gelu", "gelu_tanh",
     "get_activation", "get_timestep_embedding", "group_norm", "host_param", "interpolate_nearest", "is_host",

@@ -8,6 +8,7 @@ from mindspore import nn, ops
 
 from backend.nn.core import is_host
 from backend.nn.host import MIN_PARALLEL_ELEMENTS, host_gemm
+from backend.nn.linear import Linear
 
 
 def silu(x):
@@ -60,6 +61,19 @@ def mish(x):
     if is_host(x):
         return x * np.tanh(np.logaddexp(np.float32(0), x))
     return ops.mish(x)  # not tanh(ops.softplus(x)): MindSpore's CPU softplus is ~1% off for x << 0
+
+
+class GELU(nn.Cell):
+    """diffusers `GELU` (models/activations.py): a linear `proj`, then gelu (the first layer of its
+    FeedForward, checkpoint key `ff.net.0.proj`)."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str = "none", bias: bool = True):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out, bias=bias)
+        self.approximate = approximate
+
+    def construct(self, x):
+        return gelu(self.proj(x), approximate=self.approximate)
 
 
 def gelu_tanh(x):

@@ -65,14 +65,16 @@ class Timesteps(nn.Cell):
 
 
 class TimestepEmbedding(nn.Cell):
-    """linear_1 -> act -> linear_2 [-> post_act]: (N, in_channels) -> (N, time_embed_dim)."""
+    """linear_1 -> act -> linear_2 [-> post_act]: (N, in_channels) -> (N, out_dim or time_embed_dim).
+    Activations by diffusers' names (backend/nn/activations.py); its cond_proj is not ported (no
+    model here has one)."""
 
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu",
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", out_dim: int | None = None,
                  post_act_fn: str | None = None):
         super().__init__()
         self.linear_1 = Linear(in_channels, time_embed_dim)
-        self.linear_2 = Linear(time_embed_dim, time_embed_dim)
         self.act = get_activation(act_fn)
+        self.linear_2 = Linear(time_embed_dim, out_dim or time_embed_dim)
         self.post_act = get_activation(post_act_fn)
 
     def construct(self, sample):
