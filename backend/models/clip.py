@@ -13,11 +13,10 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor, nn
 
-from backend.nn import (ACTIVATIONS, Conv2d, Embedding, LayerNorm, Linear, Model, concat, get_activation, host_param,
-                        is_host, run_model, scaled_dot_product_attention, zeros_parameter)
+from backend.nn import (ACTIVATIONS, Conv2d, Embedding, LayerNorm, Linear, Model, concat, finfo_min, get_activation,
+                        host_param, is_host, run_model, scaled_dot_product_attention, zeros_parameter)
 
 
 def _fields_from(cls, config: dict, sub_key: str):
@@ -236,9 +235,7 @@ class CLIPTextModelWithProjection(Model):
                              f"{self.config.max_position_embeddings}")
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask).reshape(batch, length)
-        # torch.finfo(dtype).min, dtype the one this path computes in (the host path: float32)
-        min_value = np.finfo(np.float16 if not self.host_path and self.dtype == ms.float16 else np.float32).min
-        mask = self.text_model.attention_mask_4d(attention_mask, batch, length, min_value)
+        mask = self.text_model.attention_mask_4d(attention_mask, batch, length, finfo_min(self.compute_dtype))
         positions = self.text_model.pooled_positions(ids)
         # Few tokens against large weights: each product is split over the cores (a core reads part of
         # the weights), not the samples (every core would read all of them).

@@ -17,11 +17,10 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor, nn
 
-from backend.nn import (ACTIVATIONS, Embedding, LayerNorm, Linear, Model, get_activation, host_param, is_host,
-                        run_model, scaled_dot_product_attention)
+from backend.nn import (ACTIVATIONS, Embedding, LayerNorm, Linear, Model, finfo_min, get_activation, host_param,
+                        is_host, run_model, scaled_dot_product_attention)
 
 
 @dataclass
@@ -234,8 +233,7 @@ class MultilingualCLIP(Model):
                              f"{self.config.max_position_embeddings - self.config.pad_token_id - 1}")
         # Additive key mask (B, 1, 1, L) as transformers' get_extended_attention_mask builds it:
         # 0 for tokens, torch.finfo(dtype).min for padding, dtype the one this path computes in.
-        min_value = np.finfo(np.float16 if not self.host_path and self.dtype == ms.float16 else np.float32).min
-        key_mask = ((np.float32(1.0) - keep) * min_value)[:, None, None, :]
+        key_mask = ((np.float32(1.0) - keep) * finfo_min(self.compute_dtype))[:, None, None, :]
         # Few tokens against large weights: each product is split over the cores (a core reads part of
         # the weights), not the samples (every core would read all of them).
         text_embeds, last_hidden_state = run_model(self, self._forward, ids, positions, key_mask, keep,

@@ -28,7 +28,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from backend import interrupt
-from backend.nn import (ACTIVATIONS, Embedding, Linear, Model, RMSNorm, get_activation, is_host, run_model,
+from backend.nn import (ACTIVATIONS, Embedding, Linear, Model, RMSNorm, finfo_min, get_activation, is_host, run_model,
                         scaled_dot_product_attention)
 
 
@@ -208,6 +208,8 @@ class T5Stack(nn.Cell):
 class T5EncoderModel(Model):
     """transformers `T5EncoderModel`: input_ids (B, L) [+ attention_mask] -> last_hidden_state."""
 
+    compute_dtype = ms.float32  # whatever the weights' dtype (module docstring)
+
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
@@ -235,12 +237,12 @@ class T5EncoderModel(Model):
                                            self.config.relative_attention_num_buckets,
                                            self.config.relative_attention_max_distance)[None]  # (1, L, L)
         padding = None
-        if attention_mask is not None:  # (1 - mask) * finfo(float32).min, as transformers builds it
+        if attention_mask is not None:  # (1 - mask) * finfo(dtype).min, as transformers builds it
             keep = np.asarray(attention_mask).reshape(batch, 1, 1, length).astype(np.float32)
-            padding = (1.0 - keep) * np.finfo(np.float32).min
+            padding = (1.0 - keep) * finfo_min(self.compute_dtype)
         # Few tokens against large weights: each product is split over the cores (a core reads, and
         # widens, part of the weights), not the samples (every core would read all of them).
-        out = run_model(self, self._forward, ids, buckets, padding, split_samples=False, dtype=ms.float32)
+        out = run_model(self, self._forward, ids, buckets, padding, split_samples=False)
         return T5EncoderOutput(out if is_host(out) else out.astype(self.dtype))
 
     def _forward(self, input_ids, position_buckets, padding_mask):

@@ -2,7 +2,8 @@
 side. backend/nn/entry.py explains the two paths and holds the one entry models go through;
 backend/nn/host.py holds the host kernels. Models import layers from here, by these names.
 
-  core         is_host, host_param, parameters, matmul, concat, add_ (in-place residual), Identity
+  core         is_host, host_param, parameters, matmul, concat, add_ (in-place residual), Identity,
+               finfo_min (the masks' torch.finfo(dtype).min)
   linear       Linear (and its channels_first form), Embedding
   conv         Conv2d, ConvTranspose2d, conv2d
   norm         GroupNorm / group_norm (scale/shift and SiLU fused), SpatialNorm, LayerNorm, RMSNorm
@@ -16,8 +17,8 @@ from backend.nn.activations import (ACTIVATIONS, GELU, SiLU, gelu, gelu_tanh, ge
                                    silu, silu_)
 from backend.nn.attention import scaled_dot_product_attention
 from backend.nn.conv import Conv2d, ConvTranspose2d, conv2d
-from backend.nn.core import (Identity, add_, as_dtype, concat, host_param, is_host, matmul, ones_parameter,
-                             zeros_parameter)
+from backend.nn.core import (Identity, add_, as_dtype, concat, finfo_min, host_param, is_host, matmul,
+                             ones_parameter, zeros_parameter)
 from backend.nn.embeddings import TimestepEmbedding, Timesteps, batch_timesteps, get_timestep_embedding
 from backend.nn.entry import Model, run_model
 from backend.nn.linear import Embedding, Linear
@@ -28,9 +29,9 @@ from backend.nn.sampling import (Downsample2D, Upsample2D, avg_pool_2x, interpol
 __all__ = [
     "ACTIVATIONS", "Conv2d", "ConvTranspose2d", "Downsample2D", "Embedding", "GELU", "GroupNorm", "Identity",
     "LayerNorm", "Linear", "Model", "RMSNorm", "SiLU", "SpatialNorm", "TimestepEmbedding", "Timesteps",
-    "Upsample2D", "add_", "as_dtype", "avg_pool_2x", "batch_timesteps", "concat", "conv2d", "gelu", "gelu_tanh",
-    "get_activation", "get_timestep_embedding", "group_norm", "host_param", "interpolate_nearest", "is_host",
-    "layer_norm", "matmul", "mish", "ones_parameter", "quick_gelu", "relu", "run_model",
+    "Upsample2D", "add_", "as_dtype", "avg_pool_2x", "batch_timesteps", "concat", "conv2d", "finfo_min", "gelu",
+    "gelu_tanh", "get_activation", "get_timestep_embedding", "group_norm", "host_param", "interpolate_nearest",
+    "is_host", "layer_norm", "matmul", "mish", "ones_parameter", "quick_gelu", "relu", "run_model",
     "scaled_dot_product_attention", "silu", "silu_", "torch_nearest_indices", "upsample_nearest_2x",
     "zeros_parameter",
 ]

@@ -22,6 +22,17 @@ def host_param(param) -> np.ndarray:
     return array if array.dtype == np.float32 else array.astype(np.float32)
 
 
+# torch.finfo(dtype).min, the "minus infinity" transformers writes into additive attention masks
+# (numpy has no bfloat16: its min is -(2 - 2^-7) * 2^127, exact in float32 as every value here).
+_FINFO_MIN = {ms.float16: np.float32(np.finfo(np.float16).min), ms.bfloat16: np.float32(-(2 - 2 ** -7) * 2.0 ** 127),
+              ms.float32: np.finfo(np.float32).min}
+
+
+def finfo_min(dtype) -> np.float32:
+    """torch.finfo(dtype).min for a MindSpore float dtype, as a float32 number."""
+    return _FINFO_MIN[dtype]
+
+
 def as_dtype(param, dtype):
     """The device path computes in its input's dtype (T5 keeps half-precision weights and computes
     in float32)."""

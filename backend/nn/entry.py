@@ -40,10 +40,16 @@ class Model(nn.Cell):
 
     @property
     def dtype(self):
-        """The dtype of the model's parameters (the device path computes in it)."""
+        """The dtype of the model's parameters."""
         for param in self.get_parameters():
             return param.dtype
         return ms.float32
+
+    @property
+    def compute_dtype(self):
+        """The dtype the current path computes in: float32 on the host path, the parameters' dtype on
+        the device path (a model that always computes in float32 sets this to ms.float32)."""
+        return ms.float32 if self.host_path else self.dtype
 
 
 def _is_float(x) -> bool:
@@ -83,12 +89,12 @@ def to_device(x, dtype):
     return x
 
 
-def run_model(model: Model, forward: Callable, *inputs, split_samples: bool = True, dtype=None):
+def run_model(model: Model, forward: Callable, *inputs, split_samples: bool = True):
     """forward(*inputs) on the model's execution path.
 
     `inputs` are numpy arrays, Tensors, numbers, None, or dicts / lists / tuples of them. Float
-    arrays become float32 numpy arrays on the host path and Tensors of `dtype` (default: the
-    model's) on the device path; integer arrays (token ids, masks given as ints) always reach
+    arrays become float32 numpy arrays on the host path and Tensors of the model's `compute_dtype`
+    on the device path; integer arrays (token ids, masks given as ints) always reach
     `forward` as numpy arrays, for the model's own host-side index logic.
 
     On the host path with `split_samples`, whole samples go to each core (backend/nn/host.py
@@ -113,8 +119,7 @@ def run_model(model: Model, forward: Callable, *inputs, split_samples: bool = Tr
             if out is not None:
                 return out
         return forward(*inputs)
-    dtype = dtype or model.dtype
-    return forward(*_tree_map(lambda x: to_device(x, dtype), inputs))
+    return forward(*_tree_map(lambda x: to_device(x, model.compute_dtype), inputs))
 
 
 def _first_batch(inputs) -> int | None:
