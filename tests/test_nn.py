@@ -9,8 +9,9 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from backend.nn import (GELU, Conv2d, ConvTranspose2d, Downsample2D, GroupNorm, LayerNorm, Linear, TimestepEmbedding,
-                        Upsample2D, attention, avg_pool_2x, get_activation, get_timestep_embedding, group_norm, interpolate_nearest, layer_norm,
+from backend.nn import (Conv2d, ConvTranspose2d, Downsample2D, GELU, GroupNorm, LayerNorm, Linear, Model,
+                        TimestepEmbedding, Upsample2D, attention, avg_pool_2x, get_activation, get_timestep_embedding,
+                        group_norm, interpolate_nearest, layer_norm, ones_parameter, run_model,
                         scaled_dot_product_attention, silu, silu_, torch_nearest_indices, upsample_nearest_2x)
 from backend.nn.host import conv2d_host, host_gemm, host_matmul, in_parallel_share, split_batch
 from tests.conftest import as_numpy, assert_close
@@ -130,6 +131,27 @@ def test_unet_batch_split_matches_one_sample_at_a_time():
     for i in range(3):
         alone = model(sample[i:i + 1], steps[i:i + 1], added_cond_kwargs={"image_embeds": embeds[i:i + 1]})
         assert_close(together[i:i + 1], alone, 1e-5)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["cpu-numpy-path", "mindspore-ops-path"])
+def test_run_model_converts_float_and_integer_inputs_for_each_path(host):
+    class Tiny(Model):
+        def __init__(self):
+            super().__init__()
+            self.weight = ones_parameter((2,), ms.float16)
+
+    model = Tiny()
+    model.cpu_numpy_path = host
+    seen = []
+    inputs = (np.ones((2, 3), np.float64), {"ids": Tensor(np.arange(3, dtype=np.int64))}, [np.arange(2)], 7, None)
+    run_model(model, lambda *args: seen.extend(args), *inputs, split_samples=False)
+    floats, ids, positions, number, nothing = seen[0], seen[1]["ids"], seen[2][0], seen[3], seen[4]
+    if host:  # numpy throughout, floats as float32
+        assert floats.dtype == np.float32 and ids.dtype == np.int64 and positions.dtype == np.arange(2).dtype
+    else:  # floats in the parameters' dtype, integers as int32 Tensors for the gathers
+        assert floats.dtype == ms.float16 and ids.dtype == ms.int32 and positions.dtype == ms.int32
+        np.testing.assert_array_equal(ids.asnumpy(), [0, 1, 2])
+    assert (number, nothing) == (7, None)
 
 
 # ---------------------------------------------------------------------------------- convolutions

@@ -194,20 +194,20 @@ class CLIPTextTransformer(nn.Cell):
                 mask = mask + padding[:, None, None, :]
         return np.ascontiguousarray(mask, dtype=np.float32)
 
-    def pooled_positions(self, ids: np.ndarray) -> np.ndarray:
+    def pooled_positions(self, ids: np.ndarray) -> list[int]:
         """Index of the end-of-text token in each row, chosen as transformers 4.57.1 does."""
         if self.eos_token_id == 2:
             # Legacy configs (eos_token_id left at 2): the EOT token has the highest id in CLIP's vocab.
-            return ids.astype(np.int32).argmax(axis=-1)
+            return ids.astype(np.int32).argmax(axis=-1).tolist()
         # First occurrence of eos_token_id (the pad token may equal it); 0 when a row has none.
-        return (ids.astype(np.int32) == self.eos_token_id).astype(np.int32).argmax(axis=-1)
+        return (ids.astype(np.int32) == self.eos_token_id).astype(np.int32).argmax(axis=-1).tolist()
 
-    def construct(self, input_ids, attention_mask, pooled_positions: np.ndarray):
-        """input_ids (B, L), additive attention_mask (B, 1, L, L), pooled_positions (B,) numpy
+    def construct(self, input_ids, attention_mask, pooled_positions: list[int]):
+        """input_ids (B, L), additive attention_mask (B, 1, L, L), pooled_positions (B numbers)
         -> last_hidden_state (B, L, C), pooled (B, C)."""
         hidden_states = self.encoder(self.embeddings(input_ids), attention_mask)
         last_hidden_state = self.final_layer_norm(hidden_states)
-        pooled = last_hidden_state[list(range(len(pooled_positions))), pooled_positions.tolist()]
+        pooled = last_hidden_state[list(range(len(pooled_positions))), pooled_positions]
         return last_hidden_state, pooled
 
 
@@ -243,8 +243,6 @@ class CLIPTextModelWithProjection(Model):
         return CLIPTextModelOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
 
     def _forward(self, input_ids, attention_mask, pooled_positions):
-        if not self.host_path:  # the device path gathers with a Tensor of ids
-            input_ids = Tensor(input_ids.astype(np.int32))
         last_hidden_state, pooled = self.text_model(input_ids, attention_mask, pooled_positions)
         return self.text_projection(pooled), last_hidden_state
 

@@ -241,8 +241,6 @@ class MultilingualCLIP(Model):
         return MCLIPOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
 
     def _forward(self, input_ids, position_ids, attention_mask, keep):
-        if not self.host_path:  # the device path gathers with Tensors of ids
-            input_ids, position_ids = Tensor(input_ids.astype(np.int32)), Tensor(position_ids.astype(np.int32))
         embs = self.transformer(input_ids, position_ids, attention_mask)  # (B, L, C)
         # the mean over the tokens the mask keeps, as diffusers: (embs * mask[..., None]).sum(1) / mask.sum(1)[:, None]
         pooled = (embs * keep[:, :, None]).sum(axis=1) / keep.sum(axis=1)[:, None]

@@ -246,8 +246,5 @@ class T5EncoderModel(Model):
         return T5EncoderOutput(out if is_host(out) else out.astype(self.dtype))
 
     def _forward(self, input_ids, position_buckets, padding_mask):
-        if not self.host_path:  # the device path gathers with Tensors of ids
-            input_ids = Tensor(input_ids.astype(np.int32))
-            position_buckets = Tensor(position_buckets.astype(np.int32))
         hidden_states = self.shared(input_ids).astype(np.float32)  # (B, L, C); half-precision tables widened
         return self.encoder(hidden_states, position_buckets, padding_mask)

@@ -52,12 +52,8 @@ class Model(nn.Cell):
         return ms.float32 if self.host_path else self.dtype
 
 
-def _is_float(x) -> bool:
-    if isinstance(x, np.ndarray):
-        return x.dtype.kind == "f"
-    if isinstance(x, Tensor):
-        return x.dtype in (ms.float16, ms.bfloat16, ms.float32, ms.float64)
-    return False
+_FLOATS = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
+_INTEGERS = (ms.int8, ms.int16, ms.int32, ms.int64, ms.uint8, ms.uint16, ms.uint32, ms.uint64)
 
 
 def _tree_map(fn, value):
@@ -79,23 +75,26 @@ def to_host(x):
 
 
 def to_device(x, dtype):
-    """Float inputs as Tensors of `dtype`; integer Tensors as numpy arrays; anything else unchanged."""
-    if isinstance(x, Tensor) and not _is_float(x):
-        return x.asnumpy()
-    if isinstance(x, np.ndarray) and x.dtype.kind == "f":
-        x = Tensor(np.ascontiguousarray(x, dtype=np.float32))
-    if isinstance(x, Tensor) and x.dtype != dtype:
-        return x.astype(dtype)
+    """Float arrays as Tensors of `dtype`; integer arrays as int32 Tensors (what the device path's
+    gathers take); anything else unchanged."""
+    if isinstance(x, np.ndarray) and x.dtype.kind in "fiu":
+        x = Tensor(np.ascontiguousarray(x, dtype=np.float32 if x.dtype.kind == "f" else np.int32))
+    if isinstance(x, Tensor):
+        if x.dtype in _FLOATS and x.dtype != dtype:
+            return x.astype(dtype)
+        if x.dtype in _INTEGERS and x.dtype != ms.int32:
+            return x.astype(ms.int32)
     return x
 
 
 def run_model(model: Model, forward: Callable, *inputs, split_samples: bool = True):
     """forward(*inputs) on the model's execution path.
 
-    `inputs` are numpy arrays, Tensors, numbers, None, or dicts / lists / tuples of them. Float
-    arrays become float32 numpy arrays on the host path and Tensors of the model's `compute_dtype`
-    on the device path; integer arrays (token ids, masks given as ints) always reach
-    `forward` as numpy arrays, for the model's own host-side index logic.
+    `inputs` are numpy arrays, Tensors, numbers, None, or dicts / lists / tuples of them. On the
+    host path every array reaches `forward` as a numpy array (floats as float32); on the device
+    path float arrays become Tensors of the model's `compute_dtype`, integer arrays (token ids,
+    position tables) int32 Tensors. A model's own index logic (masks, positions) runs on numpy
+    before this call.
 
     On the host path with `split_samples`, whole samples go to each core (backend/nn/host.py
     `split_batch`): every array input whose first axis is the batch (the first array's) is cut
