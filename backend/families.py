@@ -177,8 +177,10 @@ class TextEncoderFamily(Family):
         return 1
 
     def condition(self, encoder, request, generator, callback, note):
+        from backend.pipelines.base import do_classifier_free_guidance  # loaded with the encoder already
+
         embeds, negative, mask, negative_mask = encoder.encode_prompt(
-            [request.prompt], request.guidance_scale > 1.0, 1,
+            [request.prompt], do_classifier_free_guidance(request.guidance_scale), 1,
             [request.negative_prompt] if request.negative_prompt else None)
         callback(0, 1, None, None)
         note(self.text_reader, encoder.truncated_text)
