@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from backend import fingerprints, previews
+from backend import derived, fingerprints, previews
 from backend.events import Loading
 from backend.families import ModelStage
 from backend.memory import component_bytes, default_memory_budget, format_bytes, parameter_bytes
@@ -56,7 +56,7 @@ class LoadedUnit:
     components: dict                 # name -> model / scheduler / tokenizer / processor
     sizes: dict                      # model component name -> parameter bytes
     configs: dict                    # model component name -> its config.json as loaded
-    factors: previews.PreviewFactorCache
+    cache: derived.DerivedValueCache  # the manager's values derived from checkpoints (preview factors, ...)
     last_used: float = field(default_factory=time.monotonic)
     pins: int = 0                    # > 0 while a job uses it: never evicted then
     _fingerprints: dict = field(default_factory=dict)
@@ -111,13 +111,15 @@ class UnitInUse:
             if on_fit is not None:
                 on_fit()
             return previews.fit_factors_from_pipeline(self.pipeline())
-        return self.unit.factors.get(self.unit.fingerprint("movq"), fit)
+        return self.unit.cache.get(previews.PREVIEW_FACTORS, self.unit.fingerprint("movq"), fit)
 
 
 class ModelManager:
     def __init__(self, *, dtype: str = "float32", memory_budget: int | None = None,
                  cache_dir: str | os.PathLike | None = None, offline: bool = False, device: str = "CPU",
                  factors_dir: str | os.PathLike | None = None):
+        """`factors_dir`: where the values derived from checkpoints are kept (backend/derived.py: the
+        preview factors and the zero-image embeddings; None: in memory only)."""
         self.dtype = dtype
         self.memory_budget = memory_budget or default_memory_budget()
         self.cache_dir = str(cache_dir) if cache_dir else None
@@ -126,7 +128,7 @@ class ModelManager:
         self._units: dict[str, LoadedUnit] = {}       # ModelStage.key -> loaded unit
         self._folders: dict[str, Path] = {}           # source -> resolved folder
         self._lock = threading.Lock()                 # guards _units for status() readers
-        self._factors = previews.PreviewFactorCache(factors_dir)
+        self._derived = derived.DerivedValueCache(factors_dir)
 
     # ------------------------------------------------------------------ engine thread
     @contextmanager
@@ -208,7 +210,7 @@ class ModelManager:
         sizes = {name: parameter_bytes(value) for name, value in components.items()
                  if hasattr(value, "parameters_and_names")}
         configs = {name: (folder / name / "config.json").read_bytes() for name in sizes}
-        unit = LoadedUnit(stage, folder, self.dtype, str(load_dtype), components, sizes, configs, self._factors)
+        unit = LoadedUnit(stage, folder, self.dtype, str(load_dtype), components, sizes, configs, self._derived)
         with self._lock:
             self._units[unit.key] = unit
         logger.info("loaded %s (%s) in %.1f s", unit.key, format_bytes(unit.total), time.monotonic() - started)

@@ -4,10 +4,10 @@ A full MoVQ decode costs about two UNet steps (DESIGN.md, "Previews must be chea
 default preview is a linear map: rgb = x0 . W + b per latent pixel, (4, 3) weights plus a bias,
 then upscaled. W and b are fitted once per checkpoint from the loaded MoVQ itself, the way
 InvokeAI derives its latent-RGB factors: encode the sample images in assets/samples/, average
-the pixels over each latent cell, and solve least squares. `PreviewFactorCache` keeps them in
-memory and on disk keyed by the MoVQ's fingerprint (backend/fingerprints.py), so the fit (a few
-MoVQ encodes) runs once per checkpoint: the published decoder, inpainting and ControlNet repos
-ship the same MoVQ and share one fit.
+the pixels over each latent cell, and solve least squares. backend/derived.py keeps them (kind
+`PREVIEW_FACTORS`) in memory and on disk keyed by the MoVQ's fingerprint (backend/fingerprints.py),
+so the fit (a few MoVQ encodes) runs once per checkpoint: the published decoder, inpainting and
+ControlNet repos ship the same MoVQ and share one fit.
 
 Everything here except `fit_factors_from_pipeline` is numpy/PIL; that one runs the MoVQ and
 so belongs on the engine thread.
@@ -15,15 +15,13 @@ so belongs on the engine thread.
 from __future__ import annotations
 
 import json
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-logger = logging.getLogger(__name__)
+from backend import derived
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
 # The depth map is grey only; the others cover the colour cube (assets/make_samples.py).
@@ -47,6 +45,8 @@ class LatentRGBFactors:
 
     @classmethod
     def from_json(cls, data: dict) -> "LatentRGBFactors":
+        if not isinstance(data, dict):
+            raise ValueError(f"preview factors must be a JSON object; got {type(data).__name__}")
         if data.get("version") != FACTORS_VERSION:
             raise ValueError(f"preview factors version {data.get('version')} is not {FACTORS_VERSION}")
         weight = np.asarray(data["weight"], np.float32)
@@ -127,30 +127,13 @@ def fit_factors_from_pipeline(pipe, size: int = FIT_SIZE) -> LatentRGBFactors:
     return fit_factors(latents, pixels)
 
 
-class PreviewFactorCache:
-    """Factors per MoVQ checkpoint (by fingerprint): in memory, and as JSON files in `folder`
-    (None = memory only)."""
+def _read_factors(path: Path) -> LatentRGBFactors:
+    return LatentRGBFactors.from_json(json.loads(path.read_text(encoding="utf-8")))
 
-    def __init__(self, folder: str | os.PathLike | None):
-        self.folder = Path(folder) if folder else None
-        self._memory: dict[str, LatentRGBFactors] = {}
 
-    def get(self, key: str, fit) -> LatentRGBFactors:
-        """Cached factors for `key`, or `fit()` them (and store them)."""
-        if key in self._memory:
-            return self._memory[key]
-        path = self.folder / f"{key}.json" if self.folder else None
-        factors = None
-        if path is not None and path.is_file():
-            try:
-                factors = LatentRGBFactors.from_json(json.loads(path.read_text(encoding="utf-8")))
-            except (ValueError, KeyError, json.JSONDecodeError) as error:
-                logger.warning("ignoring unreadable preview factors %s: %s", path, error)
-        if factors is None:
-            factors = fit()
-            logger.info("fitted latent->RGB preview factors (rms error %.3f)", factors.residual)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(factors.to_json()), encoding="utf-8")
-        self._memory[key] = factors
-        return factors
+def _write_factors(path: Path, factors: LatentRGBFactors) -> None:
+    path.write_text(json.dumps(factors.to_json()), encoding="utf-8")
+
+
+# The factors as backend/derived.py keeps them: `<MoVQ fingerprint>.json`.
+PREVIEW_FACTORS = derived.Kind("latent->RGB preview factors", ".json", _read_factors, _write_factors)

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from backend import demo, previews
-from backend.previews import LatentRGBFactors, PreviewFactorCache, fit_factors, latents_to_rgb, preview_image
+from backend.derived import DerivedValueCache
+from backend.previews import PREVIEW_FACTORS, LatentRGBFactors, fit_factors, latents_to_rgb, preview_image
 
 
 def test_fit_recovers_a_known_linear_map():
@@ -52,15 +53,18 @@ def test_cache_fits_once_and_reuses_the_file(tmp_path):
         calls.append(1)
         return factors
 
-    cache = PreviewFactorCache(tmp_path)
-    assert cache.get("abc", fit) is factors
-    assert cache.get("abc", fit) is factors
+    cache = DerivedValueCache(tmp_path)
+    assert cache.get(PREVIEW_FACTORS, "abc", fit) is factors
+    assert cache.get(PREVIEW_FACTORS, "abc", fit) is factors
     assert len(calls) == 1 and json.loads((tmp_path / "abc.json").read_text())["residual"] == 0.1
-    again = PreviewFactorCache(tmp_path).get("abc", fit)  # a new process reads the file
+    again = DerivedValueCache(tmp_path).get(PREVIEW_FACTORS, "abc", fit)  # a new process reads the file
     assert len(calls) == 1 and np.array_equal(again.weight, factors.weight)
     (tmp_path / "bad.json").write_text("{broken")
-    PreviewFactorCache(tmp_path).get("bad", fit)  # an unreadable file is refitted, not fatal
+    DerivedValueCache(tmp_path).get(PREVIEW_FACTORS, "bad", fit)  # an unreadable file is refitted, not fatal
     assert len(calls) == 2
+    (tmp_path / "list.json").write_text("[1, 2]")   # valid JSON, not factors
+    DerivedValueCache(tmp_path).get(PREVIEW_FACTORS, "list", fit)
+    assert len(calls) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["abc.json", "bad.json", "list.json"]
 
 
 def test_the_checkpoint_fingerprint_follows_the_content(tmp_path):
