@@ -117,6 +117,18 @@ def test_prior_without_guidance(prior, ref):
     assert_close(neg, ref["prior_noguid_negative_image_embeds"], TOL)
 
 
+def test_prior_without_image_encoder_given_its_zero_embedding_is_bit_identical(prior):
+    """The ViT-L/14 image encoder left out, its zero-image embedding given (as the app does for text-only jobs)."""
+    text_only = KandinskyPriorPipeline.from_pretrained(PRIOR, image_encoder=None,
+                                                       zero_image_embeds=prior.get_zero_embed())
+    assert text_only.image_encoder is None
+    want = prior("a red cat", num_inference_steps=2, generator=gen(5), guidance_scale=4.0)
+    got = text_only("a red cat", num_inference_steps=2, generator=gen(5), guidance_scale=4.0)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="an image, needs the image encoder"):
+        text_only.interpolate(["a cat", image("image_a.png")], [0.5, 0.5], num_inference_steps=2)
+
+
 def test_prior_interpolate(prior, ref):
     emb, neg = prior.interpolate(["a cat", image("image_a.png"), "red dog", image("image_b.png")],
                                  [0.3, 0.2, 0.4, 0.1], num_inference_steps=2, generator=gen(3))

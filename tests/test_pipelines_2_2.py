@@ -20,6 +20,7 @@ from backend.pipelines import (
     KandinskyV22PriorPipeline,
 )
 from backend import weights
+from backend.derived import DerivedValueCache, array_kind
 from backend.schedulers import DDIMScheduler, DDPMScheduler
 from tests.conftest import assert_close
 
@@ -92,6 +93,61 @@ def test_prior_emb2emb(prior, ref):
                     guidance_scale=4.0)
     assert_close(emb, ref["emb2emb_image_embeds"], TOL)
     assert_close(neg, ref["emb2emb_negative_image_embeds"], TOL)
+
+
+def test_prior_without_image_encoder_given_the_cached_zero_embedding_is_bit_identical(prior, tmp_path):
+    """What the app runs for every text-only job: no image encoder, its zero-image embedding read back
+    from backend/derived.py's .npy file instead."""
+    zero = prior.get_zero_embed()
+    assert zero.shape == (1, prior.embedding_dim) and zero.dtype == np.float32
+    kind = array_kind("zero_image_embeds")
+    DerivedValueCache(tmp_path).put(kind, "encoder-fingerprint", zero)
+    stored = DerivedValueCache(tmp_path).peek(kind, "encoder-fingerprint")   # a new process reads the file
+    assert stored.dtype == zero.dtype and stored.shape == zero.shape and stored.tobytes() == zero.tobytes()
+
+    text_only = KandinskyV22PriorPipeline.from_pretrained(PRIOR, image_encoder=None, zero_image_embeds=stored)
+    assert text_only.image_encoder is None and text_only.prior is not prior.prior
+    assert np.array_equal(text_only.get_zero_embed(3), prior.get_zero_embed(3))
+    for kwargs in (dict(guidance_scale=4.0), dict(guidance_scale=1.0, num_images_per_prompt=2),
+                   dict(negative_prompt="red", guidance_scale=3.0)):
+        want = prior("a red cat", num_inference_steps=2, generator=gen(5), **kwargs)
+        got = text_only("a red cat", num_inference_steps=2, generator=gen(5), **kwargs)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), kwargs
+    want = prior.interpolate(["a cat", "red dog"], [0.3, 0.7], num_inference_steps=2, generator=gen(6))
+    got = text_only.interpolate(["a cat", "red dog"], [0.3, 0.7], num_inference_steps=2, generator=gen(6))
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_prior_without_image_encoder_names_what_is_missing_before_any_work(prior):
+    steps = []
+    callback = lambda *args: steps.append(args)  # noqa: E731
+    bare = KandinskyV22PriorPipeline(**{**prior.components, "image_encoder": None})
+    with pytest.raises(ValueError, match=r"^The zero-image embedding .* needs the image encoder, and this "
+                                         r"KandinskyV22PriorPipeline was built without one \(image_encoder=None\).*"
+                                         r"`zero_image_embeds`"):
+        bare("a cat", num_inference_steps=2, callback=callback)
+    assert steps == []
+    # with a negative prompt the negative embedding is that prompt's: no zero image needed
+    emb, neg = bare("a cat", negative_prompt="a dog", num_inference_steps=2, generator=gen(7))
+    assert emb.shape == neg.shape == (1, prior.embedding_dim)
+
+    text_only = KandinskyV22PriorPipeline(**{**prior.components, "image_encoder": None},
+                                          zero_image_embeds=prior.get_zero_embed())
+    with pytest.raises(ValueError, match=r"`images_and_prompts\[1\]`, an image, needs the image encoder"):
+        text_only.interpolate(["a cat", image("image_a.png")], [0.5, 0.5], num_inference_steps=2, callback=callback)
+    assert steps == []
+    emb2emb = KandinskyV22PriorEmb2EmbPipeline(**text_only.components, zero_image_embeds=text_only.zero_image_embeds)
+    with pytest.raises(ValueError, match="^Encoding an image needs the image encoder"):
+        emb2emb("a cat", image=image("image_a.png"), num_inference_steps=2, callback=callback)
+    assert steps == []
+    # embeddings instead of images need no encoder
+    emb, _ = emb2emb("a cat", image=np.ones((1, prior.embedding_dim), np.float32), strength=0.5,
+                     num_inference_steps=2, generator=gen(8))
+    assert emb.shape == (1, prior.embedding_dim)
+    with pytest.raises(ValueError, match=rf"`zero_image_embeds` must have shape \(1, {prior.embedding_dim}\)"):
+        KandinskyV22PriorPipeline(**prior.components, zero_image_embeds=np.zeros((2, prior.embedding_dim)))
+    with pytest.raises(ValueError, match=rf"`zero_image_embeds` must have shape \(batch, {prior.embedding_dim}\)"):
+        KandinskyV22PriorPipeline(**prior.components, zero_image_embeds=np.zeros((1, 7)))
 
 
 def test_text2img(decoder, ref):

@@ -5,13 +5,15 @@ Port of diffusers 0.35.2 `pipelines/kandinsky2_2/pipeline_kandinsky2_2_prior.py`
 `pipeline_kandinsky2_2_prior_emb2emb.py`, same names and arguments, step for step: CLIP encodes
 the prompt, the PriorTransformer denoises an embedding with the UnCLIP scheduler under
 classifier-free guidance, the result is un-normalised with the CLIP statistics. Differences, each
-on purpose: `generator` is a numpy Generator (all noise from backend/random.py), and one
-`callback(step, total, latents, x0)` per step replaces diffusers' two callback styles.
+on purpose: `generator` is a numpy Generator (all noise from backend/random.py), one
+`callback(step, total, latents, x0)` per step replaces diffusers' two callback styles, and the image
+encoder may be left out when its zero-image embedding is given (`zero_image_embeds`, see the class).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mindspore as ms
 import numpy as np
 from PIL import Image
 
@@ -41,13 +43,65 @@ class _TextConditioning:
 
 
 class KandinskyV22PriorPipeline(DiffusionPipeline):
-    """Text (and images, through `interpolate`) -> CLIP image embeddings for the decoders."""
+    """Text (and images, through `interpolate`) -> CLIP image embeddings for the decoders.
+
+    A call without `negative_prompt` returns, as its negative embedding, CLIP's embedding of an
+    all-zero image (`get_zero_embed`): the same for every call of a checkpoint, and the only use of
+    the image encoder (Kandinsky 2.2: ViT-bigG, 1.8B parameters, more than the prior and the text
+    encoder together) in calls that encode no image. So the encoder may be left out
+    (`image_encoder=None`, in `from_pretrained` too) and that embedding given instead:
+
+        full = KandinskyV22PriorPipeline.from_pretrained(repo)
+        zero = full.get_zero_embed()          # (1, D) float32; store it (np.save keeps every bit)
+        text_only = KandinskyV22PriorPipeline.from_pretrained(repo, image_encoder=None, zero_image_embeds=zero)
+
+    `text_only` returns what `full` returns, bit for bit, for every call that encodes no image;
+    encoding one (`interpolate` with an image, Emb2Emb from a PIL image) raises a ValueError
+    naming the missing encoder, before any work.
+    """
 
     component_names = ("prior", "image_encoder", "text_encoder", "tokenizer", "scheduler", "image_processor")
+    optional_components = ("image_encoder",)
+    derived_values = {"zero_image_embeds": ("image_encoder", "get_zero_embed")}
+
+    def __init__(self, dtype=ms.float32, zero_image_embeds=None, **components):
+        super().__init__(dtype, **components)
+        self.zero_image_embeds = zero_image_embeds
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, zero_image_embeds=None, **kwargs):
+        """DiffusionPipeline.from_pretrained; `image_encoder=None` leaves the image encoder unloaded,
+        `zero_image_embeds` gives its zero-image embedding (see the class)."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        pipe.zero_image_embeds = zero_image_embeds
+        return pipe
 
     @property
     def embedding_dim(self) -> int:
         return int(self.prior.config.embedding_dim)
+
+    @property
+    def zero_image_embeds(self) -> np.ndarray | None:
+        """(1, D) float32: the zero-image embedding given instead of computing it with the image
+        encoder, or None (`get_zero_embed` runs the encoder)."""
+        return self._zero_image_embeds
+
+    @zero_image_embeds.setter
+    def zero_image_embeds(self, value) -> None:
+        if value is not None:
+            value = inputs.as_embeds("zero_image_embeds", value, self.embedding_dim)
+            if value.shape[0] != 1:
+                raise ValueError(f"`zero_image_embeds` must have shape (1, {self.embedding_dim}); "
+                                 f"got {tuple(value.shape)}")
+        self._zero_image_embeds = value
+
+    def _require_image_encoder(self, what: str, instead: str = ""):
+        """The image encoder, or a ValueError saying that `what` needs it (and what else would do)."""
+        if self.image_encoder is None:
+            raise ValueError(f"{what} needs the image encoder, and this {type(self).__name__} was built "
+                             f"without one (image_encoder=None): load it with its `image_encoder`"
+                             + (f", or {instead}" if instead else ""))
+        return self.image_encoder
 
     def _encode_prompt(self, prompt: list[str], num_images_per_prompt: int, guided: bool,
                        negative_prompt: list[str] | None):
@@ -92,15 +146,26 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
         return prompt_embeds, hidden, text_mask
 
     def _encode_image(self, images: list, num_images_per_prompt: int) -> np.ndarray:
+        encoder = self._require_image_encoder("Encoding an image", "pass image embeddings instead")
         pixel_values = self.image_processor.preprocess([inputs.to_rgb(i, "image") for i in images])
-        embeds = self.to_numpy(self.image_encoder(pixel_values).image_embeds)
+        embeds = self.to_numpy(encoder(pixel_values).image_embeds)
         return embeds.repeat(num_images_per_prompt, axis=0)
 
     def get_zero_embed(self, batch_size: int = 1) -> np.ndarray:
-        size = int(self.image_encoder.config.image_size)
-        zero_img = np.zeros((1, 3, size, size), np.float32)
-        embeds = self.to_numpy(self.image_encoder(zero_img).image_embeds)
+        """(batch_size, D) float32: CLIP's embedding of an all-zero image, repeated; `zero_image_embeds`
+        when given, else computed by the image encoder."""
+        embeds = self.zero_image_embeds
+        if embeds is None:
+            encoder = self._require_zero_embed_source()
+            size = int(encoder.config.image_size)
+            zero_img = np.zeros((1, 3, size, size), np.float32)
+            embeds = self.to_numpy(encoder(zero_img).image_embeds)
         return np.tile(embeds, (batch_size, 1))
+
+    def _require_zero_embed_source(self):
+        return self._require_image_encoder(
+            "The zero-image embedding (the negative embedding of a call without `negative_prompt`)",
+            "give `zero_image_embeds` (`get_zero_embed()` of a pipeline that has the encoder)")
 
     def _denoise(self, latents, text: "_TextConditioning", timesteps, generator, callback: StepCallback | None):
         """The prior loop shared by text-to-embedding and embedding-to-embedding."""
@@ -150,6 +215,8 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
         num_inference_steps = inputs.check_steps("num_inference_steps", num_inference_steps)
         guidance_scale = inputs.check_guidance("guidance_scale", guidance_scale)
         inputs.check_output_type(output_type, ("np", "pt"))
+        if negative_prompt is None and self.zero_image_embeds is None:
+            self._require_zero_embed_source()   # now, not after the denoising loop
         # With a negative prompt the batch is doubled to get its embedding from the same run.
         if negative_prompt is not None:
             prompt = prompt + negative_prompt
@@ -188,6 +255,10 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
             if not isinstance(cond, (str, Image.Image)):
                 raise ValueError(f"`images_and_prompts[{index}]` must be a string or a PIL image; "
                                  f"got {type(cond).__name__}")
+            if isinstance(cond, Image.Image):
+                self._require_image_encoder(f"`images_and_prompts[{index}]`, an image,")
+        if negative_prior_prompt is None and self.zero_image_embeds is None:
+            self._require_zero_embed_source()
 
         total = np.zeros((num_images_per_prompt, self.embedding_dim), np.float32)
         for cond, weight in zip(images_and_prompts, weights):
