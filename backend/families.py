@@ -13,7 +13,9 @@ which family it is:
 How the families split their work:
 - 2.1 and 2.2: a prior folder (text -> CLIP image embedding, sampled with each run's generator)
   and decoder folders (embedding -> image); 2.1's decoders also read the prompt through their
-  own MultilingualCLIP.
+  own MultilingualCLIP. The prior's image encoder is on demand: only interpolation with an image
+  loads it; the other jobs need only its zero-image embedding, computed once per checkpoint and
+  cached (backend/manager.py).
 - 3: one folder loaded as two units: the T5 text encoder (8.7B parameters) encodes the prompt once
   per job, then the UNet + MoVQ run from its states. Under a budget that cannot hold both,
   loading the UNet evicts the encoder, so the peak is the larger unit, not their sum.
@@ -22,7 +24,7 @@ No MindSpore here: the page reads the families too (what a model offers, its def
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -44,11 +46,16 @@ class Stage:
 
     pipeline: str
     role: str                       # the folder it reads: a key of ModelSpec.repos
-    part: str = ""                  # "" = the whole folder; else the name of this part of it
+    part: str = ""                  # "" = the folder (but its on-demand components); else this part's name
     components: tuple = ()          # that part's components (the others stay unloaded)
     # With a float32 app, keep the checkpoint's precision (weights.CHECKPOINT_PRECISION): for a
     # model that computes in float32 whatever its weights' dtype, only the memory changes.
     keeps_checkpoint_precision: bool = False
+
+    # Components left out of the unit: each loads as a unit of its own for the jobs that need it
+    # (Family.text_stage_needs), or once to compute what the pipeline takes in its place (the
+    # pipeline class's `derived_values`, cached per checkpoint by the model manager).
+    on_demand: tuple = ()
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -116,6 +123,10 @@ class Family:
         stage dropped part of a prompt."""
         raise NotImplementedError
 
+    def text_stage_needs(self, request: GenerationRequest) -> tuple:
+        """The text stage's on-demand components (Stage.on_demand) that `request` uses."""
+        return ()
+
     def decoder_arguments(self, request: GenerationRequest) -> dict:
         """The decoder call's arguments besides the conditioning, the generator and the callback."""
         return dict(request.pipeline_inputs(), height=request.height, width=request.width,
@@ -141,6 +152,13 @@ class PriorFamily(Family):
         if isinstance(request, InterpolateRequest):
             return sum(isinstance(item, str) for item in request.inputs) * request.prior_num_inference_steps
         return request.prior_num_inference_steps * (2 if request.negative_prompt else 1)
+
+    def text_stage_needs(self, request):
+        """The image encoder for the images of an interpolation; the other tasks' images go to the
+        decoder, and their prior reads text only."""
+        if isinstance(request, InterpolateRequest) and any(isinstance(i, Image.Image) for i in request.inputs):
+            return ("image_encoder",)
+        return ()
 
     def condition(self, prior, request, generator, callback, note):
         common = dict(num_images_per_prompt=request.batch_size, num_inference_steps=request.prior_num_inference_steps,
@@ -195,6 +213,8 @@ class TextEncoderFamily(Family):
         return args
 
 
+# The 2.x prior's CLIP image encoder (2.2: ViT-bigG, 7.4 GB in float32; 2.1: ViT-L/14, 1.2 GB).
+_PRIOR_ON_DEMAND = ("image_encoder",)
 _K3_ENCODER = ("tokenizer", "text_encoder")
 _K3_DECODER = ("unet", "scheduler", "movq")
 
@@ -204,7 +224,7 @@ KANDINSKY_2_2 = PriorFamily(
            "decoder": "kandinsky-community/kandinsky-2-2-decoder",
            "inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
            "controlnet": "kandinsky-community/kandinsky-2-2-controlnet-depth"},
-    stages={"prior": Stage("KandinskyV22PriorPipeline", "prior"),
+    stages={"prior": Stage("KandinskyV22PriorPipeline", "prior", on_demand=_PRIOR_ON_DEMAND),
             "text2img": Stage("KandinskyV22Pipeline", "decoder"),
             "img2img": Stage("KandinskyV22Img2ImgPipeline", "decoder"),
             "inpaint": Stage("KandinskyV22InpaintPipeline", "inpaint"),
@@ -218,7 +238,7 @@ KANDINSKY_2_1 = PriorFamily(
     repos={"prior": "kandinsky-community/kandinsky-2-1-prior",
            "decoder": "kandinsky-community/kandinsky-2-1",
            "inpaint": "kandinsky-community/kandinsky-2-1-inpaint"},
-    stages={"prior": Stage("KandinskyPriorPipeline", "prior"),
+    stages={"prior": Stage("KandinskyPriorPipeline", "prior", on_demand=_PRIOR_ON_DEMAND),
             "text2img": Stage("KandinskyPipeline", "decoder"),
             "img2img": Stage("KandinskyImg2ImgPipeline", "decoder"),
             "inpaint": Stage("KandinskyInpaintPipeline", "inpaint")},
@@ -272,6 +292,14 @@ class ModelStage:
     @property
     def label(self) -> str:
         return f"{self.stage.role} {self.stage.part}" if self.stage.part else self.stage.role
+
+    def on_demand_part(self, component: str) -> "ModelStage":
+        """The unit of one of the stage's on-demand components: that component alone, from the same folder."""
+        if component not in self.stage.on_demand:
+            raise ValueError(f"{component!r} is not an on-demand component of {self.label} "
+                             f"(those are {list(self.stage.on_demand)})")
+        part = replace(self.stage, part=component.replace("_", " "), components=(component,), on_demand=())
+        return ModelStage(self.source, part, self.variant)
 
 
 @dataclass(frozen=True)

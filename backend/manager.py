@@ -12,6 +12,13 @@ directly from the folder (backend/pipelines/loading.py), and the folder is resol
 Pipelines are cheap objects built per use (the stages of one folder share its components:
 text-to-image and image-to-image are the same UNet + MoVQ); only the scheduler is swapped.
 
+A stage's on-demand components (Stage.on_demand: the 2.x prior's image encoder) are units of their
+own, loaded only for a job that names them (`use(stage, needs=...)`: interpolation with an image).
+Any other job gets what the pipeline takes in their place (its `derived_values`: the zero-image
+embedding) from backend/derived.py, keyed by the component's fingerprint, the dtype and the device;
+the first job of a checkpoint loads the component, computes the value with the pipeline's own
+method, stores it (on disk with the preview factors) and frees the component again.
+
 Memory counts parameter bytes: before a unit loads, its size is read from the safetensors headers,
 units not in use are evicted least recently used first until it fits the budget (ComfyUI's
 model_management does the same), and a unit larger than the whole budget still loads, alone, with
@@ -28,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -70,7 +77,8 @@ class LoadedUnit:
         return sum(self.sizes.values())
 
     def fingerprint(self, name: str) -> str:
-        """backend/fingerprints.py of one component (computed when first asked)."""
+        """backend/fingerprints.py of one component of the folder, loaded or not (computed when first
+        asked; from the files, never from the model)."""
         if name not in self._fingerprints:
             self._fingerprints[name] = fingerprints.fingerprint(self.folder / name, self.stage.variant)
         return self._fingerprints[name]
@@ -82,6 +90,8 @@ class UnitInUse:
 
     unit: LoadedUnit
     stage: ModelStage
+    on_demand: dict = field(default_factory=dict)   # on-demand components this use holds: name -> model
+    values: dict = field(default_factory=dict)      # the pipeline's derived values: keyword -> value
 
     def pipeline(self, scheduler: str = "default"):
         """The stage's pipeline over the unit's components, with the decoder scheduler asked for
@@ -92,7 +102,8 @@ class UnitInUse:
 
         unit = self.unit
         cls = getattr(pipelines, self.stage.stage.pipeline)
-        components = {name: unit.components.get(name) for name in cls.component_names}
+        components = {name: self.on_demand[name] if name in self.on_demand else unit.components.get(name)
+                      for name in cls.component_names}
         if check_choice("scheduler", scheduler, SCHEDULERS) != "default":
             shipped = unit.folder / f"{scheduler}_scheduler"
             if shipped.is_dir():
@@ -102,7 +113,7 @@ class UnitInUse:
             else:
                 components["scheduler"] = scheduler_from_config(SCHEDULERS[scheduler],
                                                                 dict(components["scheduler"].config))
-        return cls(dtype=unit.dtype, **components)
+        return cls(dtype=unit.dtype, **components, **self.values)
 
     def preview_factors(self, on_fit: Callable[[], None] | None = None) -> previews.LatentRGBFactors:
         """Latent -> RGB factors of the unit's MoVQ, fitted once per checkpoint (`on_fit` is called
@@ -132,16 +143,74 @@ class ModelManager:
 
     # ------------------------------------------------------------------ engine thread
     @contextmanager
-    def use(self, stage: ModelStage, on_progress: ProgressCallback | None = None):
-        """The loaded unit of `stage` (loaded now if needed); it cannot be evicted until the block ends."""
+    def use(self, stage: ModelStage, on_progress: ProgressCallback | None = None, needs: tuple = ()):
+        """The loaded unit of `stage` (loaded now if needed), with the on-demand components in `needs`
+        (each its own unit); none of them can be evicted until the block ends. The stage's other
+        on-demand components stay unloaded: their derived values come from the cache."""
+        with ExitStack() as held:
+            unit = held.enter_context(self._pinned(stage, on_progress))
+            on_demand = {}
+            for name in needs:
+                part = held.enter_context(self._pinned(stage.on_demand_part(name), on_progress))
+                on_demand[name] = part.components[name]
+            yield UnitInUse(unit, stage, on_demand, self._derived_values(stage, unit, on_demand, on_progress))
+
+    @contextmanager
+    def _pinned(self, stage: ModelStage, on_progress: ProgressCallback | None):
         unit = self._units.get(stage.key) or self._load(stage, on_progress)
         unit.pins += 1
         unit.last_used = time.monotonic()
         try:
-            yield UnitInUse(unit, stage)
+            yield unit
         finally:
             unit.pins -= 1
             unit.last_used = time.monotonic()
+
+    def _derived_values(self, stage: ModelStage, unit: LoadedUnit, on_demand: dict,
+                        on_progress: ProgressCallback | None) -> dict:
+        """The values the stage's pipeline takes in place of its on-demand components (the class's
+        `derived_values`): cached, or computed by the pipeline's own method, with the component this use
+        holds, else one loaded for the moment and freed after (unless a job had loaded it before)."""
+        from backend import pipelines
+
+        values = {}
+        for keyword, (component, method) in getattr(pipelines, stage.stage.pipeline).derived_values.items():
+            if component not in stage.stage.on_demand:
+                continue
+            kind = derived.array_kind(keyword)
+            # the value is exact only for the weights, the dtype and the kernels it was computed with
+            key = f"{unit.fingerprint(component)}.{unit.load_dtype}.{self.device.lower()}"
+            value = self._derived.peek(kind, key)
+            if value is None:
+                if on_progress is not None:
+                    on_progress(Loading(f"{stage.label} / {keyword}: computed once for this checkpoint", 0, 0))
+
+                def compute(model):
+                    return getattr(UnitInUse(unit, stage, {component: model}).pipeline(), method)()
+                if component in on_demand:
+                    value = compute(on_demand[component])
+                else:
+                    part = stage.on_demand_part(component)
+                    loaded_before = part.key in self._units
+                    with self._pinned(part, on_progress) as holder:
+                        value = compute(holder.components[component])
+                    if not loaded_before:
+                        self._release(part.key)
+                self._derived.put(kind, key, value)
+                logger.info("computed %s of %s (%s)", keyword, stage.key, key)
+            values[keyword] = value
+        return values
+
+    def _release(self, key: str) -> None:
+        """Free one unit now, if no job holds it."""
+        with self._lock:
+            unit = self._units.get(key)
+            if unit is None or unit.pins:
+                return
+            del self._units[key]
+        logger.info("released %s (%s): no job needs it now", key, format_bytes(unit.total))
+        del unit
+        gc.collect()
 
     def unload(self, source: str | None = None) -> list[str]:
         """Free one folder (by source: all of its units) or every unit not in use; returns what was
@@ -183,7 +252,7 @@ class ModelManager:
         folder = self._resolve(stage, report)
         index = weights.read_config(folder, "model_index.json")
         cls = getattr(pipelines, stage.stage.pipeline)
-        names = stage.stage.components or cls.component_names
+        names = [n for n in stage.stage.components or cls.component_names if n not in stage.stage.on_demand]
         for name in names:
             if not isinstance(index.get(name), list) or len(index[name]) != 2:
                 raise weights.WeightsError(f"{folder / 'model_index.json'} has no component {name!r} "

@@ -133,7 +133,8 @@ class Run:
     def _condition(self, request, generator, batch: int) -> dict:
         """The decoder's conditioning for one run (or for the job), from the family's text stage."""
         phase = self.family.text_phase
-        with self.manager.use(self.model.stage(self.family.text_stage), self.progress.loading) as unit:
+        with self.manager.use(self.model.stage(self.family.text_stage), self.progress.loading,
+                              needs=self.family.text_stage_needs(request)) as unit:
             pipe = unit.pipeline()
             self.progress.mark()
             self.progress.emit(phase, 0, self.family.text_steps(request), batch + 1)

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from backend import demo
+from backend import demo, pipelines
 from backend.events import Loading
 from backend.families import ModelSpec
 from backend.manager import ModelManager
@@ -198,3 +198,43 @@ def test_a_folder_is_resolved_once_and_loaded_without_building_a_pipeline(spec, 
     manager.unload()
     pipeline(manager, spec, "img2img")
     assert resolved == [spec.repos["decoder"]]
+
+
+def test_the_prior_loads_without_its_image_encoder_unless_a_job_needs_it(spec, tmp_path, caplog):
+    """The prior unit is the folder minus its image encoder, in memory and in the budget; the
+    encoder's zero-image embedding is computed once (the encoder loaded for that moment, then freed)
+    and read back by a restarted manager; a job that encodes images holds the encoder as a unit of
+    its own."""
+    prior = spec.stage("prior")
+    full = pipelines.KandinskyV22PriorPipeline.from_pretrained(spec.repos["prior"])
+    manager = ModelManager(factors_dir=tmp_path)
+    reports = []
+    with caplog.at_level(logging.INFO, logger="backend.manager"):
+        with manager.use(prior, reports.append) as unit:
+            pipe = unit.pipeline()
+    assert pipe.image_encoder is None and pipe.zero_image_embeds.tobytes() == full.get_zero_embed().tobytes()
+    assert any(r.component == "prior image encoder / image_encoder" for r in reports)
+    assert any(r.msg.startswith("released") and r.args[0] == f"{spec.repos['prior']}#image encoder"
+               for r in caplog.records)
+    (unit,) = manager.status()["units"]
+    assert set(unit["components"]) == {"prior", "text_encoder"}
+    assert unit["bytes"] == manager.status()["used"] == sum(
+        component_bytes(f"{spec.repos['prior']}/{name}", 4) for name in ("prior", "text_encoder"))
+
+    restarted = ModelManager(factors_dir=tmp_path)
+    reports.clear()
+    again = pipeline(restarted, spec, "prior", on_progress=reports.append)
+    assert "image_encoder" not in {r.component.split(" / ")[1] for r in reports}
+    assert again.zero_image_embeds.tobytes() == pipe.zero_image_embeds.tobytes()
+
+    with restarted.use(prior, needs=("image_encoder",)) as unit:
+        assert unit.pipeline().image_encoder is not None
+        units = {u["part"]: u for u in restarted.status()["units"]}
+        assert set(units) == {"", "image encoder"} and units["image encoder"]["in_use"]
+        with pytest.raises(RuntimeError, match="in use"):
+            restarted.unload(spec.repos["prior"])
+    freed = restarted.unload(spec.repos["prior"])
+    assert sorted(freed) == [spec.repos["prior"], f"{spec.repos['prior']}#image encoder"]
+    with pytest.raises(ValueError, match="'unet' is not an on-demand component of prior"):
+        with restarted.use(prior, needs=("unet",)):
+            pass

@@ -152,3 +152,79 @@ def test_loading_is_reported_once_per_component_at_most_a_few_times(engine, tmp_
     loading = [e for e in events if isinstance(e, Loading)]
     assert any("prior" in e.component for e in loading) and any("decoder" in e.component for e in loading)
     assert len(loading) < 40
+
+
+# ------------------------------------------------------------------ the prior's image encoder, on demand
+
+
+def loaded(events) -> set:
+    """The components a job loaded (its Loading events)."""
+    return {e.component.split(" / ")[-1] for e in events if isinstance(e, Loading)}
+
+
+def test_text_jobs_load_the_prior_image_encoder_once_per_checkpoint_and_interpolating_an_image_still_does(tmp_path):
+    """The zero-image embedding is computed by the image encoder for the first text-only job of a prior
+    checkpoint and stored beside the preview factors; later jobs and later processes read it and never
+    load the encoder, and their images are the ones the library's full prior gives. A damaged or missing
+    file is computed again. Interpolating an image loads the encoder."""
+    from backend.engine import Engine, EngineConfig
+    from backend.pipelines import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    config = EngineConfig(families=("2.2",), demo=True, cache_dir=str(tmp_path / "cache"),
+                          outputs_dir=str(tmp_path / "outputs"))
+    request = Text2ImageRequest(**small(MODEL, seed=7))
+
+    def job(engine, req=request):
+        events, end = run(engine, req)
+        assert isinstance(end, Result), end
+        return loaded(events), np.asarray(end.images[0].image)
+
+    def prior_units(engine) -> dict:
+        return {u["part"]: set(u["components"]) for u in engine.status()["units"] if u["role"] == "prior"}
+
+    engine = Engine(config)
+    try:
+        repos = engine.models[MODEL].repos
+        components, first = job(engine)
+        assert {"prior", "text_encoder", "image_encoder"} <= components
+        (stored,) = (tmp_path / "cache" / "preview-factors").glob("*.zero_image_embeds.npy")
+        assert prior_units(engine) == {"": {"prior", "text_encoder"}}      # the encoder was freed after
+        components, second = job(engine)
+        assert "image_encoder" not in components and np.array_equal(second, first)
+    finally:
+        engine.shutdown()
+
+    # the library's pipelines with the full prior (its encoder computes the zero-image embedding) agree
+    generator = np.random.default_rng(7)
+    prior = KandinskyV22PriorPipeline.from_pretrained(repos["prior"])
+    embeds, negative = prior("a red cat", num_inference_steps=3, generator=generator, guidance_scale=1.0)
+    assert np.load(stored).tobytes() == prior.get_zero_embed().tobytes()
+    (expected,) = KandinskyV22Pipeline.from_pretrained(repos["decoder"])(
+        embeds, negative, height=64, width=64, num_inference_steps=6, guidance_scale=4.0, generator=generator)[0]
+    assert np.array_equal(first, np.asarray(expected))
+    saved = stored.read_bytes()
+
+    engine = Engine(config)   # a restart reads the file
+    try:
+        components, third = job(engine)
+        assert "prior" in components and "image_encoder" not in components and np.array_equal(third, first)
+        mix = dict(small(MODEL, seed=7), weights=[0.5, 0.5])
+        components, _ = job(engine, InterpolateRequest(**mix, inputs=["a cat", "a dog"]))
+        assert "image_encoder" not in components
+        landscape = Image.open(f"{SAMPLES}/landscape.png").convert("RGB")
+        components, _ = job(engine, InterpolateRequest(**mix, inputs=["a cat", landscape]))
+        assert "image_encoder" in components
+        assert prior_units(engine) == {"": {"prior", "text_encoder"}, "image encoder": {"image_encoder"}}
+    finally:
+        engine.shutdown()
+
+    for damage in (lambda: stored.write_bytes(b"\x93NUMPY truncated"), stored.unlink):
+        damage()
+        engine = Engine(config)
+        try:
+            components, again = job(engine)
+            assert "image_encoder" in components and np.array_equal(again, first)
+            assert stored.read_bytes() == saved
+            assert prior_units(engine) == {"": {"prior", "text_encoder"}}
+        finally:
+            engine.shutdown()
