@@ -26,6 +26,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from backend.nn.host import BFLOAT16
+
 # Checkpoint keys that are not parameters of our models, dropped on purpose.
 # transformers' CLIP text model keeps a `position_ids` buffer in older checkpoints.
 IGNORED_KEY_SUFFIXES = ("position_ids",)
@@ -197,8 +199,8 @@ def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]]
         if not _all_finite(array):
             raise WeightsError(f"{source}: tensor {key!r} contains NaN or infinite values")
         target = _NP_DTYPES.get(dtype, np.float32)
-        if dtype == ms.bfloat16:
-            tensor = Tensor(array.astype(np.float32)).astype(ms.bfloat16)
+        if dtype == ms.bfloat16:  # rounded to nearest even by numpy, no MindSpore op
+            tensor = Tensor.from_numpy(np.ascontiguousarray(array.astype(np.float32, copy=False).astype(BFLOAT16)))
         else:
             array = np.ascontiguousarray(array, dtype=target)  # a no-op for float32 files
             tensor = Tensor.from_numpy(array)  # shares the array's memory: no copy

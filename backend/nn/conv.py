@@ -17,14 +17,14 @@ from __future__ import annotations
 from mindspore import Tensor, nn, ops
 
 from backend.device import on_cpu
-from backend.nn.core import host_param, is_host, zeros_parameter
+from backend.nn.core import host_param, host_weight, is_host, zeros_parameter
 from backend.nn.host import conv2d_host, host_matmul
 
 
 def conv2d(x, weight, bias=None, stride: int = 1, padding: int = 0):
     """x (B, C, H, W), weight (O, C, kh, kw), bias (O,) -> (B, O, H', W'), arrays or Tensors."""
     if is_host(x):
-        return conv2d_host(x, host_param(weight), None if bias is None else host_param(bias), stride, padding)
+        return conv2d_host(x, host_weight(weight), None if bias is None else host_param(bias), stride, padding)
     if on_cpu():  # a Tensor on CPU: its asnumpy() and Tensor.from_numpy share the memory
         out = conv2d_host(host_param(x), host_param(weight), None if bias is None else host_param(bias),
                           stride, padding)
@@ -74,7 +74,7 @@ class ConvTranspose2d(nn.Cell):
         b, c, h, w = x.shape
         o, k = self.out_channels, self.kernel_size
         if is_host(x):
-            weight = host_param(self.weight).reshape(c, o * k * k).T  # (O*k*k, C), rows ordered (o, p, q)
+            weight = host_weight(self.weight).reshape(c, o * k * k).T  # (O*k*k, C), rows ordered (o, p, q)
             y = host_matmul(weight, x.reshape(b, c, h * w))  # (B, O*k*k, H*W)
         else:
             y = ops.matmul(self.weight.reshape(c, o * k * k).T, x.reshape(b, c, h * w))

@@ -7,7 +7,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
-from backend.nn.host import host_matmul
+from backend.nn.host import BFLOAT16, host_matmul
 
 
 def is_host(x) -> bool:
@@ -20,6 +20,13 @@ def host_param(param) -> np.ndarray:
     half-precision weights are converted, a copy)."""
     array = param if is_host(param) else param.asnumpy()
     return array if array.dtype == np.float32 else array.astype(np.float32)
+
+
+def host_weight(param) -> np.ndarray:
+    """numpy view of a product's weight as stored: float32, or bfloat16, whose products then run in
+    bfloat16 with float32 accumulation (backend/nn/host.py); float16 weights are converted."""
+    array = param if is_host(param) else param.asnumpy()
+    return array if array.dtype in (np.float32, BFLOAT16) else array.astype(np.float32)
 
 
 # torch.finfo(dtype).min, the "minus infinity" transformers writes into additive attention masks

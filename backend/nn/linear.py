@@ -1,9 +1,10 @@
 """torch.nn.Linear and torch.nn.Embedding, with torch's parameter names."""
 from __future__ import annotations
 
+import numpy as np
 from mindspore import nn, ops
 
-from backend.nn.core import as_dtype, host_param, is_host, zeros_parameter
+from backend.nn.core import as_dtype, host_param, host_weight, is_host, zeros_parameter
 from backend.nn.host import host_matmul
 
 _bias_add = ops.BiasAdd()  # adds a (C,) vector along axis 1
@@ -24,7 +25,7 @@ class Linear(nn.Cell):
         shape = x.shape
         if is_host(x):
             # weight.T is a transposed view: sgemm reads it as such, no copy
-            y = host_matmul(x.reshape(-1, shape[-1]), host_param(self.weight).T)
+            y = host_matmul(x.reshape(-1, shape[-1]), host_weight(self.weight).T)
             if self.bias is not None:
                 y += host_param(self.bias)
             return y.reshape(*shape[:-1], self.out_features)
@@ -37,7 +38,7 @@ class Linear(nn.Cell):
         """(B, in, N) -> (B, out, N): weight @ x, a 1x1 convolution, so NCHW feature maps need no
         transposes."""
         if is_host(x):
-            y = host_matmul(host_param(self.weight), x)
+            y = host_matmul(host_weight(self.weight), x)
             if self.bias is not None:
                 y += host_param(self.bias)[:, None]
             return y
@@ -56,5 +57,5 @@ class Embedding(nn.Cell):
 
     def construct(self, ids):
         if is_host(ids):  # integer ids as numpy: a host row lookup
-            return host_param(self.weight)[ids]
+            return host_weight(self.weight)[ids].astype(np.float32)
         return ops.gather(self.weight, ids, 0)

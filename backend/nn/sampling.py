@@ -6,7 +6,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from backend.nn.conv import Conv2d
-from backend.nn.core import host_param, is_host
+from backend.nn.core import host_param, host_weight, is_host
 from backend.nn.host import conv2d_host
 
 
@@ -106,7 +106,7 @@ class Upsample2D(nn.Cell):
             for dx in (1, 2):
                 padded[:, :, dy:dy + 2 * h:2, dx:dx + 2 * w:2] = x
         bias = None if self.conv.bias is None else host_param(self.conv.bias)
-        return conv2d_host(padded, host_param(self.conv.weight), bias, 1, 0)
+        return conv2d_host(padded, host_weight(self.conv.weight), bias, 1, 0)
 
 
 class Downsample2D(nn.Cell):
