@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-unauthenticated", action="store_true",
                         help="serve beyond this machine (--share or a non-loopback --host) without a login")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "ascend"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights and products: auto (default) is bfloat16 on a CPU with native bfloat16 "
+                             "products (avx512_bf16, AMX), float16 on GPU and Ascend, float32 otherwise")
     parser.add_argument("--offline", action="store_true",
                         help="never download: use the Hugging Face cache and --models-dir only")
     parser.add_argument("--models-dir", default=None,
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     outputs = engine.store.root
     demo = build_ui(engine, page_config(engine.models, browser_secret(outputs)))
     demo.queue(default_concurrency_limit=1)
-    logger.info("device %s, dtype %s, outputs in %s%s", engine.device, args.dtype, outputs,
+    logger.info("device %s, dtype %s, outputs in %s%s", engine.device, engine.dtype_note, outputs,
                 ", DEMO models" if args.demo else "")
     try:
         # Gradio serves uploads, its own cache and allowed_paths: the outputs folder (the gallery's

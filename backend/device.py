@@ -43,3 +43,33 @@ def device_target() -> str:
 
 def on_cpu() -> bool:
     return device_target() == "CPU"
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+def resolve_dtype(name: str, target: str) -> tuple[str, str]:
+    """The compute dtype for `name` (auto | float32 | float16 | bfloat16) on device `target`, and a
+    sentence for people saying what it means there.
+
+    auto: bfloat16 on a CPU with native bfloat16 products (its products run at about twice the
+    float32 rate, backend/nn/host.py), float16 on GPU and Ascend (as the Kandinsky docs load every
+    pipeline), float32 otherwise.
+    """
+    from backend.nn.host import cpu_bf16_flags  # backend.nn imports this module
+
+    name = (name or "auto").lower()
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    flags = cpu_bf16_flags() if target == "CPU" else []
+    if name == "auto":
+        name = ("bfloat16" if flags else "float32") if target == "CPU" else "float16"
+    if target != "CPU":
+        return name, f"{name} on {target}"
+    if name == "bfloat16":
+        if flags:
+            return name, f"bfloat16 weights and products, float32 accumulation (native: {', '.join(flags)})"
+        return name, ("bfloat16 emulated: this CPU has no native bfloat16 products (avx512_bf16 or AMX), so "
+                      "every product converts its weights to float32 and runs slower than float32; only the "
+                      "memory is halved")
+    if name == "float16":
+        return name, "float16 weights, float32 products (the CPU has no float16 products)"
+    return name, "float32"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend import demo
-from backend.device import select_device
+from backend.device import resolve_dtype, select_device
 from backend.families import FAMILIES, ModelSpec
 from backend.jobs import Job, JobRunner
 from backend.manager import ModelManager
@@ -35,7 +35,7 @@ class EngineConfig:
     families: tuple = tuple(FAMILIES)        # the families offered, in order (the first is the default)
     demo: bool = False                       # tiny random-weight models built locally (backend/demo.py)
     device: str = "auto"                     # auto | cpu | gpu | ascend
-    dtype: str = "float32"                   # float32 | float16 | bfloat16
+    dtype: str = "float32"                   # auto | float32 | float16 | bfloat16 (backend/device.py resolve_dtype)
     memory_budget: int | None = None         # bytes for loaded models (None: 70% of RAM)
     models_dir: str | None = None            # download cache; a folder there named like a repo is used as is
     offline: bool = False                    # never download
@@ -52,9 +52,10 @@ class Engine:
         try:
             # MindSpore's context belongs to the thread that runs it
             self.device = self._runner.call(select_device, config.device)
+            self.dtype, self.dtype_note = resolve_dtype(config.dtype, self.device)
             root = Path(config.models_dir or config.cache_dir)
             self.models: dict[str, ModelSpec] = self._runner.call(self._catalogue, root)
-            self._manager = ModelManager(dtype=config.dtype, memory_budget=config.memory_budget,
+            self._manager = ModelManager(dtype=self.dtype, memory_budget=config.memory_budget,
                                          cache_dir=config.models_dir, offline=config.offline, device=self.device,
                                          factors_dir=root / "preview-factors")
             self._executor = TaskExecutor(self.models, self._manager, self.store)
@@ -100,7 +101,7 @@ class Engine:
     def status(self) -> dict:
         """Loaded models (units, their components and sizes), device, dtype, budget, and the queue."""
         running = self._runner.running
-        return {**self._manager.status(), "waiting": self._runner.waiting_count,
+        return {**self._manager.status(), "dtype_note": self.dtype_note, "waiting": self._runner.waiting_count,
                 "running": f"{running.request.task} ({running.id})" if running is not None else None}
 
     @property

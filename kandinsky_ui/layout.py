@@ -41,7 +41,8 @@ def build_ui(engine, config: UIConfig) -> gr.Blocks:
         owner = gr.Textbox("", visible="hidden", label="owner", elem_id="owner")
         selected = gr.State(None)
         gr.Markdown(f"# {config.title}\nText to image, image to image, inpainting, interpolation and "
-                    f"ControlNet depth with Kandinsky 2.1, 2.2 and 3 on MindSpore.")
+                    f"ControlNet depth with Kandinsky 2.1, 2.2 and 3 on MindSpore.\n\n"
+                    f"Running on {engine.device}, {engine.dtype_note}.", elem_id="header")
         if config.demo:
             gr.Markdown("**Demo mode**: tiny random-weight models built on this machine, so everything works "
                         "offline and fast, but the images are coloured noise. Start without `--demo` for the "

@@ -98,7 +98,7 @@ def gallery_items(paths: list[Path]) -> list[tuple[str, str]]:
 
 def status_markdown(status: dict) -> str:
     """The models panel from `Engine.status()`."""
-    lines = [f"**Device** {status['device']} · **dtype** {status['dtype']} · "
+    lines = [f"**Device** {status['device']} · **dtype** {status['dtype_note']} · "
              f"**memory in use** {format_bytes(status['used'])} of a {format_bytes(status['budget'])} budget"]
     if status["over_budget"]:
         lines.append("\n⚠️ Over budget: one model folder is larger than the whole budget and was loaded alone.")
