@@ -39,6 +39,15 @@ class SchedulerOutput:
         return self.to_tuple()[index]
 
 
+def step_output(prev_sample, pred_original_sample, return_dict: bool = True):
+    """What `step` returns: float32 arrays as a SchedulerOutput, or a tuple (diffusers' return_dict=False)."""
+    prev_sample = prev_sample.astype(F32, copy=False)
+    pred_original_sample = pred_original_sample.astype(F32, copy=False)
+    if not return_dict:
+        return (prev_sample, pred_original_sample)
+    return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
 # ----------------------------------------------------------------------------- beta schedules
 
 
@@ -262,6 +271,11 @@ def exp_f32(x):
     return np.exp(np.asarray(x, dtype=np.float64)).astype(F32)
 
 
+def expm1_f32(x):
+    """float32 exp(x) - 1 (torch.expm1), correctly rounded in almost all cases."""
+    return np.expm1(np.asarray(x, dtype=np.float64)).astype(F32)
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -315,18 +329,19 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_common(values: dict) -> None:
-    """Checks of the settings DDPM and DDIM share."""
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def check_schedule_settings(values: dict, prediction_types=PREDICTION_TYPES) -> None:
+    """Checks of the settings every scheduler here shares: training steps, prediction type, timestep spacing,
+    steps_offset and (where the scheduler has it) dynamic thresholding."""
     n = values["num_train_timesteps"]
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"num_train_timesteps must be a positive integer; got {n!r}")
-    check_choice("prediction_type", values["prediction_type"], ("epsilon", "sample", "v_prediction"))
+    check_choice("prediction_type", values["prediction_type"], prediction_types)
     check_choice("timestep_spacing", values["timestep_spacing"], TIMESTEP_SPACINGS)
-    clip_range = values["clip_sample_range"]
-    if values["clip_sample"] and not values["thresholding"] and not (is_number(clip_range) and clip_range > 0):
-        raise ValueError(f"clip_sample_range must be > 0; got {clip_range!r}")
-    ratio = values["dynamic_thresholding_ratio"]
-    if values["thresholding"]:
+    if values.get("thresholding"):
+        ratio = values["dynamic_thresholding_ratio"]
         if not (is_number(ratio) and 0 < ratio <= 1):
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1]; got {ratio!r}")
         max_value = values["sample_max_value"]
@@ -335,3 +350,11 @@ def check_common(values: dict) -> None:
     offset = values["steps_offset"]
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
         raise ValueError(f"steps_offset must be a non-negative integer; got {offset!r}")
+
+
+def check_common(values: dict) -> None:
+    """Checks of the settings DDPM and DDIM share."""
+    check_schedule_settings(values)
+    clip_range = values["clip_sample_range"]
+    if values["clip_sample"] and not values["thresholding"] and not (is_number(clip_range) and clip_range > 0):
+        raise ValueError(f"clip_sample_range must be > 0; got {clip_range!r}")
