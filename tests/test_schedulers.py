@@ -19,8 +19,12 @@ from backend.schedulers import (
     SCHEDULERS,
     DDIMScheduler,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     SchedulerOutput,
     UnCLIPScheduler,
+    UniPCMultistepScheduler,
     scheduler_from_config,
 )
 from tests.conftest import assert_close
@@ -280,3 +284,424 @@ def test_output_indexes_like_a_tuple():
     assert output[0] is output.prev_sample and output[1] is output.pred_original_sample
     prev, x0 = ddpm.step(sample, int(ddpm.timesteps[-1]), sample, return_dict=False)
     assert prev.shape == x0.shape == sample.shape
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++, UniPC, Euler, Euler a
+#
+# Fixtures from tools/fixtures/make_samplers.py: the pipelines' loop (scale_model_input, the fake model above,
+# step with numpy-drawn scheduler noise) run in diffusers 0.35.2 on schedulers built with
+# Class.from_config(published scheduler.json, **options), as the docs swap schedulers.
+
+SAMPLER_FILES = sorted(glob.glob(os.path.join(FIXTURES, "samplers", "*.npz")))
+SAMPLER_CLASSES = {cls.__name__: cls for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+                                                 EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)}
+DECODER_CONFIGS = {"k21": "kandinsky-2-1/scheduler.json", "k22": "kandinsky-2-2-decoder/scheduler.json",
+                   "k3": "kandinsky-3/scheduler.json"}
+SAMPLER_OPTIONS = {  # "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "UniPC", "Euler", "Euler Karras", "Euler a"
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler,
+                            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+}
+
+
+def sampler_fixture(name):
+    return np.load(os.path.join(FIXTURES, "samplers", f"{name}.npz"))
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected|, per step (leading axis) of a stack of samples, the worst step."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    if actual.size == 0:
+        return 0.0
+    diff = np.abs(actual - expected).reshape(len(expected), -1).max(axis=1)
+    scale = np.abs(expected).reshape(len(expected), -1).max(axis=1)
+    assert np.all(np.isfinite(actual)), "non-finite values"
+    return float(np.max(np.where(scale > 0, diff / np.where(scale > 0, scale, 1), diff)))
+
+
+def schedule_error(actual, expected) -> float:
+    """Largest element-wise relative difference of two schedules (timesteps, sigmas); zeros must match exactly."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    return float(np.max(np.abs(actual - expected) / np.maximum(np.abs(expected), 1e-30), initial=0.0))
+
+
+def replay_sampler(fixture, class_name=None, config=None, options=None):
+    """The fixture's loop on our scheduler (no begin index unless the case is image-to-image with one).
+    Returns the scheduler and the arrays the fixture holds."""
+    class_name = class_name or str(fixture["class_name"])
+    config = json.loads(str(fixture["config"])) if config is None else config
+    options = json.loads(str(fixture["options"])) if options is None else options
+    settings = json.loads(str(fixture["settings"]))
+    shape = tuple(settings["shape"])
+    scheduler = SAMPLER_CLASSES[class_name].from_config(config, **options)
+    scheduler.set_timesteps(settings["steps"])
+    model_rng = np.random.default_rng(settings["seed"])
+    generator = np.random.default_rng(settings["seed"] + 1)
+    result = {"timesteps": scheduler.timesteps, "sigmas": scheduler.sigmas,
+              "init_noise_sigma": np.float32(scheduler.init_noise_sigma)}
+    timesteps = scheduler.timesteps
+    if "t_start" in settings:
+        start = settings["t_start"] * scheduler.order
+        if settings["begin_index"]:
+            scheduler.set_begin_index(start)
+        timesteps = timesteps[start:]
+        image = model_rng.standard_normal(shape, dtype=np.float32)
+        image_noise = model_rng.standard_normal(shape, dtype=np.float32)
+        sample = scheduler.add_noise(image, image_noise, np.repeat(timesteps[:1], shape[0]))
+        result["img2img_start"] = sample
+    else:
+        sample = model_rng.standard_normal(shape, dtype=np.float32) * np.float32(scheduler.init_noise_sigma)
+    prev_samples, pred_originals, kept = [], [], []
+    for i, t in enumerate(timesteps):
+        model_input = scheduler.scale_model_input(sample, t)
+        model_output = fake_model_output(model_rng, model_input, settings.get("variance"))
+        output = scheduler.step(model_output, t, sample, generator=generator, **settings.get("step_kwargs", {}))
+        assert isinstance(output, SchedulerOutput)
+        assert output.prev_sample.dtype == np.float32 and output.pred_original_sample.dtype == np.float32
+        sample = output.prev_sample
+        pred_originals.append(output.pred_original_sample)
+        if settings.get("inpaint") and i < len(timesteps) - 1:
+            proper = scheduler.add_noise(image[:1], image_noise, np.array([timesteps[i + 1]]))
+            kept.append(proper)
+            mask = np.zeros((1, 1) + shape[2:], np.float32)
+            mask[..., 0] = 1
+            sample = mask * proper + (np.float32(1) - mask) * sample
+        prev_samples.append(sample)
+    result.update(prev_samples=np.stack(prev_samples), pred_original_samples=np.stack(pred_originals))
+    if kept:
+        result["inpaint_kept"] = np.stack(kept)
+    if "add_noise_original" in fixture:  # our own timesteps at the fixture's positions (the middle, the last)
+        fresh = SAMPLER_CLASSES[class_name].from_config(config, **options)
+        fresh.set_timesteps(settings["steps"])
+        add_timesteps = fresh.timesteps[[len(fresh.timesteps) // 2, -1]][: shape[0]]
+        assert schedule_error(add_timesteps, fixture["add_noise_timesteps"]) <= TOLERANCE
+        result["add_noise_result"] = fresh.add_noise(
+            fixture["add_noise_original"], fixture["add_noise_noise"], add_timesteps)
+    return scheduler, result
+
+
+def sampler_errors(fixture, result) -> dict:
+    """Relative error of each array of `result` against the fixture."""
+    errors = {}
+    for key, value in result.items():
+        if key in ("timesteps", "sigmas", "init_noise_sigma"):
+            errors[key] = schedule_error(np.atleast_1d(value), np.atleast_1d(fixture[key]))
+        else:
+            errors[key] = relative_error(value if key != "add_noise_result" else value[None],
+                                         fixture[key] if key != "add_noise_result" else fixture[key][None])
+    return errors
+
+
+@pytest.mark.parametrize("path", SAMPLER_FILES, ids=lambda p: os.path.basename(p)[:-4])
+def test_sampler_matches_diffusers(path):
+    """timesteps, sigmas, init_noise_sigma, every prev_sample and predicted x0 (and the add_noise results)
+    within 1e-5 relative of diffusers 0.35.2 (fed the same model outputs and the same noise stream)."""
+    fixture = np.load(path)
+    scheduler, result = replay_sampler(fixture)
+    assert set(result) >= {"prev_samples", "pred_original_samples"}
+    assert set(result) == {key for key in fixture.files if key in result or key.endswith(
+        ("samples", "start", "kept", "result"))}, "the fixture holds arrays the replay did not produce"
+    assert scheduler.timesteps.dtype == fixture["timesteps"].dtype  # int64 (multistep) or float32 (Euler)
+    assert scheduler.sigmas.dtype == np.float32
+    if scheduler.timesteps.dtype == np.int64:
+        np.testing.assert_array_equal(scheduler.timesteps, fixture["timesteps"])
+    for key, error in sampler_errors(fixture, result).items():
+        assert error <= TOLERANCE, f"{key}: relative error {error:.3g}"
+    # the effective config: every diffusers field with its default, plus the unused keys of the published config
+    assert scheduler.config == json.loads(str(fixture["diffusers_config"]))
+
+
+def test_sampler_fixtures_cover_the_decoders():
+    """Every sampler option on the 2.1, 2.2 and 3 decoder configs, over a whole 20- and 25-step schedule."""
+    names = {os.path.basename(p)[:-4] for p in SAMPLER_FILES}
+    for family in DECODER_CONFIGS:
+        for option in SAMPLER_OPTIONS:
+            for steps in (20, 25):
+                name = f"{family}_{option}_{steps}"
+                assert name in names
+                fixture = sampler_fixture(name)
+                settings = json.loads(str(fixture["settings"]))
+                assert "t_start" not in settings and fixture["prev_samples"].shape[0] == steps
+                cls, options = SAMPLER_OPTIONS[option]
+                assert str(fixture["class_name"]) == cls.__name__ and json.loads(str(fixture["options"])) == options
+                assert json.loads(str(fixture["config"])) == published(DECODER_CONFIGS[family])
+
+
+@pytest.mark.parametrize("name", ["k3_dpmpp_2m_karras_20", "k3_dpmpp_2m_karras_25", "k3_dpmpp_2m_sde_karras_20",
+                                  "k3_dpmpp_2m_sde_karras_25", "k3_unipc_karras_20"])
+def test_kandinsky3_karras_runs_where_diffusers_fails(name):
+    """diffusers 0.35.2 cannot run DPM++ 2M (SDE) Karras, nor UniPC Karras, on Kandinsky 3's published scheduler
+    config: "IndexError: index 21 is out of bounds for dimension 0 with size 21" at the last step of 20
+    (UniPC: `assert self.this_order > 0`), recorded by make_samplers.py in the fixture.
+
+    Why: the cosine schedule's last alpha_bar is 2.4e-9, so sigma_max = 20291 against 642 one training step
+    earlier; the Karras ramp puts 9 of 20 sigmas between the two, and their timesteps all truncate to 998
+    (DPM-Solver++ does not round them for "squaredcos_cap_v2"; UniPC rounds them to 999).
+    diffusers' index_for_timestep takes the second of repeated timesteps,
+    so its counter starts at 1 and the last step reads past the sigmas. Ours starts the schedule's first
+    timestep at index 0. diffusers runs the same config when told set_begin_index(0): the fixture is that run,
+    and ours, not told, equals it. With the offending field changed (beta_schedule="linear"; Karras ignores
+    Kandinsky 3's leading spacing and offset, so this is exactly the 2.2 decoder's schedule) diffusers runs
+    without help, and ours built that way equals diffusers' 2.2 fixture.
+    """
+    fixture = sampler_fixture(name)
+    settings = json.loads(str(fixture["settings"]))
+    assert settings["diffusers_begin_index"] == 0
+    assert settings["diffusers_error"].startswith(("IndexError: index", "AssertionError: assert self.this_order"))
+
+    scheduler, result = replay_sampler(fixture)  # no begin index
+    steps = settings["steps"]
+    assert scheduler.timesteps[0] == scheduler.timesteps[1]  # the repeated first timestep
+    assert scheduler.step_index == steps and result["prev_samples"].shape[0] == steps
+    assert np.all(np.isfinite(result["prev_samples"])) and np.all(np.isfinite(result["pred_original_samples"]))
+    assert np.all(np.diff(scheduler.sigmas) < 0) and scheduler.sigmas[-1] == 0
+    for key, error in sampler_errors(fixture, result).items():
+        assert error <= TOLERANCE, f"{key}: relative error {error:.3g}"
+
+    # set_begin_index(0) changes nothing for ours
+    told_scheduler = type(scheduler).from_config(json.loads(str(fixture["config"])),
+                                                 **json.loads(str(fixture["options"])))
+    told_scheduler.set_timesteps(steps)
+    told_scheduler.set_begin_index(0)
+    sample = np.ones(tuple(settings["shape"]), np.float32)
+    for t in told_scheduler.timesteps:
+        sample = told_scheduler.step(np.float32(0.9) * sample, t, sample,
+                                     generator=np.random.default_rng(0)).prev_sample
+    assert np.all(np.isfinite(sample))
+
+    # the same solver on the config diffusers accepts
+    option = name[3:].rsplit("_", 1)[0]
+    accepted = sampler_fixture(f"k22_{option}_{steps}")
+    k3_linear = dict(published(DECODER_CONFIGS["k3"]), beta_schedule="linear")
+    _, linear_result = replay_sampler(accepted, config=k3_linear)
+    errors = sampler_errors(accepted, linear_result)
+    assert max(errors.values()) <= TOLERANCE, errors
+
+
+def test_img2img_tail_and_begin_index():
+    """Image-to-image takes timesteps[t_start * order:]; with set_begin_index the first step and add_noise use
+    that index (before the first step) or the current step (after it: inpainting re-noises the kept region);
+    without it they find the index from the timestep. The fixtures (make_samplers.py, *_img2img_* and
+    *_inpaint_*) check the numbers against diffusers; this checks the bookkeeping."""
+    config = published(DECODER_CONFIGS["k22"])
+    sample = np.ones((1, 4, 2, 2), np.float32)
+    for cls, options in SAMPLER_OPTIONS.values():
+        def fresh():
+            scheduler = cls.from_config(config, **options)
+            scheduler.set_timesteps(20)
+            return scheduler
+
+        scheduler = fresh()
+        assert scheduler.order == 1 and scheduler.begin_index is None and scheduler.step_index is None
+        tail = scheduler.timesteps[8:]
+        at = {index: fresh().add_noise(sample, sample, scheduler.timesteps[index:index + 1]) for index in (8, 9, 13)}
+        assert not np.array_equal(at[8], at[9])
+        scheduler.set_begin_index(8)
+        assert scheduler.begin_index == 8 and scheduler.step_index is None
+        np.testing.assert_array_equal(scheduler.add_noise(sample, sample, tail[5:6]), at[8])  # the begin index wins
+        scheduler.scale_model_input(sample, tail[0])
+        scheduler.step(sample, tail[0], sample, generator=np.random.default_rng(0))
+        assert scheduler.step_index == 9
+        np.testing.assert_array_equal(scheduler.add_noise(sample, sample, tail[5:6]), at[9])  # the current step
+        with pytest.raises(ValueError, match="not the scheduler's next timestep"):
+            scheduler.step(sample, tail[0], sample)
+
+        found = fresh()  # no begin index: the first step's timestep decides
+        np.testing.assert_array_equal(found.add_noise(sample, sample, tail[5:6]), at[13])
+        found.scale_model_input(sample, tail[0])
+        found.step(sample, tail[0], sample, generator=np.random.default_rng(0))
+        assert found.step_index == 9 and found.begin_index is None
+
+        scheduler.set_timesteps(20)  # a new run forgets the begin index
+        assert scheduler.begin_index is None and scheduler.step_index is None
+        with pytest.raises(ValueError, match=r"begin_index must be an integer in \[0, 19\]"):
+            scheduler.set_begin_index(20)
+
+
+def test_sampler_from_published_configs_is_warning_free():
+    """The docs' swap: from_config of each repo's DDPM/DDIM/UnCLIP config, unknown keys ignored (and kept in
+    .config, as diffusers keeps them), no warning; the options override the config."""
+    import warnings
+
+    names = ["kandinsky-2-1/scheduler.json", "kandinsky-2-1/ddpm_scheduler.json",
+             "kandinsky-2-1-inpaint/scheduler.json",
+             "kandinsky-2-2-decoder/scheduler.json", "kandinsky-2-2-decoder-inpaint/scheduler.json",
+             "kandinsky-2-2-controlnet-depth/scheduler.json", "kandinsky-3/scheduler.json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in names:
+            for cls, options in SAMPLER_OPTIONS.values():
+                config = published(name)
+                scheduler = cls.from_config(config, **options)
+                scheduler.set_timesteps(20)
+                expected = {key: value for key, value in config.items() if not key.startswith("_")}
+                assert scheduler.config == {**scheduler.config, **expected, **options}
+    dpm = DPMSolverMultistepScheduler.from_config(published("kandinsky-2-2-decoder/scheduler.json"))
+    assert dpm.config["timestep_spacing"] == "linspace"  # the config has none: the class default, as diffusers
+    sample = np.ones((1, 4, 2, 2), np.float32)
+    assert dpm.init_noise_sigma == 1.0 and dpm.scale_model_input(sample, 999) is sample
+
+
+def test_sampler_bad_config_values():
+    for cls, key, value, allowed in [
+        (DPMSolverMultistepScheduler, "algorithm_type", "dpmsolver", "dpmsolver\\+\\+"),
+        (DPMSolverMultistepScheduler, "algorithm_type", "deis", "sde-dpmsolver\\+\\+"),
+        (DPMSolverMultistepScheduler, "solver_type", "bh2", "midpoint"),
+        (DPMSolverMultistepScheduler, "solver_order", 4, "1, 2 or 3"),
+        (DPMSolverMultistepScheduler, "final_sigmas_type", "denoise_to_zero", "sigma_min"),
+        (DPMSolverMultistepScheduler, "prediction_type", "flow_prediction", "v_prediction"),
+        (DPMSolverMultistepScheduler, "beta_schedule", "sigmoid", "squaredcos_cap_v2"),
+        (DPMSolverMultistepScheduler, "timestep_spacing", "karras", "trailing"),
+        (DPMSolverMultistepScheduler, "use_lu_lambdas", True, "not supported"),
+        (DPMSolverMultistepScheduler, "use_flow_sigmas", True, "not supported"),
+        (UniPCMultistepScheduler, "solver_type", "midpoint", "bh1"),
+        (UniPCMultistepScheduler, "predict_x0", False, "data-prediction"),
+        (UniPCMultistepScheduler, "use_exponential_sigmas", True, "not supported"),
+        (UniPCMultistepScheduler, "solver_order", 0, "1, 2 or 3"),
+        (EulerDiscreteScheduler, "interpolation_type", "log_linear", "linear"),
+        (EulerDiscreteScheduler, "timestep_type", "continuous", "discrete"),
+        (EulerDiscreteScheduler, "use_beta_sigmas", True, "not supported"),
+        (EulerDiscreteScheduler, "sigma_min", -1.0, "positive"),
+        (EulerDiscreteScheduler, "final_sigmas_type", "min", "zero"),
+        (EulerAncestralDiscreteScheduler, "prediction_type", "sample", "v_prediction"),
+    ]:
+        with pytest.raises(ValueError, match=f"{key}.*{allowed}"):
+            cls.from_config({key: value})
+    with pytest.raises(ValueError, match="lower_order_final=False needs final_sigmas_type='sigma_min'"):
+        UniPCMultistepScheduler(lower_order_final=False)  # diffusers: NaN at the last step
+    UniPCMultistepScheduler(lower_order_final=False, solver_order=1)
+    with pytest.raises(ValueError, match="solver_p"):
+        UniPCMultistepScheduler(solver_p=DDIMScheduler())
+
+
+def test_sampler_steps_minimum():
+    """Measured in diffusers 0.35.2: every multistep option runs 1 and 2 steps (the first steps use lower
+    orders), so there is no minimum above 1; the fixtures k22_dpmpp_3m_1, k22_dpmpp_3m_2, k22_dpmpp_2m_1 and
+    k22_unipc_3_2 show ours equal to diffusers there. Zero steps, too many steps and spacings that would repeat
+    timesteps (diffusers: NaN or IndexError) are refused naming the argument."""
+    config = published(DECODER_CONFIGS["k22"])
+    variants = list(SAMPLER_OPTIONS.values()) + [(DPMSolverMultistepScheduler, {"solver_order": 3}),
+                                                 (UniPCMultistepScheduler, {"solver_order": 3})]
+    for cls, options in variants:
+        scheduler = cls.from_config(config, **options)
+        for bad in (0, -1, 1001, 2.5, True, None):
+            with pytest.raises(ValueError, match="num_inference_steps must be"):
+                scheduler.set_timesteps(bad)
+        scheduler.set_timesteps(1)
+        assert len(scheduler.timesteps) == 1 and len(scheduler.sigmas) == 2
+    with pytest.raises(ValueError, match="num_inference_steps must be between 1 and"):
+        DPMSolverMultistepScheduler().set_timesteps(0)
+    with pytest.raises(ValueError, match="num_inference_steps=1000 .* repeated or out-of-range timesteps"):
+        DPMSolverMultistepScheduler.from_config(config).set_timesteps(1000)  # diffusers: NaN
+    with pytest.raises(ValueError, match="num_inference_steps=999 .* repeated or out-of-range timesteps"):
+        UniPCMultistepScheduler.from_config(published(DECODER_CONFIGS["k3"])).set_timesteps(999)  # diffusers: NaN
+    DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True).set_timesteps(1000)  # runs in diffusers
+
+
+def test_sampler_step_errors():
+    config = published(DECODER_CONFIGS["k22"])
+    sample = np.zeros((1, 4, 2, 2), np.float32)
+    for cls, options in SAMPLER_OPTIONS.values():
+        scheduler = cls.from_config(config, **options)
+        with pytest.raises(ValueError, match="set_timesteps"):
+            scheduler.step(sample, 999, sample)
+        with pytest.raises(ValueError, match="set_timesteps"):
+            scheduler.add_noise(sample, sample, np.array([999]))
+        scheduler.set_timesteps(3)
+        with pytest.raises(ValueError, match="is not one of the scheduler's timesteps"):
+            scheduler.step(sample, 5, sample)
+        with pytest.raises(ValueError, match="noise shape"):
+            scheduler.add_noise(sample, np.zeros((1, 3, 2, 2), np.float32), scheduler.timesteps[:1])
+        with pytest.raises(ValueError, match="timestep must be one number"):
+            scheduler.step(sample, scheduler.timesteps, sample)
+        with pytest.raises(ValueError, match="model_output shape"):
+            scheduler.step(np.zeros((1, 3, 2, 2), np.float32), scheduler.timesteps[0], sample)
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(sample, t)
+            scheduler.step(sample, t, sample, generator=np.random.default_rng(0))
+        with pytest.raises(ValueError, match="all 3 steps are done"):
+            scheduler.step(sample, scheduler.timesteps[-1], sample)
+    euler = EulerDiscreteScheduler.from_config(config)
+    euler.set_timesteps(3)
+    with pytest.raises(ValueError, match="call scale_model_input"):  # diffusers only warns (grey images)
+        euler.step(sample, euler.timesteps[0], sample)
+    scaled = euler.scale_model_input(np.ones_like(sample), euler.timesteps[0])
+    np.testing.assert_allclose(scaled, 1 / np.sqrt(euler.sigmas[0] ** 2 + 1), rtol=1e-6)
+    sde = DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++")
+    sde.set_timesteps(3)
+    with pytest.raises(ValueError, match="either generator or variance_noise"):
+        sde.step(sample, sde.timesteps[0], sample, generator=np.random.default_rng(0), variance_noise=sample)
+    with pytest.raises(ValueError, match="generator must be a numpy.random.Generator"):
+        sde.step(sample, sde.timesteps[0], sample, generator=0)
+
+
+def test_sampler_noise_draws():
+    """Noise is drawn in diffusers' order: one sample-shaped draw per step for SDE-DPM++ and Euler a (the last
+    step too), none for DPM++, UniPC (which takes and ignores a generator) and Euler without churn."""
+    config = published(DECODER_CONFIGS["k22"])
+    sample = np.ones((2, 4, 3, 2), np.float32)
+    for cls, options, draws in [
+        (DPMSolverMultistepScheduler, {}, 0),
+        (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}, 4),
+        (UniPCMultistepScheduler, {}, 0),
+        (EulerDiscreteScheduler, {}, 0),
+        (EulerAncestralDiscreteScheduler, {}, 4),
+    ]:
+        scheduler = cls.from_config(config, **options)
+        scheduler.set_timesteps(4)
+        generator = np.random.default_rng(5)
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(sample, t)
+            scheduler.step(sample, t, sample, generator=generator)
+        expected = np.random.default_rng(5)
+        for _ in range(draws):
+            randn(sample.shape, expected)
+        assert generator.bit_generator.state == expected.bit_generator.state, cls.__name__
+
+
+def test_dpm_learned_variance_channels():
+    """With variance_type "learned_range" (Kandinsky 2.1's ddpm_scheduler.json) the model output may carry the
+    variance channels: they are dropped at the sample's channel count. diffusers keeps the first 3 channels,
+    which fits 3-channel samples (the k21_ddpm_config fixture) and fails on Kandinsky's 4-channel latents."""
+    config = published("kandinsky-2-1/ddpm_scheduler.json")
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((1, 4, 2, 2), dtype=np.float32)
+    output = rng.standard_normal((1, 8, 2, 2), dtype=np.float32)
+    with_variance, without = (DPMSolverMultistepScheduler.from_config(config) for _ in range(2))
+    assert with_variance.config["thresholding"] is True and with_variance.config["variance_type"] == "learned_range"
+    for scheduler in (with_variance, without):
+        scheduler.set_timesteps(5)
+    for t in with_variance.timesteps:
+        a = with_variance.step(output, t, sample).prev_sample
+        b = without.step(output[:, :4], t, sample).prev_sample
+        np.testing.assert_array_equal(a, b)
+        sample = a
+    plain = DPMSolverMultistepScheduler.from_config(published(DECODER_CONFIGS["k22"]))
+    plain.set_timesteps(5)
+    with pytest.raises(ValueError, match="model_output shape"):
+        plain.step(output, plain.timesteps[0], sample)
+
+
+def test_unipc_bh1_final_step_is_finite():
+    """diffusers' UniPC bh1 with a zero final sigma returns NaN at the last step (it adds alpha_t * B(h) * 0
+    with B(h) = -inf); the term is absent there, so ours returns the x0 the step solved with, as bh2 does."""
+    config = published(DECODER_CONFIGS["k22"])
+    runs = {}
+    for solver_type in ("bh1", "bh2"):
+        scheduler = UniPCMultistepScheduler.from_config(config, solver_type=solver_type)
+        scheduler.set_timesteps(6)
+        sample = np.random.default_rng(1).standard_normal((1, 4, 2, 2), dtype=np.float32)
+        for t in scheduler.timesteps:
+            output = scheduler.step(np.float32(0.9) * sample, t, sample)
+            sample = output.prev_sample
+        assert np.all(np.isfinite(sample))
+        np.testing.assert_array_equal(sample, output.pred_original_sample)  # sigma 0: x = x0
+        runs[solver_type] = sample
+    assert not np.array_equal(runs["bh1"], runs["bh2"])
