@@ -16,8 +16,9 @@ A stage's on-demand components (Stage.on_demand: the 2.x prior's image encoder) 
 own, loaded only for a job that names them (`use(stage, needs=...)`: interpolation with an image).
 Any other job gets what the pipeline takes in their place (its `derived_values`: the zero-image
 embedding) from backend/derived.py, keyed by the component's fingerprint, the dtype and the device;
-the first job of a checkpoint loads the component, computes the value with the pipeline's own
-method, stores it (on disk with the preview factors) and frees the component again.
+the first job of a checkpoint loads the component, computes the value with the pipeline class's
+method, stores it (on disk with the preview factors) and frees the component before the rest of
+the unit loads, so it never holds both.
 
 Memory counts parameter bytes: before a unit loads, its size is read from the safetensors headers,
 units not in use are evicted least recently used first until it fits the budget (ComfyUI's
@@ -138,6 +139,7 @@ class ModelManager:
         self.device = device
         self._units: dict[str, LoadedUnit] = {}       # ModelStage.key -> loaded unit
         self._folders: dict[str, Path] = {}           # source -> resolved folder
+        self._fingerprints: dict = {}                 # (component folder, variant) -> its fingerprint
         self._lock = threading.Lock()                 # guards _units for status() readers
         self._derived = derived.DerivedValueCache(factors_dir)
 
@@ -148,12 +150,14 @@ class ModelManager:
         (each its own unit); none of them can be evicted until the block ends. The stage's other
         on-demand components stay unloaded: their derived values come from the cache."""
         with ExitStack() as held:
-            unit = held.enter_context(self._pinned(stage, on_progress))
             on_demand = {}
             for name in needs:
                 part = held.enter_context(self._pinned(stage.on_demand_part(name), on_progress))
                 on_demand[name] = part.components[name]
-            yield UnitInUse(unit, stage, on_demand, self._derived_values(stage, unit, on_demand, on_progress))
+            # before the unit loads: a first job never holds the image encoder and the rest of the prior at once
+            values = self._derived_values(stage, on_demand, on_progress)
+            unit = held.enter_context(self._pinned(stage, on_progress))
+            yield UnitInUse(unit, stage, on_demand, values)
 
     @contextmanager
     def _pinned(self, stage: ModelStage, on_progress: ProgressCallback | None):
@@ -166,40 +170,45 @@ class ModelManager:
             unit.pins -= 1
             unit.last_used = time.monotonic()
 
-    def _derived_values(self, stage: ModelStage, unit: LoadedUnit, on_demand: dict,
-                        on_progress: ProgressCallback | None) -> dict:
+    def _derived_values(self, stage: ModelStage, on_demand: dict, on_progress: ProgressCallback | None) -> dict:
         """The values the stage's pipeline takes in place of its on-demand components (the class's
-        `derived_values`): cached, or computed by the pipeline's own method, with the component this use
-        holds, else one loaded for the moment and freed after (unless a job had loaded it before)."""
+        `derived_values`): cached, or computed by the class from the component, the one this use holds
+        or one loaded for the moment and freed after (unless a job had loaded it before)."""
         from backend import pipelines
 
+        cls = getattr(pipelines, stage.stage.pipeline)
         values = {}
-        for keyword, (component, method) in getattr(pipelines, stage.stage.pipeline).derived_values.items():
+        for keyword, (component, method) in cls.derived_values.items():
             if component not in stage.stage.on_demand:
                 continue
             kind = derived.array_kind(keyword)
-            # the value is exact only for the weights, the dtype and the kernels it was computed with
-            key = f"{unit.fingerprint(component)}.{unit.load_dtype}.{self.device.lower()}"
+            # exact for the weights, the dtype and the kernels it was computed with (the stages' own
+            # precision rule makes the app's dtype decide the one the component loads in)
+            key = f"{self._fingerprint(stage, component, on_progress)}.{self.dtype}.{self.device.lower()}"
             value = self._derived.peek(kind, key)
             if value is None:
                 if on_progress is not None:
                     on_progress(Loading(f"{stage.label} / {keyword}: computed once for this checkpoint", 0, 0))
-
-                def compute(model):
-                    return getattr(UnitInUse(unit, stage, {component: model}).pipeline(), method)()
                 if component in on_demand:
-                    value = compute(on_demand[component])
+                    value = getattr(cls, method)(on_demand[component])
                 else:
                     part = stage.on_demand_part(component)
                     loaded_before = part.key in self._units
                     with self._pinned(part, on_progress) as holder:
-                        value = compute(holder.components[component])
+                        value = getattr(cls, method)(holder.components[component])
                     if not loaded_before:
                         self._release(part.key)
                 self._derived.put(kind, key, value)
                 logger.info("computed %s of %s (%s)", keyword, stage.key, key)
             values[keyword] = value
         return values
+
+    def _fingerprint(self, stage: ModelStage, component: str, on_progress: ProgressCallback | None) -> str:
+        """backend/fingerprints.py of one component of the stage's folder, from its files (never loaded)."""
+        path = self._resolve(stage, self._reporter(stage, on_progress)) / component
+        if (path, stage.variant) not in self._fingerprints:
+            self._fingerprints[(path, stage.variant)] = fingerprints.fingerprint(path, stage.variant)
+        return self._fingerprints[(path, stage.variant)]
 
     def _release(self, key: str) -> None:
         """Free one unit now, if no job holds it."""
@@ -231,6 +240,14 @@ class ModelManager:
         self.memory_budget = int(budget)
         return self._evict_for(0)
 
+    @staticmethod
+    def _reporter(stage: ModelStage, on_progress: ProgressCallback | None):
+        """(component, bytes done, total) -> the stage's Loading events."""
+        def report(component: str, done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(Loading(f"{stage.label} / {component}", int(done), int(total)))
+        return report
+
     def _resolve(self, stage: ModelStage, report) -> Path:
         """The local folder of a source: a folder as it is, a Hub repo from the cache or downloaded."""
         from backend import weights
@@ -245,10 +262,7 @@ class ModelManager:
         from backend import pipelines, weights
         from backend.pipelines.loading import load_component
 
-        def report(component: str, done: int, total: int) -> None:
-            if on_progress is not None:
-                on_progress(Loading(f"{stage.label} / {component}", int(done), int(total)))
-
+        report = self._reporter(stage, on_progress)
         folder = self._resolve(stage, report)
         index = weights.read_config(folder, "model_index.json")
         cls = getattr(pipelines, stage.stage.pipeline)

@@ -59,8 +59,8 @@ class DiffusionPipeline:
     # when a call needs one, that it is there.
     optional_components: tuple[str, ...] = ()
     # What stands in for an optional component in the calls that need only one value of it, the same
-    # for every call: constructor keyword -> (the component, the method computing the value from it
-    # with no arguments). The app computes each once per checkpoint and caches it (backend/manager.py).
+    # for every call: constructor keyword -> (the component, the class method computing the value from
+    # that component alone). The app computes each once per checkpoint and caches it (backend/manager.py).
     derived_values: dict[str, tuple[str, str]] = {}
     # The text each prompt of the last call lost to the text encoder's token limit (the tokenizer
     # cuts it; the app shows it). Set at each call that encodes a prompt (record_truncation);

@@ -62,7 +62,7 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
 
     component_names = ("prior", "image_encoder", "text_encoder", "tokenizer", "scheduler", "image_processor")
     optional_components = ("image_encoder",)
-    derived_values = {"zero_image_embeds": ("image_encoder", "get_zero_embed")}
+    derived_values = {"zero_image_embeds": ("image_encoder", "embed_zero_image")}
 
     def __init__(self, dtype=ms.float32, zero_image_embeds=None, **components):
         super().__init__(dtype, **components)
@@ -156,11 +156,16 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
         when given, else computed by the image encoder."""
         embeds = self.zero_image_embeds
         if embeds is None:
-            encoder = self._require_zero_embed_source()
-            size = int(encoder.config.image_size)
-            zero_img = np.zeros((1, 3, size, size), np.float32)
-            embeds = self.to_numpy(encoder(zero_img).image_embeds)
+            embeds = self.embed_zero_image(self._require_zero_embed_source())
         return np.tile(embeds, (batch_size, 1))
+
+    @classmethod
+    def embed_zero_image(cls, image_encoder) -> np.ndarray:
+        """(1, D) float32: `image_encoder`'s embedding of an all-zero image. Needs nothing else of the
+        pipeline, so the app computes it before the rest of the prior loads (backend/manager.py)."""
+        size = int(image_encoder.config.image_size)
+        zero_img = np.zeros((1, 3, size, size), np.float32)
+        return cls.to_numpy(image_encoder(zero_img).image_embeds)
 
     def _require_zero_embed_source(self):
         return self._require_image_encoder(
