@@ -19,7 +19,10 @@ backend.weights.load_state_dict with constant weights at DTYPE (the real load pa
 files), then called once on what a text-to-image run at SIZE feeds it (batch 2 = guidance).
 Components: unet_2_2 (2.2 decoder UNet), unet_3 (Kandinsky3UNet, 64 text tokens), movq_2_2 /
 movq_3 (decode one latent), t5 (the K3 text encoder at KANDINSKY_T5_LAYERS layers, default 2, on
-2 x 128 tokens; SIZE is ignored). It prints the process baseline (after imports), the RSS with
+2 x 128 tokens; SIZE is ignored), prior_unit_2_2 (the 2.2 prior + CLIP text encoder, what a
+text-only job loads: one guided prior step on 2 x 77 tokens; SIZE is ignored), prior_folder_2_2
+(the whole 2.2 prior folder, its ViT-bigG image encoder too, which also embeds the zero image).
+It prints the process baseline (after imports), the RSS with
 the weights resident, and the peak: peak - resident = the call's working memory.
 """
 from __future__ import annotations
@@ -94,14 +97,31 @@ FAMILIES = {
 }
 
 # The units a text-to-image run loads one after the other (the model manager frees the earlier
-# one when the budget cannot hold both): 2.x prior folder then decoder folder; 3: T5, then UNet + MoVQ.
+# one when the budget cannot hold both): 2.x prior unit (the prior folder less its image encoder,
+# backend/families.py Stage.on_demand) then decoder folder; 3: T5, then UNet + MoVQ.
+PRIOR_UNIT = [("prior", "prior"), ("prior", "text_encoder")]
 PHASES = {
-    "2.1": [("prior folder", [("prior", None)]), ("decoder folder", [("decoder", None)])],
-    "2.2": [("prior folder", [("prior", None)]), ("decoder folder", [("decoder", None)])],
+    "2.1": [("prior unit", PRIOR_UNIT), ("decoder folder", [("decoder", None)])],
+    "2.2": [("prior unit", PRIOR_UNIT), ("decoder folder", [("decoder", None)])],
     "3": [("T5 text encoder", [("decoder", "text_encoder")]), ("UNet + MoVQ", [("decoder", "unet"),
                                                                              ("decoder", "movq")])],
 }
 GB = 1e9
+
+# --run COMPONENT -> the models it builds: (reference config, kind); a call uses the first
+RUN_CASES = {
+    "unet_2_2": [("kandinsky-2-2-decoder/unet.json", "unet")],
+    "unet_3": [("kandinsky-3/unet.json", "unet_3")],
+    "movq_2_2": [("kandinsky-2-2-decoder/movq.json", "movq")],
+    "movq_3": [("kandinsky-3/movq.json", "movq")],
+    "t5": [("kandinsky-3/text_encoder.json", "t5")],
+    # the 2.2 prior unit of a text-only job, and the whole prior folder (its image encoder too)
+    "prior_unit_2_2": [("kandinsky-2-2-prior/prior.json", "prior"),
+                       ("kandinsky-2-2-prior/text_encoder.json", "clip_text")],
+    "prior_folder_2_2": [("kandinsky-2-2-prior/prior.json", "prior"),
+                         ("kandinsky-2-2-prior/text_encoder.json", "clip_text"),
+                         ("kandinsky-2-2-prior/image_encoder.json", "clip_vision")],
+}
 
 
 def read_config(path: str) -> dict:
@@ -206,6 +226,18 @@ def print_table(counts: dict) -> None:
     print(f"\nK3 text encoder as the published fp16 shards store it (its {kept:,} `wo` parameters in float32): "
           f"{fmt(t5_stored)} GB. A float32 app keeps it so (backend/families.py: keeps_checkpoint_precision); "
           "a float16/bfloat16 app converts `wo` too.")
+    print("\nThe 2.x prior unit: a text-only job (every task but interpolating an image) loads the prior folder "
+          "less its image encoder, whose zero-image embedding is computed once per checkpoint and cached "
+          "(backend/manager.py); the encoder (on demand) loads alone for the first job of a checkpoint, "
+          "freed before the prior unit loads, and with the prior unit for interpolation with an image\n")
+    print("| family | dtype | prior folder GB (before) | prior unit GB (now) | image encoder GB (on demand) |")
+    print("|---|---|---:|---:|---:|")
+    for family in ("2.1", "2.2"):
+        unit = sum(counts[f"{family}/{role}/{name}"] for role, name in PRIOR_UNIT)
+        encoder = counts[f"{family}/prior/image_encoder"]
+        for dtype, itemsize in (("float32", 4), ("float16 / bfloat16", 2)):
+            print(f"| {family} | {dtype} | {fmt(folder_totals[(family, 'prior')] * itemsize)} | "
+                  f"{fmt(unit * itemsize)} | {fmt(encoder * itemsize)} |")
     print("\nText-to-image: parameters resident per phase; the peak is the largest phase when the budget "
           "frees the earlier unit, the sum when it keeps both\n")
     print("| family | dtype | phases (GB) | largest phase GB | all phases GB |")
@@ -246,21 +278,19 @@ def run_case(case: str) -> dict:
     size, dtype = rest.split(":")
     size = int(size)
     baseline = psutil.Process().memory_info().rss
-    config_path, kind = {"unet_2_2": ("kandinsky-2-2-decoder/unet.json", "unet"),
-                         "unet_3": ("kandinsky-3/unet.json", "unet_3"),
-                         "movq_2_2": ("kandinsky-2-2-decoder/movq.json", "movq"),
-                         "movq_3": ("kandinsky-3/movq.json", "movq"),
-                         "t5": ("kandinsky-3/text_encoder.json", "t5")}[component]
-    config = read_config(config_path)
-    if kind == "t5":
-        config["num_layers"] = int(os.environ.get("KANDINSKY_T5_LAYERS", "2"))
-    module, cls_name, _ = CLASSES[kind]
-    model = getattr(importlib.import_module(module), cls_name).from_config(config)
-    params = dict(model.parameters_and_names())
-    n_params = sum(int(np.prod(p.shape)) for p in params.values())
+    models, params = [], {}
+    for config_path, kind in RUN_CASES[component]:
+        config = read_config(config_path)
+        if kind == "t5":
+            config["num_layers"] = int(os.environ.get("KANDINSKY_T5_LAYERS", "2"))
+        module, cls_name, _ = CLASSES[kind]
+        model = getattr(importlib.import_module(module), cls_name).from_config(config)
+        models.append((model, config))
+        params[kind] = dict(model.parameters_and_names())
+    n_params = sum(int(np.prod(p.shape)) for named in params.values() for p in named.values())
 
-    def constant_tensors():  # small fan-in-scaled constants: finite activations, real shapes and dtypes
-        for key, p in params.items():
+    def constant_tensors(kind):  # small fan-in-scaled constants: finite activations, real shapes and dtypes
+        for key, p in params[kind].items():
             shape = tuple(p.shape)
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
             value = 1.0 if key.endswith(("norm.weight", "ln.weight", "layer_norm.weight")) else 0.5 / fan_in ** 0.5
@@ -269,13 +299,15 @@ def run_case(case: str) -> dict:
             yield key, np.full(shape, value, np.float16 if half else np.float32)
 
     start = time.time()
-    load_state_dict(model, constant_tensors(), dtype=dtype)
-    model.set_train(False)
+    for (model, _), (_, kind) in zip(models, RUN_CASES[component]):
+        load_state_dict(model, constant_tensors(kind), dtype=dtype)
+        model.set_train(False)
     load_s = time.time() - start
     loaded = psutil.Process().memory_info().rss
     rng = np.random.default_rng(0)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731  (numpy, as the pipelines pass)
     latent = size // 8
+    (model, config), *others = models
     cpu0 = time.process_time()
     start = time.time()
     if component == "unet_2_2":
@@ -286,6 +318,15 @@ def run_case(case: str) -> dict:
                     encoder_attention_mask=np.ones((2, 64), np.int64))
     elif component.startswith("movq"):
         out = model.decode(f32(1, 4, latent, latent), force_not_quantize=True)["sample"]
+    elif component.startswith("prior"):
+        # one guided step of a text job: CLIP reads prompt + negative (2 x 77 tokens), the prior runs once
+        (text_encoder, _), *image_encoder = others
+        text = text_encoder(np.ones((2, 77), np.int64))
+        out = model(f32(2, config["embedding_dim"]), 500, proj_embedding=text.text_embeds,
+                    encoder_hidden_states=text.last_hidden_state, attention_mask=np.ones((2, 77), bool))
+        for encoder, encoder_config in image_encoder:  # and the zero-image embedding, as get_zero_embed runs it
+            side = encoder_config["image_size"]
+            encoder(np.zeros((1, 3, side, side), np.float32))
     else:
         out = model(np.ones((2, 128), np.int64), np.ones((2, 128), np.int64)).last_hidden_state
     wall = time.time() - start
@@ -293,7 +334,8 @@ def run_case(case: str) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = out.asnumpy() if hasattr(out, "asnumpy") else np.asarray(out)  # numpy on the host path
     finite = bool(np.isfinite(out.astype(np.float32)).all())
-    param_bytes = sum(int(np.prod(p.shape)) * (4 if p.dtype == ms.float32 else 2) for p in params.values())
+    param_bytes = sum(int(np.prod(p.shape)) * (4 if p.dtype == ms.float32 else 2)
+                      for named in params.values() for p in named.values())
     return {"case": case, "parameters": n_params, "param_gb": param_bytes / GB,
             "baseline_rss_gb": baseline / GB, "loaded_rss_gb": loaded / GB, "peak_rss_gb": peak / GB,
             "working_gb": (peak - loaded) / GB, "load_s": load_s, "call_wall_s": wall, "call_cpu_s": cpu,
