@@ -102,5 +102,8 @@ def _attention_block(q, k, v, mask, scale: float, out: np.ndarray, split: bool) 
         scores += mask
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    sums = scores.sum(axis=-1, keepdims=True)
     host_matmul(scores, v, out=out, split=split)
+    # the softmax's normalization after the product: Lq x Dv divisions instead of Lq x Lk (measured
+    # 8.3 ms of ~25 ms of softmax on 12 heads x 1024 x 1028 scores)
+    out /= sums
