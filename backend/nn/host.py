@@ -292,8 +292,9 @@ def conv2d_host(x: np.ndarray, weight: np.ndarray, bias, stride: int, padding: i
     over the cores. A stride-1 convolution with few output channels sums its taps on the output
     side instead (`_conv2d_few_outputs`).
 
-    A bfloat16 weight makes the columns bfloat16 (each sample rounded once, before the copy) and the
-    products bfloat16 with float32 accumulation; the output and the bias add are float32."""
+    A bfloat16 weight makes the columns bfloat16 (the input rounded once, as each band's rows are
+    padded) and the products bfloat16 with float32 accumulation; the output and the bias add are
+    float32."""
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     pointwise = kh == 1 and kw == 1 and stride == 1 and padding == 0
@@ -309,23 +310,18 @@ def conv2d_host(x: np.ndarray, weight: np.ndarray, bias, stride: int, padding: i
     rows = out_h if pointwise else max(1, min(out_h, COLUMNS_BAND_BYTES // (operand.itemsize * k * out_w)))
     bands = [(r, min(out_h, r + rows)) for r in range(0, out_h, rows)]
 
-    def windows(i: int) -> np.ndarray:  # (C, H', W', kh, kw) strided view of the padded sample
-        sample = x[i]
-        if operand == BFLOAT16:  # rounded once here, not in each band's copy
-            # (np.pad on bfloat16 takes a slow generic path: 70 ms for a 320x64x64 sample)
-            rounded = np.zeros((c, h + 2 * padding, w + 2 * padding), operand)
-            rounded[:, padding:padding + h, padding:padding + w] = sample
-            sample = rounded
-        elif padding:
-            sample = np.pad(sample, ((0, 0), (padding, padding), (padding, padding)))
-        view = np.lib.stride_tricks.sliding_window_view(sample, (kh, kw), axis=(1, 2))
-        return view[:, ::stride, ::stride]
-
-    def band(i: int, view, r0: int, r1: int, split: bool = False) -> None:
+    def band(i: int, r0: int, r1: int, split: bool = False) -> None:
         if pointwise:
             cols = x[i].reshape(c, h * w)
-        else:  # (C*kh*kw, rows*W'): the one copy
-            cols = view[:, r0:r1].transpose(0, 3, 4, 1, 2).reshape(k, (r1 - r0) * out_w)
+        else:
+            # The input rows this band reads, zero-padded (and rounded to bfloat16) into a small
+            # buffer that stays in the cache, then (C*kh*kw, rows*W') columns from it: the one copy.
+            top, bottom = r0 * stride - padding, (r1 - 1) * stride - padding + kh
+            rows_in = np.zeros((c, bottom - top, w + 2 * padding), operand)
+            first, last = max(top, 0), min(bottom, h)
+            rows_in[:, first - top:last - top, padding:padding + w] = x[i, :, first:last]
+            view = np.lib.stride_tricks.sliding_window_view(rows_in, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
+            cols = view.transpose(0, 3, 4, 1, 2).reshape(k, (r1 - r0) * out_w)
         out = y[i][:, r0 * out_w:r1 * out_w]
         host_matmul(weight, cols, out=out, split=split)
         if bias is not None:
@@ -334,18 +330,16 @@ def conv2d_host(x: np.ndarray, weight: np.ndarray, bias, stride: int, padding: i
     gemm = host_gemm()
     if b >= gemm.threads:
         def one_sample(i: int) -> None:
-            view = None if pointwise else windows(i)
             for r0, r1 in bands:
-                band(i, view, r0, r1)
+                band(i, r0, r1)
 
         gemm.parallel(b, one_sample)
     elif len(bands) == 1:
         for i in range(b):
-            band(i, None if pointwise else windows(i), 0, out_h, split=True)
+            band(i, 0, out_h, split=True)
     else:
-        views = [None if pointwise else windows(i) for i in range(b)]
         items = [(i, r0, r1) for i in range(b) for r0, r1 in bands]
-        gemm.parallel(len(items), lambda j: band(items[j][0], views[items[j][0]], items[j][1], items[j][2]))
+        gemm.parallel(len(items), lambda j: band(*items[j]))
     return y.reshape(b, o, out_h, out_w)
 
 
