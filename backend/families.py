@@ -48,9 +48,11 @@ class Stage:
     role: str                       # the folder it reads: a key of ModelSpec.repos
     part: str = ""                  # "" = the folder (but its on-demand components); else this part's name
     components: tuple = ()          # that part's components (the others stay unloaded)
-    # With a float32 or bfloat16 app, keep the checkpoint's precision (weights.CHECKPOINT_PRECISION):
-    # for a model that computes in float32 whatever its weights' dtype (Kandinsky 3's T5, whose
-    # residual stream outgrows half precision), only the memory changes.
+    # With a float32 app, keep the checkpoint's precision (weights.CHECKPOINT_PRECISION): for a
+    # model that computes in float32 whatever its weights' dtype (Kandinsky 3's T5, whose residual
+    # stream outgrows float16), only the memory changes. A bfloat16 app loads it in bfloat16 (17.4
+    # GB, not 21.7 as stored): its activations and residual sums stay float32, only the products
+    # take bfloat16 operands.
     keeps_checkpoint_precision: bool = False
 
     # Components left out of the unit: each loads as a unit of its own for the jobs that need it

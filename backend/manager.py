@@ -272,7 +272,7 @@ class ModelManager:
                 raise weights.WeightsError(f"{folder / 'model_index.json'} has no component {name!r} "
                                            f"needed by {cls.__name__}")
         load_dtype, itemsize = self.dtype, (2 if self.dtype in ("float16", "bfloat16") else 4)
-        if stage.stage.keeps_checkpoint_precision and self.dtype in ("float32", "bfloat16"):
+        if stage.stage.keeps_checkpoint_precision and self.dtype == "float32":
             load_dtype, itemsize = weights.CHECKPOINT_PRECISION, None
         shared = {}                   # identical components already in memory
         for name in names:
