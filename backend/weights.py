@@ -176,9 +176,13 @@ def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]]
     as_stored = dtype == CHECKPOINT_PRECISION
     dtype = dtype_from_name(dtype)
     params = dict(model.parameters_and_names())
+    # bfloat16: only what the model's products read (backend/nn/entry.py Model.bfloat16_parameter_names)
+    rounded = model.bfloat16_parameter_names() if dtype == ms.bfloat16 and hasattr(model, "bfloat16_parameter_names") \
+        else None
     filled: set[str] = set()
     unexpected: list[str] = []
-    total = sum(int(np.prod(p.shape)) * _itemsize(dtype) for p in params.values())
+    total = sum(int(np.prod(p.shape)) * (_itemsize(dtype) if rounded is None or name in rounded else 4)
+                for name, p in params.items())
     done = 0
     for key, array in tensors:
         if as_stored:
@@ -191,6 +195,8 @@ def load_state_dict(model: ms.nn.Cell, tensors: Iterable[tuple[str, np.ndarray]]
             if not key.endswith(IGNORED_KEY_SUFFIXES):
                 unexpected.append(key)
             continue
+        if rounded is not None:
+            dtype = ms.bfloat16 if key in rounded else ms.float32
         if tuple(array.shape) != tuple(param.shape):
             raise WeightsError(f"{source}: tensor {key!r} has shape {tuple(array.shape)}, "
                                f"the model expects {tuple(param.shape)}")

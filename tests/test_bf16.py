@@ -4,33 +4,25 @@ reference, at a tolerance derived from torch's own bfloat16 error on the same fi
 torch's error: tests/fixtures/bf16_torch_errors.json (tools/fixtures/make_bf16_errors.py) holds, for
 each fixture folder and reference output, the max abs difference between diffusers / transformers
 run under torch.autocast("cpu", dtype=torch.bfloat16) and the float32 output our float32 tests
-compare with. Our bfloat16 model stores every parameter in bfloat16 and runs its products through
-oneDNN's bf16 gemm (float32 accumulation and output); everything between products stays float32.
+compare with. Our bfloat16 model stores its product weights (and large embedding tables) in
+bfloat16 and every other parameter in float32, as torch autocast keeps them (backend/nn/entry.py
+Model.bfloat16_parameter_names), and runs its products through oneDNN's bf16 gemm (float32
+accumulation and output); everything between products stays float32.
 
-Tolerance rule: ours <= TORCH_ERROR_FACTOR (2) x torch's error on the same case, one factor for
+Tolerance rule: ours <= TORCH_ERROR_FACTOR (1.25) x torch's error on the same case, one factor for
 every model and case; the 2.2 text-to-image pipeline's image <= 1 x torch's image difference (the
 issue's image criterion). CLIP text's masked hidden states: torch's error is taken over the positions
 that see a token (bf16_torch_errors.json says why), ours is checked on all positions.
 Ours / torch, max abs, measured on this CPU (avx512_bf16):
-  2.x UNets (12 cases)       0.52-0.76      Kandinsky 3 UNets (3)           0.46-0.63
-  MoVQ encode, decode (4)    0.69-0.94      MoVQ encode-quantize-decode (2) 1.00, 1.03
-  prior (5)                  0.66-1.10      T5 (2)                          0.48, 0.51
-  CLIP text (6)              0.99-1.21      CLIP vision (2)                 1.39, 1.25
-  MCLIP (4)                  0.72-1.45      2.2 text-to-image image         0.66
-Why some exceed 1: torch autocast keeps every parameter in float32 and rounds only the operands of
-its products (and their outputs); ours also rounds the parameters outside the products (embedding
-tables, norm scales, biases). On these tiny transformers (width 24-32) that weighs as much as the
-products' rounding: with float32 activations and bfloat16 weights (the fallback test below) CLIP
-vision is still 1.12x torch. With every parameter rounded to bfloat16 on the torch side too (an
-investigation, not stored), ours / torch is 0.56-0.99 on CLIP, MCLIP and the prior, except the
-prior's unmasked case (1.16): the max over a few hundred values of two differently rounded runs
-varies that much. Factor 2 covers that spread and still fails a change that doubles the error.
-
-Known exception (xfail, strict): MoVQ decode with quantization (ratios 2.50 and 4.84). The codebook
-is stored in bfloat16, so 1 (movq_tiny) and 2 (movq_tiny_group) of 768 latent pixels snap to another
-entry than in float32; torch autocast keeps the codebook and cdist in float32. Rounding the codebook
-on the torch side gives our error (0.116 / 0.199; ours 0.118 / 0.195). The pipelines decode with
-force_not_quantize=True, so no pipeline takes this path.
+  2.x UNets (12 cases)       0.45-0.98      Kandinsky 3 UNets (3)           0.51-0.74
+  MoVQ encode, decode (8)    0.44-1.00      prior (5)                       0.54-0.83
+  CLIP text (6)              0.71-1.04      CLIP vision (2)                 1.07, 1.14
+  MCLIP (4)                  0.54-0.98      T5 (2)                          0.39, 0.41
+Why a factor above 1: these are maxima over a few hundred values of two differently rounded runs;
+on the tiny CLIPs (width 24-32) ours lands a little above torch's on 4 of 42 cases (at most 1.14x).
+Storing every parameter in bfloat16 instead made CLIP, MCLIP and the prior up to 1.45x torch's
+error and sent 1-2 of 768 latent pixels of a quantized MoVQ decode to another codebook entry
+(2.5x and 4.8x): hence float32 for everything the products do not read.
 """
 from __future__ import annotations
 
@@ -59,10 +51,9 @@ from tests.test_unet_2d_condition import case_inputs as unet_case_inputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TORCH_ERRORS = json.loads((FIXTURES / "bf16_torch_errors.json").read_text())
-TORCH_ERROR_FACTOR = 2.0
+TORCH_ERROR_FACTOR = 1.25
 PIPELINE = "pipelines/kandinsky-2-2-decoder-tiny"
 MCLIP = "pipelines_2_1/kandinsky-2-1-tiny/text_encoder"
-QUANTIZED_DECODE = "the MoVQ codebook is stored in bfloat16: a few latent pixels snap to another entry (docstring)"
 
 
 # ------------------------------------------------------------------ each fixture: model, reference, cases
@@ -133,8 +124,7 @@ MODELS = {
     MCLIP: (MultilingualCLIP, "pipelines_2_1/reference.npz", mclip),
     "t5_encoder_tiny": (T5EncoderModel, "t5_encoder_tiny/io.npz", t5),
 }
-KNOWN = {"decoded_quantized": pytest.mark.xfail(strict=True, reason=QUANTIZED_DECODE)}
-CASES = [pytest.param(fixture, key, id=f"{fixture}:{key}", marks=[KNOWN[key]] if key in KNOWN else [])
+CASES = [pytest.param(fixture, key, id=f"{fixture}:{key}")
          for fixture in MODELS for key in TORCH_ERRORS[fixture]]
 
 _loaded: dict = {}
@@ -188,11 +178,18 @@ def test_a_cpu_with_native_bf16_products_uses_the_bf16_gemm():
         assert host_gemm().gemm_bf16 is not None
 
 
+def assert_stored_as_bfloat16_products(model) -> None:
+    """The product weights (and large embedding tables) in bfloat16, every other parameter in float32."""
+    rounded = model.bfloat16_parameter_names()
+    assert rounded
+    for name, param in model.parameters_and_names():
+        assert param.dtype == (ms.bfloat16 if name in rounded else ms.float32), (name, param.dtype)
+
+
 @pytest.mark.parametrize("fixture, key", CASES)
 def test_bf16_model_within_torch_bf16_error(fixture, key, bf16_gemm_calls):
     model, reference = bf16_model(fixture)
-    dtypes = {p.dtype for _, p in model.parameters_and_names()}
-    assert dtypes == {ms.bfloat16}, dtypes
+    assert_stored_as_bfloat16_products(model)
     out = as_numpy(MODELS[fixture][2](model, reference, key))
     assert products_ran_in_bf16(bf16_gemm_calls), len(bf16_gemm_calls)
     tolerance = TORCH_ERROR_FACTOR * TORCH_ERRORS[fixture][key]
@@ -247,9 +244,11 @@ def test_a_bfloat16_app_loads_kandinsky_3s_t5_in_bfloat16_and_it_is_the_tested_m
     with manager.use(spec.stage("text_encoder")) as unit:
         pipe = unit.pipeline("default")
         encoder = pipe.text_encoder
-        assert {p.dtype for _, p in encoder.parameters_and_names()} == {ms.bfloat16}
+        assert_stored_as_bfloat16_products(encoder)
+        assert {name for name, _ in encoder.parameters_and_names() if ".wo." in name} <= encoder.bfloat16_parameter_names()
         (status,) = manager.status()["units"]
-        assert status["bytes"] == 2 * sum(int(np.prod(p.shape)) for _, p in encoder.parameters_and_names())
+        assert status["bytes"] == sum(int(np.prod(p.shape)) * (2 if p.dtype == ms.bfloat16 else 4)
+                                      for _, p in encoder.parameters_and_names())
         embeds, _, mask, _ = pipe.encode_prompt(["a red cat in the snow"], False, 1, None)
         direct = load_model(T5EncoderModel, folder / "text_encoder", dtype=ms.bfloat16)
         pipe.text_encoder = direct
