@@ -16,6 +16,7 @@ import pytest
 
 from backend.random import randn
 from backend.schedulers import (
+    SAMPLERS,
     SCHEDULERS,
     DDIMScheduler,
     DDPMScheduler,
@@ -118,8 +119,12 @@ def test_fixtures_cover_the_published_configs():
 
 
 def test_registry_and_from_config():
+    # every class by its scheduler.json "_class_name": a folder saved with a swapped-in sampler loads too
     assert SCHEDULERS == {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler,
-                          "UnCLIPScheduler": UnCLIPScheduler}
+                          "UnCLIPScheduler": UnCLIPScheduler, "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+                          "UniPCMultistepScheduler": UniPCMultistepScheduler,
+                          "EulerDiscreteScheduler": EulerDiscreteScheduler,
+                          "EulerAncestralDiscreteScheduler": EulerAncestralDiscreteScheduler}
     decoder = published("kandinsky-2-2-decoder/scheduler.json")
     ddpm = scheduler_from_config(decoder["_class_name"], decoder)
     assert isinstance(ddpm, DDPMScheduler)
@@ -140,12 +145,33 @@ def test_registry_and_from_config():
     assert prior.config["clip_sample_range"] == 10.0 and prior.config["prediction_type"] == "sample"
 
     with pytest.raises(ValueError, match="class_name"):
-        scheduler_from_config("EulerDiscreteScheduler", decoder)
+        scheduler_from_config("LMSDiscreteScheduler", decoder)  # a diffusers scheduler not ported
+
+
+def test_sampler_names_build_their_class_and_options():
+    """SAMPLERS: the names the app's menu, API and PNGs use, each a class and its from_config options."""
+    assert list(SAMPLERS) == ["DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "UniPC", "Euler", "Euler a",
+                              "DDIM", "DDPM"]
+    decoder = published("kandinsky-2-2-decoder/scheduler.json")
+    for name, (cls, options) in SAMPLERS.items():
+        scheduler = scheduler_from_config(name, decoder)
+        assert type(scheduler) is cls and scheduler.order == 1
+        assert {key: scheduler.config[key] for key in options} == options
+        assert scheduler.config["beta_end"] == 0.012  # built from the repo's config
+    karras = scheduler_from_config("DPM++ 2M SDE Karras", decoder)
+    assert karras.config["algorithm_type"] == "sde-dpmsolver++" and karras.config["use_karras_sigmas"] is True
+    assert scheduler_from_config("DPM++ 2M", decoder).config["use_karras_sigmas"] is False
+    with pytest.raises(ValueError, match=r"sampler name \['DPM\+\+ 2M', .*'DDPM'\]; got 'dpm\+\+ 2m'"):
+        scheduler_from_config("dpm++ 2m", decoder)  # exact names here; the app's requests accept any case
 
 
 def test_scale_model_input_is_identity():
+    """Every scheduler but Euler and Euler ancestral leaves the model input as it is (those two divide it by
+    sqrt(sigma^2 + 1); the sampler parity fixtures run it at every step)."""
     sample = np.ones((1, 4, 2, 3), np.float32)
-    for cls in SCHEDULERS.values():
+    identity = [DDPMScheduler, DDIMScheduler, UnCLIPScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler]
+    assert set(SCHEDULERS.values()) - set(identity) == {EulerDiscreteScheduler, EulerAncestralDiscreteScheduler}
+    for cls in identity:
         assert cls().scale_model_input(sample, 10) is sample
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from backend import weights
+from backend.schedulers import SCHEDULERS, scheduler_from_config
 
 # model_index.json class name -> (module, class) of our port.
 MODEL_CLASSES = {
@@ -26,7 +27,6 @@ MODEL_CLASSES = {
     "Kandinsky3UNet": ("backend.models.unet_kandinsky3", "Kandinsky3UNet"),
     "MultilingualCLIP": ("backend.models.mclip", "MultilingualCLIP"),
 }
-SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "UnCLIPScheduler")
 
 # Load progress: (component name, bytes done, bytes total).
 ProgressCallback = Callable[[str, int, int], None]
@@ -42,8 +42,7 @@ def load_component(folder: Path, library: str, class_name: str, dtype, variant=N
         if on_progress is not None:
             report = lambda done, total: on_progress(name, done, total)  # noqa: E731
         return weights.load_model(cls, folder, dtype=dtype, variant=variant, on_tensor=report)
-    if class_name in SCHEDULER_CLASSES:
-        from backend.schedulers import scheduler_from_config
+    if class_name in SCHEDULERS:  # any of our schedulers, e.g. a folder saved with DPM-Solver++ swapped in
         return scheduler_from_config(class_name, weights.read_config(folder, "scheduler_config.json"))
     if class_name in ("CLIPTokenizer", "CLIPTokenizerFast"):
         return load_clip_tokenizer(folder)
