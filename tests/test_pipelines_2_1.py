@@ -25,8 +25,9 @@ from backend.pipelines import (
     KandinskyPipeline,
     KandinskyPriorPipeline,
 )
-from backend.schedulers import DDIMScheduler, DDPMScheduler
-from tests.conftest import assert_close
+from backend.schedulers import SAMPLERS, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from tests.conftest import (assert_close, assert_sampler_latents, run_sampler_case, sampler_cases, sampler_id,
+                            swapped_scheduler)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pipelines_2_1"
 IMAGES = Path(__file__).parent / "fixtures" / "pipelines"
@@ -284,6 +285,80 @@ def test_combined_from_pretrained_with_ddpm_scheduler():
     assert isinstance(pipe.decoder_pipe.scheduler, DDPMScheduler)
     assert isinstance(pipe.prior_pipe, KandinskyPriorPipeline)
     assert set(pipe.components) >= {"prior_prior", "prior_tokenizer", "text_encoder", "tokenizer", "unet", "movq"}
+
+
+# ---------------------------------------------------------------------------------- samplers
+
+
+@pytest.mark.parametrize("case", sampler_cases("2.1"), ids=sampler_id)
+def test_dpmpp_2m_karras_matches_diffusers(ref, case):
+    """Text-to-image, image-to-image and inpainting with DPM++ 2M Karras swapped in as the docs swap schedulers,
+    against diffusers' own pipelines with the same scheduler (tools/fixtures/make_pipelines.py --samplers;
+    diffusers runs DPM-Solver++ here as it is). Final latents, relative to their size (|x| reaches 87 with the
+    random tiny UNet: tests/conftest.py SAMPLER_TOLERANCE and the fixture script say why not images)."""
+    cls = {"text2img": KandinskyPipeline, "img2img": KandinskyImg2ImgPipeline,
+           "inpaint": KandinskyInpaintPipeline}[case["task"]]
+    folder = INPAINT if case["task"] == "inpaint" else DECODER
+    pipe = cls.from_pretrained(folder, scheduler=swapped_scheduler(case, folder))
+    args = dict(image_embeds=ref["image_embeds"][:1], negative_image_embeds=ref["negative_image_embeds"][:1],
+                height=64, width=64, num_inference_steps=case["steps"], guidance_scale=4.0,
+                generator=gen(case["seed"]))
+    if case["task"] != "text2img":
+        args["image"] = image("image_a.png")
+    if case["task"] == "img2img":
+        args["strength"] = case["strength"]
+    if case["task"] == "inpaint":
+        args["mask_image"] = image("mask.png")
+    assert_sampler_latents(run_sampler_case(pipe, "a red cat", **args), case)
+
+
+class RecordingUNet:
+    """The UNet, recording the (sample, timestep) of every call."""
+
+    def __init__(self, unet):
+        self.unet, self.config, self.calls = unet, unet.config, []
+
+    def __call__(self, sample, timestep, **kwargs):
+        self.calls.append((sample.copy(), timestep))
+        return self.unet(sample, timestep, **kwargs)
+
+
+def test_euler_img2img_starts_from_what_ddim_starts_from(decoder):
+    """2.1 image-to-image noises the image with the original 2.1 schedule whatever the scheduler (as diffusers).
+    Euler steps x = x0 + sigma * eps, so it gets those latents times sqrt(sigma^2 + 1) and its scale_model_input
+    divides that out: the UNet's first input is what DDIM's is (diffusers would multiply the clean image latents
+    by init_noise_sigma, 25, first)."""
+    first_inputs = []
+    for scheduler in (decoder.scheduler, EulerDiscreteScheduler.from_config(decoder.scheduler.config)):
+        unet = RecordingUNet(decoder.unet)
+        pipe = KandinskyImg2ImgPipeline(**{**decoder.components, "unet": unet, "scheduler": scheduler})
+        out = pipe("a red cat", image("image_a.png"), np.ones((1, 32), np.float32), np.zeros((1, 32), np.float32),
+                   height=64, width=64, strength=0.5, num_inference_steps=6, generator=gen(3), output_type="latent")[0]
+        assert np.isfinite(out).all() and len(unet.calls) == 3
+        first_inputs.append(unet.calls[0][0])
+    np.testing.assert_allclose(first_inputs[1], first_inputs[0], rtol=1e-5, atol=1e-6)
+    assert np.abs(first_inputs[0]).max() < 5  # the noisy image latents, not 25 times them
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_runs_every_decoder(decoder, inpaint, name):
+    """Each sampler from the repo's DDIM config and from its alternative ddpm_scheduler (learned-range variance:
+    only DDPM reads the variance channels; the others get the noise half, though their config still names
+    "learned_range"), through text-to-image, image-to-image and inpainting."""
+    for folder in ("scheduler", "ddpm_scheduler"):
+        config = weights.read_config(DECODER / folder, "scheduler_config.json")
+        cls, options = SAMPLERS[name]
+        scheduler = cls.from_config(config, **options)
+        embeds = dict(image_embeds=np.ones((1, 32), np.float32), negative_image_embeds=np.zeros((1, 32), np.float32),
+                      height=64, width=64, num_inference_steps=3, generator=gen(4), output_type="latent")
+        outputs = [
+            KandinskyPipeline(**{**decoder.components, "scheduler": scheduler})("a cat", **embeds)[0],
+            KandinskyImg2ImgPipeline(**{**decoder.components, "scheduler": scheduler})(
+                "a cat", image("image_a.png"), strength=0.7, **embeds)[0],
+            KandinskyInpaintPipeline(**{**inpaint.components, "scheduler": scheduler})(
+                "a cat", image("image_a.png"), image("mask.png"), **embeds)[0],
+        ]
+        assert all(out.shape == (1, 4, 8, 8) and np.isfinite(out).all() for out in outputs), (name, folder)
 
 
 # ------------------------------------------------------------------------------ bad input

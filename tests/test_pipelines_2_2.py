@@ -21,8 +21,9 @@ from backend.pipelines import (
 )
 from backend import weights
 from backend.derived import DerivedValueCache, array_kind
-from backend.schedulers import DDIMScheduler, DDPMScheduler
-from tests.conftest import assert_close
+from backend.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UnCLIPScheduler
+from tests.conftest import (assert_close, assert_sampler_latents, run_sampler_case, sampler_cases, sampler_id,
+                            swapped_scheduler)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pipelines"
 PRIOR = FIXTURES / "kandinsky-2-2-prior-tiny"
@@ -238,6 +239,66 @@ def test_two_images_per_prompt(decoder, ref, ref_two, case):
     assert_close(out, ref_two[case], TOL)
 
 
+SAMPLER_PIPELINES = {"text2img": (KandinskyV22Pipeline, DECODER), "img2img": (KandinskyV22Img2ImgPipeline, DECODER),
+                     "inpaint": (KandinskyV22InpaintPipeline, INPAINT),
+                     "controlnet_img2img": (KandinskyV22ControlnetImg2ImgPipeline, CONTROLNET)}
+
+
+@pytest.mark.parametrize("case", sampler_cases("2.2"), ids=sampler_id)
+def test_samplers_match_diffusers(ref, case):
+    """Text-to-image, image-to-image, inpainting and ControlNet image-to-image with DPM++ 2M, DPM++ 2M Karras,
+    DPM++ 2M SDE Karras, UniPC, Euler and Euler a swapped in as the docs swap schedulers
+    (`from_pretrained(repo, scheduler=Class.from_config(config, **options))`), against diffusers'
+    pipelines with the same scheduler (tools/fixtures/make_pipelines.py --samplers), same weights and noise.
+
+    The DPM-Solver++ cases are diffusers' pipelines as they are. Where diffusers cannot run a sampler, the
+    reference is its pipeline plus a few lines: UniPC's step() takes no `generator`, which diffusers'
+    Kandinsky loops pass (TypeError), so the reference drops it; diffusers' Kandinsky loops never call
+    scale_model_input (grey images with Euler and Euler a), so the reference adds it before the UNet, as its
+    Stable Diffusion loops do, and noises inpainting's kept region with the unit noise, not with the latents
+    already multiplied by Euler's init_noise_sigma. The final latents are compared, relative to their size:
+    the random tiny models drive them to |x| ~ 180, which the tiny MoVQ decodes too steeply for an image
+    comparison to measure anything but its own rounding (see the fixture script)."""
+    cls, folder = SAMPLER_PIPELINES[case["task"]]
+    pipe = cls.from_pretrained(folder, scheduler=swapped_scheduler(case, folder))
+    args = dict(image_embeds=ref["image_embeds"], negative_image_embeds=ref["negative_image_embeds"], height=64,
+                width=64, num_inference_steps=case["steps"], guidance_scale=4.0,
+                generator=gen(case["seed"]))
+    if case["task"] != "text2img":
+        args["image"] = image("image_a.png")
+    if "strength" in case:
+        args["strength"] = case["strength"]
+    if case["task"] == "inpaint":
+        args["mask_image"] = image("mask.png")
+    if case["task"] == "controlnet_img2img":
+        args["hint"] = ref["hint"]
+    assert_sampler_latents(run_sampler_case(pipe, **args), case)
+
+
+def test_folder_saved_with_a_swapped_scheduler_loads_it(tmp_path):
+    """A pipeline folder whose scheduler is DPM-Solver++ (diffusers' save_pretrained after a swap) loads it."""
+    import json
+
+    for name in ("unet", "movq"):
+        (tmp_path / name).symlink_to(DECODER / name, target_is_directory=True)
+    index = json.loads((DECODER / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    config = weights.read_config(DECODER / "scheduler", "scheduler_config.json")
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**config, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}))
+    pipe = KandinskyV22Pipeline.from_pretrained(tmp_path)
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and pipe.scheduler.config["use_karras_sigmas"]
+
+
+def test_sampler_cases_cover_the_tasks_and_names():
+    cases = {(case["task"], case["sampler"]) for case in sampler_cases("2.2")}
+    for task in ("text2img", "img2img", "inpaint"):
+        for sampler in ("DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "UniPC", "Euler", "Euler a"):
+            assert (task, sampler) in cases
+
+
 def test_combined(prior, decoder, ref):
     pipe = KandinskyV22CombinedPipeline(prior, decoder)
     out = pipe("a red cat", negative_prompt="the dog", num_inference_steps=2, prior_num_inference_steps=2,
@@ -256,6 +317,26 @@ def test_combined_reports_the_priors_truncation(prior, decoder):
 def test_combined_from_pretrained_with_explicit_prior():
     pipe = KandinskyV22CombinedPipeline.from_pretrained(DECODER, prior_pretrained_model_name_or_path=PRIOR)
     assert set(pipe.components) >= {"unet", "movq", "scheduler", "prior_prior", "prior_text_encoder"}
+
+
+def test_combined_from_pretrained_with_a_swapped_scheduler(prior):
+    """`scheduler=` is the decoder's (as in diffusers, whose prior's is `prior_scheduler`): the prior keeps its
+    UnCLIP scheduler, and the call equals the prior then the DPM-Solver++ decoder."""
+    config = weights.read_config(DECODER / "scheduler", "scheduler_config.json")
+    pipe = KandinskyV22CombinedPipeline.from_pretrained(
+        DECODER, prior_pretrained_model_name_or_path=PRIOR,
+        scheduler=DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True))
+    assert isinstance(pipe.decoder_pipe.scheduler, DPMSolverMultistepScheduler)
+    assert isinstance(pipe.prior_pipe.scheduler, UnCLIPScheduler)
+    out = pipe("a red cat", num_inference_steps=4, prior_num_inference_steps=2, height=64, width=64,
+               generator=gen(9), output_type="latent")[0]
+    generator = gen(9)
+    embeds, negative = prior("a red cat", num_inference_steps=2, generator=generator)
+    decoder = KandinskyV22Pipeline(unet=pipe.decoder_pipe.unet, movq=pipe.decoder_pipe.movq,
+                                   scheduler=DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True))
+    want = decoder(embeds, negative, height=64, width=64, num_inference_steps=4, generator=generator,
+                   output_type="latent")[0]
+    np.testing.assert_array_equal(out, want)
 
 
 def test_callback_sees_every_step_and_can_stop(decoder):

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from backend.pipelines.kandinsky3 import Kandinsky3Img2ImgPipeline, Kandinsky3Pipeline
-from tests.conftest import assert_close
+from tests.conftest import (assert_close, assert_sampler_latents, run_sampler_case, sampler_cases, sampler_id,
+                            swapped_scheduler)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pipelines_3"
 REPO = FIXTURES / "kandinsky-3-tiny"
@@ -101,6 +102,26 @@ def test_img2img_two_images_per_prompt(img2img, ref_two):
                   guidance_scale=3.0, num_images_per_prompt=2, generator=gen(21), output_type="latent")[0]
     assert out.shape == (2, 4, 8, 8)
     assert_close(out, ref_two["img2img"], TOL)
+
+
+@pytest.mark.parametrize("case", sampler_cases("3"), ids=sampler_id)
+def test_samplers_match_diffusers(case):
+    """Text-to-image and image-to-image with DPM++ 2M, DPM++ 2M Karras and Euler swapped in as the docs swap
+    schedulers, against diffusers' Kandinsky 3 pipelines with the same scheduler (tools/fixtures/
+    make_pipelines.py --samplers). DPM++ 2M: diffusers as it is. DPM++ 2M Karras: diffusers 0.35.2 fails on
+    Kandinsky 3's config (IndexError at the last step: the Karras timesteps repeat 998, so its counter starts one
+    step late; tests/test_schedulers.py), so the reference sets the begin index as its Stable Diffusion
+    pipelines do (0, or the start of the image-to-image tail), which ours always does. Euler: the reference adds
+    the scale_model_input call diffusers' Kandinsky loop lacks. Final latents, relative to their size (|x|
+    reaches 1e5 with Karras' sigma_max of 20291 and a random UNet; see tests/conftest.py)."""
+    cls = Kandinsky3Img2ImgPipeline if case["task"] == "img2img" else Kandinsky3Pipeline
+    pipe = cls.from_pretrained(REPO, scheduler=swapped_scheduler(case, REPO))
+    args = dict(num_inference_steps=case["steps"], guidance_scale=3.0, generator=gen(case["seed"]))
+    if case["task"] == "img2img":
+        args.update(image=Image.open(FIXTURES.parent / "pipelines" / "image_a.png"), strength=case["strength"])
+    else:
+        args.update(height=64, width=64)
+    assert_sampler_latents(run_sampler_case(pipe, "a red cat on the mat", **args), case)
 
 
 SPIECE = Path(__file__).parent / "fixtures" / "t5_spiece"  # tools/fixtures/make_pipelines_3.py --spiece

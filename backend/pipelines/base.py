@@ -44,10 +44,20 @@ def apply_guidance(noise_pred: np.ndarray, guidance_scale: float, learned_varian
 
 
 def get_timesteps(scheduler, num_inference_steps: int, strength: float):
-    """The tail of the schedule that img2img runs: the last `strength` fraction of the steps."""
+    """The tail of the schedule that img2img runs: the last `strength` fraction of the steps.
+
+    A scheduler with a step counter (DPM-Solver++, UniPC, Euler, Euler a) is told where the tail begins,
+    as diffusers' Stable Diffusion img2img pipelines do (`set_begin_index(t_start * order)`): its first
+    step, and add_noise before it, then use that sigma. Found from the timestep instead (diffusers'
+    Kandinsky pipelines), a repeated timestep would pick the wrong one: Kandinsky 3 with Karras sigmas
+    repeats 998, and the 2.x Karras schedules of 50 steps or more repeat their last timesteps."""
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
     t_start = max(num_inference_steps - init_timestep, 0)
-    return scheduler.timesteps[t_start:]
+    begin = t_start * scheduler.order
+    timesteps = scheduler.timesteps[begin:]
+    if len(timesteps) and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return timesteps
 
 
 class DiffusionPipeline:

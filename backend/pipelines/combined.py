@@ -14,8 +14,10 @@ class CombinedPipeline:
     prior_class: type
     decoder_class: type
     default_priors: dict[str, str] = {}
-    # from_pretrained keyword arguments that belong to the decoder only (e.g. a scheduler subfolder)
-    decoder_only_kwargs: tuple[str, ...] = ()
+    # from_pretrained keyword arguments that belong to the decoder only: `scheduler=` (a scheduler swapped in
+    # as the docs do, or a subfolder such as kandinsky-2-1's "ddpm_scheduler") is the decoder's, as in
+    # diffusers' combined pipelines (the prior's is `prior_scheduler`); other kwargs go to both loads.
+    decoder_only_kwargs: tuple[str, ...] = ("scheduler",)
 
     def __init__(self, prior_pipe, decoder_pipe):
         self.prior_pipe = prior_pipe

@@ -4,6 +4,12 @@ the MoVQ encode (image-to-image) and decode, and the inpainting mask preparation
 The loop is the one of diffusers' Kandinsky decoder pipelines (0.35.2): expand the latents for
 classifier-free guidance, add the inpainting channels, call the UNet, guide, step the scheduler.
 Each family only says what its UNet reads (`unet_kwargs`) and, for Kandinsky 3, how it guides.
+
+Any scheduler of backend/schedulers runs in it, as in diffusers' Stable Diffusion pipelines: the
+UNet sees `scheduler.scale_model_input(latents, t)` (the identity but for Euler and Euler a, which
+divide by sqrt(sigma^2 + 1); diffusers' Kandinsky pipelines skip it, hence their grey Euler
+images) at the scheduler's own timestep (Euler's are fractional); only DDPM with a learned
+variance type reads the UNet's variance channels, every other scheduler gets the noise half.
 """
 from __future__ import annotations
 
@@ -57,11 +63,14 @@ class DecoderPipeline(DiffusionPipeline):
 
     def prepare_latents(self, shape, generator, latents=None) -> np.ndarray:
         """Initial noise (or the given latents) scaled by the scheduler's initial sigma."""
+        return self.initial_noise(shape, generator, latents) * np.float32(self.scheduler.init_noise_sigma)
+
+    @staticmethod
+    def initial_noise(shape, generator, latents=None) -> np.ndarray:
+        """Unit-variance initial noise (or the given latents), before the scheduler scales it."""
         if latents is None:
-            latents = randn(shape, generator)
-        else:
-            latents = inputs.as_latents("latents", latents, shape)
-        return latents * np.float32(self.scheduler.init_noise_sigma)
+            return randn(shape, generator)
+        return inputs.as_latents("latents", latents, shape)
 
     def noise_to_strength(self, latents: np.ndarray, timesteps, generator) -> np.ndarray:
         """Image-to-image: the image latents noised to the first timestep that will be denoised."""
@@ -86,15 +95,16 @@ class DecoderPipeline(DiffusionPipeline):
         channels (inpainting: masked image latents and mask).
         """
         guided = do_classifier_free_guidance(guidance_scale)
-        sample_with_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+        sample_with_variance = steps_with_predicted_variance(self.scheduler)
         channels = latents.shape[1]
         total = len(timesteps)
         for i, t in enumerate(timesteps):
-            # expand the latents if we are doing classifier-free guidance
+            # expand the latents if we are doing classifier-free guidance, scaled as the scheduler needs
             model_input = np.concatenate([latents] * 2) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
             if extra_channels is not None:
                 model_input = np.concatenate([model_input, extra_channels], axis=1)
-            noise_pred = self.to_numpy(self.unet(model_input, int(t), **unet_kwargs))
+            noise_pred = self.to_numpy(self.unet(model_input, t, **unet_kwargs))
             if guided:
                 noise_pred = self.guide(noise_pred, guidance_scale)
             if not sample_with_variance:  # the scheduler uses its own variance, not the predicted one
@@ -165,6 +175,14 @@ class DecoderPipeline(DiffusionPipeline):
             raise ValueError(f"`height`/`width` {height}x{width} give latents of {latents.shape[-2:]} but the "
                              f"image encodes to {image_latents.shape[-2:]}; use multiples of "
                              f"{self.movq_scale_factor ** 2} pixels")
+
+
+def steps_with_predicted_variance(scheduler) -> bool:
+    """Whether `scheduler.step` reads the UNet's predicted variance channels: DDPM (and UnCLIP) with a
+    learned variance type (Kandinsky 2.1's ddpm_scheduler). diffusers' pipelines ask the scheduler's
+    config instead, but a scheduler built from such a config keeps the key unused in its config (UniPC
+    from kandinsky-2-1/ddpm_scheduler still says "learned_range" and would get both halves)."""
+    return getattr(scheduler, "variance_type", None) in ("learned", "learned_range")
 
 
 def prepare_mask(mask: np.ndarray) -> np.ndarray:

@@ -20,6 +20,10 @@ guidance is off):
   (diffusers' warning slices at the tokenizer's 512-token limit instead, so it never fires).
 - `interpolate` (inherited from the 2.2 prior) returns one embedding per image; diffusers 2.1 sums
   the `num_images_per_prompt` rows into one (identical for the default of one image).
+- Img2img noises the image latents with the original 2.1 schedule for every scheduler, as diffusers
+  does, but does not multiply them by `init_noise_sigma` first (1 for all but Euler and Euler a;
+  those get the noisy latents in their own form, see the code); the scheduler is told where the
+  run begins (base.get_timesteps).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from backend.pipelines.decoder import DecoderPipeline, downscale_height_and_widt
 from backend.pipelines.prior import KandinskyV22PriorPipeline
 from backend.random import randn
 from backend.schedulers.base import add_noise, torch_cumprod_f32, torch_linspace_f32
+from backend.schedulers.sigmas import DiscreteScheduler
 
 # diffusers tokenizes the decoder prompt with max_length=77, whatever the tokenizer's own limit (512).
 MAX_TEXT_TOKENS = 77
@@ -194,12 +199,17 @@ class KandinskyImg2ImgPipeline(_KandinskyDecoder):
         # the last `strength` of the schedule, and the latents noised for it
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = get_timesteps(self.scheduler, num_inference_steps, strength)
-        latents = latents * np.float32(self.scheduler.init_noise_sigma)
         if len(timesteps):
             # diffusers noises to int(T * strength) - 2, not to the first timestep it denoises from
             noise_timestep = max(int(self.scheduler.config["num_train_timesteps"] * strength) - 2, 0)
             noise = randn(latents.shape, generator)
             latents = add_noise_linear_ddpm(latents, noise, np.full(latents.shape[0], noise_timestep))
+            if isinstance(self.scheduler, DiscreteScheduler):
+                # Euler and Euler a step x = x0 + sigma * eps: the same noisy latents over sqrt(alpha_bar) of
+                # their first sigma, which their scale_model_input undoes, so the UNet sees what it sees with
+                # DDIM (diffusers multiplies the clean latents by init_noise_sigma, 25, before noising them)
+                sigma = self.scheduler.sigmas[self.scheduler.begin_index]
+                latents = latents * np.sqrt(sigma * sigma + np.float32(1))
         # denoising loop
         latents = self.denoise(latents, timesteps, unet_kwargs, guidance_scale, generator, callback)
         # MoVQ decode

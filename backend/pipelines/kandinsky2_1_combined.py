@@ -24,8 +24,6 @@ DEFAULT_PRIORS = {
 class _Combined21(CombinedPipeline):
     prior_class = KandinskyPriorPipeline
     default_priors = DEFAULT_PRIORS
-    # `scheduler=` (e.g. "ddpm_scheduler") is the decoder's; other kwargs go to both loads.
-    decoder_only_kwargs = ("scheduler",)
 
 
 class KandinskyCombinedPipeline(_Combined21):

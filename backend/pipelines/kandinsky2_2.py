@@ -11,6 +11,11 @@ the loop is decoder.py's. Differences, each on purpose:
   processor, which transposes non-square outputs.
 - With guidance off and `num_images_per_prompt > 1`, embeddings are repeated per image (diffusers
   forgets to and fails on the batch mismatch).
+- Every scheduler gets `scale_model_input` (decoder.py); image-to-image and inpainting tell a
+  scheduler with a step counter where the run begins (base.get_timesteps). Inpainting noises the
+  kept region with the unit initial noise; diffusers uses the initial latents, already multiplied
+  by init_noise_sigma (the same for every scheduler but Euler and Euler a, whose kept region
+  it would noise 25 times too much).
 """
 from __future__ import annotations
 
@@ -121,17 +126,18 @@ class KandinskyV22InpaintPipeline(DecoderPipeline):
                                                         guided, self.embed_dim)
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
+        if hasattr(self.scheduler, "set_begin_index"):  # add_noise at the step counter's sigma (base.get_timesteps)
+            self.scheduler.set_begin_index(0)
 
         # the image's latents, and the masked image latents + mask (1 = keep) as extra UNet channels
         keep_mask, pixels = prepare_mask_and_masked_image(image, mask_image, height, width)
         image_latents, keep_mask, extra = self.inpaint_channels(keep_mask, pixels, num_images_per_prompt, guided)
 
-        # initial latents; their noise also noises the kept region at every step
+        # initial latents; their unit noise also noises the kept region at every step
         latent_h, latent_w = downscale_height_and_width(height, width, self.movq_scale_factor)
-        latents = self.prepare_latents((batch_size, self.latent_channels, latent_h, latent_w), generator,
-                                       latents)
+        noise = self.initial_noise((batch_size, self.latent_channels, latent_h, latent_w), generator, latents)
+        latents = noise * np.float32(self.scheduler.init_noise_sigma)
         self.check_inpaint_size(latents, image_latents, height, width)
-        noise = latents.copy()
         init_latents_proper, init_mask = image_latents[:1], keep_mask[:1]
 
         def keep_known_region(i, latents):
