@@ -24,6 +24,7 @@ with align_corners the scale is (in - 1) / (out - 1) whatever the factor.
 from __future__ import annotations
 
 import numpy as np
+import mindspore as ms
 from mindspore import Tensor, ops
 
 from backend.nn.core import is_host
@@ -94,7 +95,7 @@ def _resize_axis(x, axis: int, taps: np.ndarray, weights: np.ndarray):
         return out
     out = None
     for j in range(len(taps)):
-        w = Tensor(weights[j].reshape(shape)).astype(x.dtype)
+        w = Tensor(weights[j].reshape(shape))
         term = ops.gather(x, Tensor(taps[j].astype(np.int32)), axis) * w
         out = term if out is None else out + term
     return out
@@ -107,10 +108,16 @@ def _interpolate(x, size: tuple[int, int], taps_fn, align_corners: bool):
     out_h, out_w = int(size[0]), int(size[1])
     if out_h < 1 or out_w < 1:
         raise ValueError(f"interpolation size must be positive; got {(out_h, out_w)}")
-    if is_host(x) and x.dtype != np.float32:
-        x = x.astype(np.float32)
+    if is_host(x):
+        x = x if x.dtype == np.float32 else x.astype(np.float32)
+        x = _resize_axis(x, 3, *taps_fn(w, out_w, align_corners))
+        return _resize_axis(x, 2, *taps_fn(h, out_h, align_corners))
+    # half-precision Tensors are resized in float32 (torch's opmath; and CPU's Gather has no bfloat16)
+    dtype = x.dtype
+    x = x if dtype == ms.float32 else x.astype(ms.float32)
     x = _resize_axis(x, 3, *taps_fn(w, out_w, align_corners))
-    return _resize_axis(x, 2, *taps_fn(h, out_h, align_corners))
+    x = _resize_axis(x, 2, *taps_fn(h, out_h, align_corners))
+    return x if dtype == ms.float32 else x.astype(dtype)
 
 
 def interpolate_bilinear(x, size: tuple[int, int], align_corners: bool):
