@@ -307,15 +307,20 @@ OFFLINE_HELP = (
 
 def download_patterns(variant: str | None = None, subfolders: Iterable[str] | None = None):
     """(allow, ignore) file patterns of a pipeline download: configs, tokenizer files, and the
-    safetensors of one variant (sharded or not), never the other formats."""
+    safetensors of one variant (sharded or not), never the other formats. A subfolder "" is the repo's
+    root: a transformers model repo (config.json, preprocessor_config.json and the weights at the top)."""
     folders = list(subfolders) if subfolders else ["*"]
-    weights = [f"{sub}/*.{variant}.safetensors" if variant else f"{sub}/*.safetensors" for sub in folders]
+    prefixes = [f"{sub}/" if sub else "" for sub in folders]
+    weights = [f"{p}*.{variant}.safetensors" if variant else f"{p}*.safetensors" for p in prefixes]
     if variant:  # sharded variants are named model.fp16-00001-of-00005.safetensors (kandinsky-3's T5)
-        weights += [f"{sub}/*.{variant}-*.safetensors" for sub in folders]
-    weights += [f"{sub}/*.safetensors.index.json" if not variant else f"{sub}/*.safetensors.index.{variant}.json"
-                for sub in folders]
+        weights += [f"{p}*.{variant}-*.safetensors" for p in prefixes]
+    weights += [f"{p}*.safetensors.index.json" if not variant else f"{p}*.safetensors.index.{variant}.json"
+                for p in prefixes]
+    configs = list(CONFIG_PATTERNS)
+    if "" in folders:
+        configs += [pattern[2:] for pattern in CONFIG_PATTERNS if pattern.startswith("*/")]
     ignore = None if variant else ["*.fp16.safetensors", "*.bf16.safetensors", "*.fp16-*", "*.bf16-*"]
-    return CONFIG_PATTERNS + weights, ignore
+    return configs + weights, ignore
 
 
 def resolve_pretrained(repo_id_or_dir: str | os.PathLike, *, variant: str | None = None,
