@@ -24,3 +24,4 @@ from backend.pipelines.kandinsky2_1_combined import (
     KandinskyInpaintCombinedPipeline,
 )
 from backend.pipelines.kandinsky3 import Kandinsky3Img2ImgPipeline, Kandinsky3Pipeline
+from backend.pipelines.depth import DepthEstimationPipeline, make_hint
