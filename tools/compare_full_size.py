@@ -28,7 +28,12 @@ not see time conditioning at all), movq_3 (the 2.x MoVQ with block_out_channels 
 text_encoder_3 (the Flan-UL2 T5 encoder at REDUCED DEPTH: num_layers 2 of 32, everything else as in
 text_encoder.json (d_model 4096, d_ff 16384, 16 heads x 256, 32128 tokens), 668M parameters; the full
 8.7B-parameter encoder is 34.9 GB in float32 per side, beyond this 24 GB machine. Set
-KANDINSKY_T5_LAYERS to change the depth).
+KANDINSKY_T5_LAYERS to change the depth);
+ControlNet from a photo: depth_anything_small (depth-anything/Depth-Anything-V2-Small-hf, 24.8M parameters; its
+config from tests/fixtures/depth_anything_v2_small/, made by tools/fixtures/make_depth_anything.py: the shared
+reference configs do not have it; every parameter redrawn with a scale that keeps activations near 1, since
+transformers' init (N(0, 0.02), zero biases) leaves the ReLU head almost all zero; a square 518x518 input,
+where the position table is used as it is, and a 364x518 one, where it is resized).
 """
 from __future__ import annotations
 
@@ -81,6 +86,10 @@ COMPONENTS = {
     "movq_3": ("kandinsky-3/movq.json", "diffusers.VQModel", "backend.models.vq_model", "VQModel"),
     "text_encoder_3": ("kandinsky-3/text_encoder.json", "transformers.T5EncoderModel", "backend.models.t5",
                        "T5EncoderModel"),
+    # an absolute path: not one of the shared reference configs
+    "depth_anything_small": (str(ROOT / "tests" / "fixtures" / "depth_anything_v2_small" / "config.json"),
+                             "transformers.DepthAnythingForDepthEstimation", "backend.models.depth_anything",
+                             "DepthAnythingForDepthEstimation"),
 }
 
 # The K3 text encoder is compared at reduced depth (see the module docstring).
@@ -110,6 +119,9 @@ def make_inputs(name: str, config: dict) -> dict[str, np.ndarray]:
                 "wide_sample": f32(1, 4, 16, 24), "wide_timestep": np.array([151], np.int64),
                 "wide_encoder_hidden_states": f32(1, 12, config["encoder_hid_dim"]),
                 "wide_encoder_attention_mask": np.ones((1, 12), np.int64)}
+    if name == "depth_anything_small":
+        # ImageNet-normalised pixels as DPTImageProcessor makes them: 518x518 (the 37x37 table as it is), 364x518
+        return {"pixel_values": f32(1, 3, 518, 518), "wide_pixel_values": f32(1, 3, 364, 518)}
     if name == "movq_3":
         return {"latents": f32(1, 4, 16, 24), "image": rng.uniform(-1, 1, (1, 3, 128, 96)).astype(np.float32)}
     if name == "text_encoder_3":
@@ -173,7 +185,24 @@ def run_torch(name: str, folder: Path) -> None:
     library, cls_name = cls_path.split(".")
     cls = getattr(importlib.import_module(library), cls_name) if name != "mclip" else None
     start = time.time()
-    if name == "mclip":
+    if name == "depth_anything_small":
+        from transformers import DepthAnythingConfig
+        model = cls(DepthAnythingConfig.from_dict(config)).eval()
+        generator = torch.Generator().manual_seed(1)
+        transposed = {f"{prefix}.weight" for prefix, module in model.named_modules()
+                      if isinstance(module, torch.nn.ConvTranspose2d)}
+        for key, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in key and key.endswith("weight"):
+                param.data.copy_(1.0 + 0.1 * noise)
+            elif key.endswith("lambda1"):  # DINOv2's trained layer scales are small
+                param.data.copy_(0.1 + 0.02 * noise)
+            elif key.endswith("weight") and param.ndim >= 2:  # fan-in scaled: (out, in, kh, kw) or (in, out, k, k)
+                fan_in = param.shape[0] if key in transposed else param[0].numel()
+                param.data.copy_(noise / fan_in ** 0.5)
+            else:  # biases, class and mask tokens, position table
+                param.data.copy_(0.1 * noise)
+    elif name == "mclip":
         from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
         model = MultilingualCLIP(MCLIPConfig(**{k: v for k, v in config.items() if not k.startswith("_")})).eval()
     elif library == "transformers":
@@ -232,6 +261,9 @@ def run_torch(name: str, folder: Path) -> None:
     elif name.startswith("text_encoder"):
         out = model(t["input_ids"])
         outputs = {"text_embeds": out.text_embeds, "last_hidden_state": out.last_hidden_state}
+    elif name == "depth_anything_small":
+        outputs = {"predicted_depth": model(t["pixel_values"]).predicted_depth,
+                   "wide_predicted_depth": model(t["wide_pixel_values"]).predicted_depth}
     else:
         outputs = {"image_embeds": model(t["pixel_values"]).image_embeds}
     ran = time.time() - start
@@ -300,6 +332,8 @@ def run_ours(name: str, folder: Path) -> dict:
     elif name.startswith("text_encoder"):
         out = model(io["in_input_ids"].astype(np.int32))
         outputs = {"text_embeds": out.text_embeds, "last_hidden_state": out.last_hidden_state}
+    elif name == "depth_anything_small":
+        outputs = {"predicted_depth": model(t["pixel_values"]), "wide_predicted_depth": model(t["wide_pixel_values"])}
     else:
         outputs = {"image_embeds": model(t["pixel_values"]).image_embeds}
     run_s = time.time() - start
