@@ -56,6 +56,7 @@ class Result:
     elapsed_s: float = 0.0
     preview_s: float = 0.0         # time spent making previews (part of elapsed_s)
     notes: tuple = ()              # warnings for the user, e.g. a truncated prompt
+    step_seconds: dict = field(default_factory=dict)   # phase -> seconds per step (a decode is one step)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
-"""A job's progress: Step events with the time left, and Loading events a few times a second."""
+"""A job's progress: Step events with the time left, and Loading events a few times a second; and,
+from the step times of finished jobs, what a run with other settings would take (StepTimes: the
+page's steps slider shows it before a run, against the docs' step count)."""
 from __future__ import annotations
 
+import threading
 import time
 
 from backend.events import Loading, Step
@@ -66,6 +69,10 @@ class Progress:
             return DECODE_STEPS_GUESS * self.per_step("denoise")
         return None
 
+    def step_seconds(self) -> dict[str, float]:
+        """Seconds per step of each phase that ran (a decode is one step), for StepTimes."""
+        return {phase: seconds / steps for phase, (seconds, steps) in self.spent.items() if steps}
+
     def eta(self) -> float | None:
         total = 0.0
         for phase, steps in self.remaining.items():
@@ -76,3 +83,49 @@ class Progress:
                 return None
             total += steps * cost
         return total
+
+
+def decoder_work(request) -> float:
+    """What a UNet step and a MoVQ decode of `request` scale with: pixels per run, doubled by guidance (the
+    UNet runs on [unconditional; conditional])."""
+    guided = 2 if request.guidance_scale > 1.0 else 1
+    return float(request.width * request.height * request.batch_size * guided)
+
+
+class StepTimes:
+    """The step times of each model's last finished job, to estimate another run before it starts.
+
+    Every sampler costs one UNet evaluation per step, so a run is: text-stage steps x their time, plus
+    denoising steps x the time of one (scaled by decoder_work from the measured run's settings), plus one
+    decode per run (scaled by pixels). Model loading is not included. Safe to use from any thread.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_model: dict[str, tuple[float, float, dict]] = {}   # model -> (work, pixels, seconds per step)
+
+    def record(self, request, step_seconds: dict) -> None:
+        if "denoise" not in step_seconds:  # e.g. image-to-image at strength 0: nothing to scale from
+            return
+        pixels = float(request.width * request.height * request.batch_size)
+        with self._lock:
+            self._by_model[request.model] = (decoder_work(request), pixels, dict(step_seconds))
+
+    def measured(self, model: str) -> bool:
+        with self._lock:
+            return model in self._by_model
+
+    def estimate(self, request, text_steps: int, denoise_steps: int | None = None) -> float | None:
+        """Seconds `request` would take: `text_steps` text-stage steps for the whole job, then each run's
+        denoising steps (`denoise_steps` instead of the request's own: the docs' count, to compare) and
+        decode; None before a job of its model has finished."""
+        with self._lock:
+            record = self._by_model.get(request.model)
+        if record is None:
+            return None
+        work, pixels, seconds = record
+        steps = request.denoise_steps() if denoise_steps is None else denoise_steps
+        text = sum(seconds.get(phase, 0.0) for phase in ("prior", "encode")) * text_steps
+        denoise = seconds["denoise"] * steps * decoder_work(request) / work
+        decode = seconds.get("decode", 0.0) * request.width * request.height * request.batch_size / pixels
+        return text + request.batch_count * (denoise + decode)

@@ -2,7 +2,8 @@
 
 One dataclass per task, plain data (settings, texts and PIL images), checked by `validate()`,
 which raises ValueError naming the first field out of range and what is allowed. The limits
-come from backend/limits.py; the choices (schedulers, previews, modes) are declared here once.
+come from backend/limits.py; the choices (previews, modes) are declared here once, the samplers'
+names in backend/schedulers (SAMPLERS).
 `settings()` is what goes into the PNG's chunks; `dataclasses.fields` of these classes is what
 the page reads back from a PNG (kandinsky_ui/controls.py), so a new field needs no second list.
 """
@@ -17,14 +18,21 @@ from typing import Any, ClassVar, Optional
 from PIL import Image
 
 from backend import masks
+from backend.schedulers import SAMPLERS
 from backend.limits import (APP_MAX_BATCH_SIZE, APP_MAX_SIDE, APP_MAX_STEPS, MAX_BATCH_COUNT, MAX_GUIDANCE,
                             MAX_INPUT_PIXELS, MAX_MASK_EDIT, MAX_MIX_INPUTS, MAX_MIX_WEIGHT, MAX_PREVIEW_EVERY,
                             MAX_SEED, MAX_TEXT_CHARS, MAX_WALK_STEPS, MIN_MIX_INPUTS, MIN_PRIOR_STEPS,
                             SIZE_MULTIPLE)
 
 DEFAULT_MODEL = "kandinsky-2-2"
-# Decoder schedulers a request may ask for -> the scheduler class ("default": the repo's own).
-SCHEDULERS = {"default": None, "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
+# The decoder samplers a request may name (in any case): the scheduler the decoder repo ships, or one of
+# backend.schedulers.SAMPLERS (the one name -> scheduler table). Stored by these names in the PNGs.
+REPOSITORY_DEFAULT = "Repository default"
+SAMPLER_NAMES = (REPOSITORY_DEFAULT, *SAMPLERS)
+# The model manager's keys for them (backend/manager.py UnitInUse.pipeline) -> the name scheduler_from_config
+# builds: "default" (the repo's own), else the name in lower case, as a repo's own alternative folder is
+# named (kandinsky-2-1/ddpm_scheduler: learned-range DDPM; "ddpm" finds it).
+SCHEDULERS = {"default": None, **{name.lower(): name for name in SAMPLERS}}
 PREVIEW_MODES = ("fast", "decode", "off")      # linear map of x0 | MoVQ decode of x0 | none
 CONTROLNET_MODES = ("text2img", "img2img")
 
@@ -91,6 +99,23 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
+def check_sampler(name: str, value) -> str:
+    """One of SAMPLER_NAMES, written as there, from any case of it; "default" is the repository default
+    (the name the app stored before the samplers came)."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("", "default"):
+        return REPOSITORY_DEFAULT
+    for sampler in SAMPLER_NAMES:
+        if sampler.lower() == text:
+            return sampler
+    raise ValueError(f"{name} must be one of {list(SAMPLER_NAMES)} (any case); got {value!r}")
+
+
+def scheduler_key(sampler: str) -> str:
+    """A sampler name (check_sampler) as the model manager takes it (SCHEDULERS)."""
+    return "default" if sampler == REPOSITORY_DEFAULT else sampler.lower()
+
+
 def check_image(name: str, value) -> Image.Image:
     if not isinstance(value, Image.Image):
         raise ValueError(f"{name} is required: an image" + ("" if value is None else
@@ -131,7 +156,7 @@ class GenerationRequest:
     prior_num_inference_steps: int = 25
     guidance_scale: float = 4.0                # decoder guidance
     prior_guidance_scale: float = 1.0
-    scheduler: str = "default"                 # decoder scheduler, one of SCHEDULERS
+    scheduler: str = REPOSITORY_DEFAULT        # decoder sampler, one of SAMPLER_NAMES
     seed: int = -1                             # < 0: a random seed, reported back
     batch_count: int = 1                       # runs one after another, seeds seed, seed+1, ...
     batch_size: int = 1                        # images per run
@@ -158,7 +183,7 @@ class GenerationRequest:
         self.seed = check_int("seed", self.seed, -1, MAX_SEED)
         self.batch_count = check_int("batch_count", self.batch_count, 1, MAX_BATCH_COUNT)
         self.batch_size = check_int("batch_size", self.batch_size, 1, APP_MAX_BATCH_SIZE)
-        self.scheduler = check_choice("scheduler", self.scheduler.lower() or "default", SCHEDULERS)
+        self.scheduler = check_sampler("scheduler", self.scheduler)
         check_choice("preview", self.preview, PREVIEW_MODES)
         self.preview_every = check_int("preview_every", self.preview_every, 1, MAX_PREVIEW_EVERY)
 

@@ -32,7 +32,7 @@ from backend.limits import MAX_SEED
 from backend.manager import ModelManager
 from backend.metadata import OutputStore
 from backend.progress import Progress
-from backend.requests import InterpolateRequest
+from backend.requests import InterpolateRequest, scheduler_key
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ class Run:
 
     def result(self) -> Result:
         return Result(images=list(self.completed), seeds=list(self.seeds), elapsed_s=time.monotonic() - self.started,
-                      preview_s=self.previews.seconds, notes=tuple(self.notes))
+                      preview_s=self.previews.seconds, notes=tuple(self.notes),
+                      step_seconds=self.progress.step_seconds())
 
     def cancelled(self) -> Cancelled:
         """Save the stopped run's last previews, full size and marked partial."""
@@ -159,7 +160,7 @@ class Run:
     def _decode(self, generator, condition: dict, batch: int, seed: int) -> list[Image.Image]:
         r = self.request
         with self.manager.use(self.model.stage(r.decoder_stage), self.progress.loading) as unit:
-            pipe = unit.pipeline(r.scheduler)
+            pipe = unit.pipeline(scheduler_key(r.scheduler))
             factors = None
             if r.preview == "fast":
                 factors = unit.preview_factors(on_fit=lambda: self.job.emit(

@@ -196,7 +196,7 @@ def test_bad_requests_name_the_field():
          "image is required"),
         (ControlNetRequest(width=64, height=64, hint=Image.new("RGB", (8, 8)), mode="sideways"),
          "mode must be one of ['text2img', 'img2img']"),
-        (request(scheduler="euler"), "scheduler must be one of ['default', 'ddpm', 'ddim']; got 'euler'"),
+        (request(scheduler="euler_a"), "scheduler must be one of .*; got 'euler_a'"),
         (InterpolateRequest(width=64, height=64, inputs=["a", "b"], weights=[0.5, 2]),
          "weights[1] must be between 0.0 and 1.0; got 2.0"),
         (InpaintRequest(width=64, height=64, image=Image.new("RGB", (8, 8)), mask=Image.new("L", (8, 8)),
@@ -205,6 +205,54 @@ def test_bad_requests_name_the_field():
     for bad, message in cases:
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             bad.validate()
+
+
+def test_samplers_are_named_as_people_know_them_in_any_case():
+    """The sampler menu's names (backend.schedulers.SAMPLERS and the repository default); a request keeps the
+    name as written there, whatever case it came in ("default", the app's earlier name, too)."""
+    import re
+
+    from backend.requests import REPOSITORY_DEFAULT, SAMPLER_NAMES, SCHEDULERS, scheduler_key
+
+    assert SAMPLER_NAMES == ("Repository default", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "UniPC",
+                             "Euler", "Euler a", "DDIM", "DDPM")
+    for given, name in [("dpm++ 2m karras", "DPM++ 2M Karras"), ("EULER A", "Euler a"), (" UniPC ", "UniPC"),
+                        ("ddpm", "DDPM"), ("default", REPOSITORY_DEFAULT), ("", REPOSITORY_DEFAULT),
+                        ("repository DEFAULT", REPOSITORY_DEFAULT)]:
+        req = request(scheduler=given)
+        req.validate()
+        assert req.scheduler == name and req.settings()["scheduler"] == name
+        assert SCHEDULERS[scheduler_key(name)] == (None if name == REPOSITORY_DEFAULT else name)
+    assert scheduler_key("DDPM") == "ddpm"  # kandinsky-2-1's own ddpm_scheduler folder is found by it
+    for bad in ("heun", "euler_a", "DPM++ 2M Karras SDE", 7):
+        with pytest.raises(ValueError, match=re.escape(
+                "scheduler must be one of ['Repository default', 'DPM++ 2M', 'DPM++ 2M Karras', 'DPM++ 2M SDE Karras', "
+                "'UniPC', 'Euler', 'Euler a', 'DDIM', 'DDPM'] (any case); got ") if bad != 7 else "scheduler must be text"):
+            request(scheduler=bad).validate()
+
+
+def test_every_sampler_takes_every_step_count_a_request_may_ask_for():
+    """The request's bounds (1 to APP_MAX_STEPS) are every sampler's: each sets up each count on each family's
+    published decoder configs (the multistep solvers take lower orders for their first and, below 15 steps,
+    last steps, so one step runs; tests/test_schedulers.py test_sampler_steps_minimum). Nothing is refused
+    beyond what the request refuses (0 steps), so no sampler has a minimum of its own to name."""
+    import json
+
+    from backend.limits import APP_MAX_STEPS
+    from backend.schedulers import SAMPLERS, SCHEDULERS, scheduler_from_config
+
+    for name in ("kandinsky-2-2-decoder", "kandinsky-2-1", "kandinsky-3"):
+        with open(f"/work/shared/reference-configs/{name}/scheduler.json") as file:
+            published = json.load(file)
+        # as the app builds them: from the loaded scheduler's config (the repo's, defaults filled in), and the raw file
+        for config in (published, SCHEDULERS[published["_class_name"]].from_config(published).config):
+            for sampler in SAMPLERS:
+                scheduler = scheduler_from_config(sampler, config)
+                for steps in range(1, APP_MAX_STEPS + 1):
+                    scheduler.set_timesteps(steps)
+                    assert len(scheduler.timesteps) == steps, (name, sampler, steps)
+    with pytest.raises(ValueError, match=f"num_inference_steps must be between 1 and {APP_MAX_STEPS}; got 0"):
+        request(num_inference_steps=0, scheduler="DPM++ 2M Karras").validate()
 
 
 def test_request_settings_are_json_ready():

@@ -70,7 +70,7 @@ def test_pipelines_of_one_unit_share_components_and_swap_schedulers(spec):
     assert img2img.scheduler.config["beta_end"] == text2img.scheduler.config["beta_end"]
     assert len(manager.status()["units"]) == 1
     with pytest.raises(ValueError, match="scheduler must be one of"):
-        pipeline(manager, spec, "text2img", scheduler="euler")
+        pipeline(manager, spec, "text2img", scheduler="heun")
     with pytest.raises(ValueError, match="has no upscale stage"):
         spec.stage("upscale")
 

@@ -66,6 +66,27 @@ def test_parameters_text_is_a1111_layout_and_parses_back():
         assert parsed[field] == SETTINGS[field], field
 
 
+@pytest.mark.parametrize("name", ["DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "UniPC", "Euler", "Euler a",
+                                  "DDIM", "DDPM", "Repository default"])
+def test_the_sampler_is_stored_in_both_chunks_and_read_back(tmp_path, name):
+    """`Sampler: <name>` in the A1111 text (as AUTOMATIC1111 writes "DPM++ 2M Karras") and `scheduler` in the JSON
+    chunk; either read back is a name a request takes as it is."""
+    from backend.requests import Text2ImageRequest
+
+    settings = dict(SETTINGS, scheduler=name)
+    text = parameters_text(settings)
+    assert f", Sampler: {name}, CFG scale: 4.0," in text.split("\n")[-1]
+    path = tmp_path / "x.png"
+    path.write_bytes(metadata.encode_png(small_image(), settings))
+    parameters, raw_json = metadata.read_texts(path)
+    assert parameters == text and json.loads(raw_json)["scheduler"] == name
+    for stored in (read_settings(path)["scheduler"], parse_parameters_text(parameters)["scheduler"]):
+        assert stored == name
+        request = Text2ImageRequest(scheduler=stored)
+        request.validate()
+        assert request.scheduler == name
+
+
 def test_text_to_image_text_leaves_out_fields_of_other_tasks():
     settings = dict(SETTINGS, task="text2img", negative_prompt="")
     text = parameters_text(settings)
