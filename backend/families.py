@@ -276,6 +276,11 @@ KANDINSKY_3 = TextEncoderFamily(
 # The families --models may name, in the order the model selector lists them.
 FAMILIES = {family.name: family for family in (KANDINSKY_2_2, KANDINSKY_2_1, KANDINSKY_3)}
 
+# The page's "Fast" preset, the same for every family: DPM-Solver++(2M) with Karras sigmas in 20 steps
+# (the DPM-Solver++ paper reports 15-20 steps for guided latent diffusion; AUTOMATIC1111's default sampler
+# since 1.6 and its default step count; every sampler costs one UNet evaluation per step).
+FAST_SETTINGS = {"scheduler": "DPM++ 2M Karras", "num_inference_steps": 20}
+
 
 # ------------------------------------------------------------------------------------ models
 

@@ -16,7 +16,7 @@ from dataclasses import fields
 import gradio as gr
 
 from backend.limits import MAX_MIX_INPUTS
-from backend.requests import REQUEST_TYPES, TASKS, GenerationRequest
+from backend.requests import REQUEST_TYPES, TASKS, GenerationRequest, check_sampler
 from kandinsky_ui import masks
 
 # Shared controls: request field -> its type (what a control's value is converted to).
@@ -132,6 +132,11 @@ def rows_from_mix(inputs: list, weights: list | None, images: dict) -> dict:
 def controls_from_settings(settings: dict, images: dict) -> tuple[dict, str]:
     """A PNG's settings (and its input images, by field name) -> control values by name, and the tab."""
     values = {name: kind(settings[name]) for name, kind in SHARED_FIELDS.items() if settings.get(name) is not None}
+    if "scheduler" in values:  # a known sampler as the menu writes it ("ddpm", "default" from older PNGs)
+        try:
+            values["scheduler"] = check_sampler("scheduler", values["scheduler"])
+        except ValueError:
+            pass  # shown as it is; Generate then says which names there are
     task = settings.get("task") if settings.get("task") in TASKS else "text2img"
     for field in task_fields(task):
         stored = images.get(field, settings.get(field))

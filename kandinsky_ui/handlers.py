@@ -15,6 +15,7 @@ import gradio as gr
 from backend.events import Cancelled, Failed, Result, Step
 from backend.limits import MAX_MIX_INPUTS
 from backend.memory import format_bytes
+from backend.progress import StepTimes
 from backend.requests import is_owner, new_owner
 from kandinsky_ui import masks, render
 from kandinsky_ui.config import UIConfig
@@ -33,6 +34,7 @@ class Studio:
     def __init__(self, engine, config: UIConfig):
         self.engine, self.config = engine, config
         self.gallery = Gallery(engine.store, config.gallery_limit)
+        self.step_times = StepTimes()   # each model's last finished job: the steps slider's estimate
 
     # ------------------------------------------------------------------ page load
     def on_load(self, stored):
@@ -108,6 +110,7 @@ class Studio:
                 if isinstance(event, Step):
                     yield owner, text, event.preview if event.preview is not None else skip, skip, skip
                 elif isinstance(event, Result):
+                    self.step_times.record(job.request, event.step_seconds)
                     first = event.images[0].image if event.images else skip
                     yield owner, text, first, self.gallery.items(owner), render.seeds_text(event.seeds)
                 elif isinstance(event, Cancelled):

@@ -34,7 +34,7 @@ CSS = """
 def build_ui(engine, config: UIConfig) -> gr.Blocks:
     """The Gradio app over `engine` (backend/engine.py)."""
     studio = Studio(engine, config)
-    page = Page(config, studio.gallery)
+    page = Page(config, studio.gallery, studio.step_times)
     spec = config.models[config.defaults["model"]]
     with gr.Blocks(title=config.title, fill_width=True) as demo:
         browser_owner = gr.BrowserState("", storage_key="kandinsky-studio-owner", secret=config.browser_secret)
@@ -65,7 +65,8 @@ def build_ui(engine, config: UIConfig) -> gr.Blocks:
         shared = {name: {**prompts, **settings.fields}[name] for name in SHARED_FIELDS}
 
         _guard_inputs(owner, shared, task_tabs, png, models)
-        _generation(studio, owner, shared, task_tabs, out)
+        steps_info = _steps_info(demo, page, shared)
+        _generation(studio, owner, shared, task_tabs, out, steps_info)
         _session(demo, studio, owner, browser_owner, out, models)
         _gallery(studio, owner, selected, out, tab_set, task_tabs, png)
         _settings_events(page, shared, settings, out)
@@ -89,12 +90,13 @@ def _guard_inputs(owner, shared, task_tabs, png, models) -> None:
             guards.name_errors(component, name)
 
 
-def _generation(studio, owner, shared, task_tabs, out) -> None:
+def _generation(studio, owner, shared, task_tabs, out, steps_info) -> None:
     outputs = [owner, out.progress, out.preview, out.gallery, out.seeds]
     for task, tab in task_tabs.items():
         controls = {"owner": owner, **tab.inputs, **shared}
         tab.button.click(_api(getattr(studio, task), controls), inputs_kwargs=controls, api_name=task, outputs=outputs,
-                         show_progress="hidden", concurrency_limit=GENERATE_LIMIT, concurrency_id="generate")
+                         show_progress="hidden", concurrency_limit=GENERATE_LIMIT, concurrency_id="generate").then(
+            **steps_info)  # the job's step times now estimate the next run
         tab.button.click(lambda: "", outputs=[out.stop_note], queue=False, show_progress="hidden", **PRIVATE)
     out.stop.click(studio.stop, inputs=[owner], outputs=[out.stop_note], queue=False, api_name="stop",
                    show_progress="hidden")
@@ -139,8 +141,20 @@ def _gallery(studio, owner, selected, out, tab_set, task_tabs, png) -> None:
         out.send[name].click(handler, inputs=[owner, selected], outputs=[*targets, tab_set], queue=False, **PRIVATE)
 
 
+def _steps_info(demo, page, shared) -> dict:
+    """The steps slider's time estimate, refreshed as the settings it depends on change; returns the event's
+    arguments for a refresh after each generation."""
+    names = ("model", "num_inference_steps", "width", "height", "guidance_scale", "batch_size", "batch_count",
+             "prior_num_inference_steps", "negative_prompt")
+    event = dict(fn=page.steps_info, inputs=[shared[name] for name in names], outputs=[shared["num_inference_steps"]],
+                 queue=False, show_progress="hidden", **PRIVATE)
+    gr.on([shared[name].change for name in names if name != "negative_prompt"], trigger_mode="always_last", **event)
+    demo.load(**event)
+    return event
+
+
 def _settings_events(page, shared, settings, out) -> None:
-    """Seeds and sizes."""
+    """Seeds, sizes and the presets (the docs' settings of the model; Fast)."""
     settings.random_seed.click(lambda: -1, outputs=[shared["seed"]], queue=False, **PRIVATE)
     settings.reuse_seed.click(page.reuse_seed, inputs=[out.seeds], outputs=[shared["seed"]], queue=False, **PRIVATE)
     width, height = shared["width"], shared["height"]
@@ -149,6 +163,11 @@ def _settings_events(page, shared, settings, out) -> None:
     for slider in (width, height):
         slider.input(page.preset_from_size, inputs=[width, height], outputs=[settings.size_preset], queue=False,
                      **PRIVATE)
+    settings.docs_preset.click(page.docs_settings, inputs=[shared["model"]],
+                               outputs=[width, height, shared["num_inference_steps"], shared["guidance_scale"],
+                                        settings.size_preset, shared["scheduler"]], queue=False, **PRIVATE)
+    settings.fast_preset.click(page.fast_settings, outputs=[shared["num_inference_steps"], shared["scheduler"]],
+                               queue=False, **PRIVATE)
 
 
 def _task_events(page, shared, task_tabs) -> None:

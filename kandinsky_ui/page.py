@@ -8,8 +8,10 @@ import gradio as gr
 from PIL import Image
 
 from backend import metadata
-from backend.requests import SCHEDULERS, TASKS
-from kandinsky_ui import masks
+from backend.families import FAST_SETTINGS
+from backend.progress import StepTimes
+from backend.requests import REPOSITORY_DEFAULT, SAMPLER_NAMES, TASKS, Text2ImageRequest
+from kandinsky_ui import masks, render
 from kandinsky_ui.config import UIConfig
 from kandinsky_ui.controls import PRIOR_FIELDS, controls_from_settings
 from kandinsky_ui.gallery import Gallery
@@ -17,8 +19,9 @@ from kandinsky_ui.handlers import owner_of
 
 
 class Page:
-    def __init__(self, config: UIConfig, gallery: Gallery):
+    def __init__(self, config: UIConfig, gallery: Gallery, step_times: StepTimes | None = None):
         self.config, self.gallery = config, gallery
+        self.step_times = step_times if step_times is not None else StepTimes()
 
     # ------------------------------------------------------------------ model choice
     def model_view(self, model):
@@ -49,6 +52,45 @@ class Page:
         updates = [values.get(name, gr.skip()) for name in names]
         preset = self.preset_from_size(values["width"], values["height"]) if "width" in values else gr.skip()
         return (*updates, preset)
+
+    # ------------------------------------------------------------------ presets and the time they take
+    def docs_settings(self, model):
+        """The docs' settings of the model's family (as picking the model applies them) with the decoder repo's own
+        sampler. Returns (width, height, steps, guidance, size preset, sampler) updates."""
+        spec = self.config.models.get(model)
+        if spec is None:
+            return (gr.skip(),) * 6
+        width, height, steps, guidance, preset = self.model_defaults(model)
+        if spec.demo:  # the demo models keep their small sizes and the page's first step count
+            steps = self.config.defaults["num_inference_steps"]
+        return width, height, steps, guidance, preset, REPOSITORY_DEFAULT
+
+    @staticmethod
+    def fast_settings():
+        """The "Fast" preset (backend/families.py FAST_SETTINGS): (steps, sampler) updates."""
+        return FAST_SETTINGS["num_inference_steps"], FAST_SETTINGS["scheduler"]
+
+    def steps_info(self, model, steps, width, height, guidance, batch_size, batch_count, prior_steps,
+                   negative_prompt):
+        """The steps slider's note: what a run with these settings takes (from the model's last finished job;
+        every sampler costs one UNet evaluation per step), against the docs' step count."""
+        spec = self.config.models.get(model)
+        if spec is None:
+            return gr.skip()
+        try:
+            request = Text2ImageRequest(model=model, num_inference_steps=int(steps), width=int(width),
+                                        height=int(height), guidance_scale=float(guidance),
+                                        batch_size=int(batch_size), batch_count=int(batch_count),
+                                        prior_num_inference_steps=int(prior_steps),
+                                        negative_prompt=negative_prompt or "")
+        except (TypeError, ValueError):
+            return gr.skip()
+        family = spec.family
+        docs_steps = family.defaults["num_inference_steps"]
+        text_steps = family.text_steps(request) * (request.batch_count if family.text_per_run else 1)
+        estimate = self.step_times.estimate(request, text_steps)
+        docs = self.step_times.estimate(request, text_steps, docs_steps)
+        return gr.update(info=render.steps_eta(int(steps), docs_steps, estimate, docs))
 
     # ------------------------------------------------------------------ PNG info
     @staticmethod
@@ -137,6 +179,7 @@ def unavailable_text(spec, task: str) -> str:
 
 
 def scheduler_choices(family) -> list[tuple[str, str]]:
-    """The decoder scheduler dropdown (backend.requests.SCHEDULERS), "default" named after the repo's."""
-    return [(f"Repository default ({family.repo_scheduler})" if name == "default" else name.upper(), name)
-            for name in SCHEDULERS]
+    """The sampler menu (backend.requests.SAMPLER_NAMES), the repository default labelled with what the repo
+    ships."""
+    return [(f"{name} ({family.repo_scheduler})" if name == REPOSITORY_DEFAULT else name, name)
+            for name in SAMPLER_NAMES]

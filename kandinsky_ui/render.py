@@ -26,6 +26,24 @@ def _duration(seconds: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def steps_eta(steps: int, docs_steps: int, estimate: float | None, docs_estimate: float | None) -> str:
+    """The steps slider's note: the time these settings take and what the docs' step count would (every sampler
+    costs one UNet evaluation per step), or, before any job of the model has finished, the share of steps."""
+    if estimate is None or docs_estimate is None:
+        if steps == docs_steps:
+            return f"The docs' {docs_steps} steps. A time estimate appears after a first image with this model."
+        change = "fewer" if steps < docs_steps else "more"
+        share = abs(docs_steps - steps) / docs_steps
+        return (f"{steps} steps: {share:.0%} {change} UNet evaluations than the docs' {docs_steps}. A time estimate "
+                f"appears after a first image with this model.")
+    if steps == docs_steps:
+        return f"≈ {_duration(estimate)} (the docs' {docs_steps} steps), once the models are loaded."
+    saved = docs_estimate - estimate
+    verdict = f"saves {_duration(saved)}" if saved > 0 else f"{_duration(-saved)} more"
+    return (f"≈ {_duration(estimate)} with {steps} steps; the docs' {docs_steps} steps: {_duration(docs_estimate)} "
+            f"({verdict}), once the models are loaded.")
+
+
 def progress_html(text: str, fraction: float | None = None, state: str = "running") -> str:
     """A status line with an optional bar; `state` (idle|queued|loading|running|done|failed|stopped)
     is exposed as data-state for styling and for the browser tests."""

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 import gradio as gr
 
 from backend import limits
+from backend.families import FAST_SETTINGS
 from backend.requests import PREVIEW_MODES
+from kandinsky_ui import render
 from kandinsky_ui.controls import INPUT_KINDS, MODE_LABELS, row_names
 from kandinsky_ui.page import Page, scheduler_choices, unavailable_text
 
@@ -169,8 +171,10 @@ def settings(config, page: Page):
     with gr.Accordion("Settings", open=True, elem_id="settings"):
         with gr.Row():
             model = gr.Dropdown(config.choices, value=d["model"], label="Model", elem_id="model")
+            # custom values reach the request, which refuses an unknown name with the list (the API may send
+            # any case, or "default")
             scheduler = gr.Dropdown(scheduler_choices(config.models[d["model"]].family), value=d["scheduler"],
-                                    label="Decoder scheduler", elem_id="scheduler")
+                                    label="Sampler", elem_id="scheduler", allow_custom_value=True)
             preview = gr.Dropdown([(PREVIEW_LABELS[mode], mode) for mode in PREVIEW_MODES], value=d["preview"],
                                   label="Previews", elem_id="preview-mode")
             preview_every = gr.Slider(1, limits.MAX_PREVIEW_EVERY, value=d["preview_every"], step=1,
@@ -184,10 +188,15 @@ def settings(config, page: Page):
             height = gr.Slider(limits.SIZE_MULTIPLE, limits.APP_MAX_SIDE, value=d["height"],
                                step=limits.SIZE_MULTIPLE, label="Height", elem_id="height")
         with gr.Row():
+            docs_steps = config.models[d["model"]].family.defaults["num_inference_steps"]
             steps = gr.Slider(1, limits.APP_MAX_STEPS, value=d["num_inference_steps"], step=1, label="Decoder steps",
-                              elem_id="steps")
+                              elem_id="steps", info=render.steps_eta(d["num_inference_steps"], docs_steps, None, None))
             prior_steps = gr.Slider(limits.MIN_PRIOR_STEPS, limits.APP_MAX_STEPS, value=d["prior_num_inference_steps"],
                                     step=1, label="Prior steps", elem_id="prior-steps")
+        with gr.Row():
+            docs_preset = gr.Button("Docs' settings", size="sm", elem_id="preset-docs")
+            fast_preset = gr.Button(f"Fast: {FAST_SETTINGS['scheduler']}, {FAST_SETTINGS['num_inference_steps']} steps",
+                                    size="sm", elem_id="preset-fast")
         with gr.Row():
             guidance = gr.Slider(0, limits.MAX_GUIDANCE, value=d["guidance_scale"], step=0.5, label="Decoder guidance",
                                  elem_id="guidance")
@@ -205,7 +214,8 @@ def settings(config, page: Page):
               "prior_num_inference_steps": prior_steps, "guidance_scale": guidance,
               "prior_guidance_scale": prior_guidance, "scheduler": scheduler, "seed": seed, "batch_count": batch_count,
               "batch_size": batch_size, "preview": preview, "preview_every": preview_every}
-    return SimpleNamespace(fields=fields, size_preset=size_preset, random_seed=random_seed, reuse_seed=reuse_seed)
+    return SimpleNamespace(fields=fields, size_preset=size_preset, random_seed=random_seed, reuse_seed=reuse_seed,
+                           docs_preset=docs_preset, fast_preset=fast_preset)
 
 
 def outputs():

@@ -2,6 +2,7 @@
 app.py applies before it serves: no exposure beyond this machine without a login."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -92,6 +93,87 @@ def test_bad_settings_come_back_as_errors_naming_the_field(client):
         client.predict(owner=OWNER_A, prompt="x", width=100, height=64, api_name="/text2img")
     with pytest.raises(Exception, match="image is required"):
         client.predict(owner=OWNER_A, prompt="x", **SMALL, api_name="/img2img")
+
+
+SAMPLER_MENU = ["Repository default", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "UniPC", "Euler",
+                "Euler a", "DDIM", "DDPM"]
+
+
+def page_component(client, elem_id: str) -> dict:
+    (component,) = [c for c in client.config["components"] if c.get("props", {}).get("elem_id") == elem_id]
+    return component["props"]
+
+
+def test_the_sampler_menu_and_the_presets(client):
+    """One sampler menu with the names people know, the repository default named after what the repo ships;
+    the docs' settings and the Fast preset one click each, beside the steps slider and its time note."""
+    menu = page_component(client, "scheduler")
+    assert menu["label"] == "Sampler" and menu["value"] == "Repository default"
+    assert [value for _, value in menu["choices"]] == SAMPLER_MENU
+    assert menu["choices"][0][0] == "Repository default (DDPM)"  # the 2.2 decoder repo ships DDPM
+    assert page_component(client, "preset-fast")["value"] == "Fast: DPM++ 2M Karras, 20 steps"
+    assert page_component(client, "preset-docs")["value"] == "Docs' settings"
+    assert "A time estimate appears after a first image" in page_component(client, "steps")["info"]
+
+
+def test_samplers_through_the_api_are_stored_in_the_png(client, server):
+    """The API takes the menu's names, in any case; the PNG's A1111 text and JSON chunk store the name, and PNG
+    info reads it back. An unknown name is refused with the list of names, naming the field."""
+    for given, stored, api in (("DPM++ 2M Karras", "DPM++ 2M Karras", "/text2img"), ("euler a", "Euler a", "/img2img")):
+        extra = {"image": handle_file(str(SAMPLES / "landscape.png")), "strength": 0.6} if api == "/img2img" else {}
+        job = client.submit(owner=OWNER_A, prompt="a sampler", scheduler=given, seed=5, **SMALL, **extra, api_name=api)
+        job.result(timeout=120)
+        assert 'data-state="done"' in final(job)[1]
+        newest = server.owner_images()[OWNER_A][0]
+        assert read_settings(newest)["scheduler"] == stored
+        parameters, settings_json = client.predict(file=handle_file(str(newest)), api_name="/png_info")
+        assert f"Steps: 5, Sampler: {stored}, CFG scale" in parameters and f'"scheduler": "{stored}"' in settings_json
+    with pytest.raises(Exception, match=re.escape(
+            "scheduler must be one of ['Repository default', 'DPM++ 2M', 'DPM++ 2M Karras', 'DPM++ 2M SDE Karras', "
+            "'UniPC', 'Euler', 'Euler a', 'DDIM', 'DDPM'] (any case); got 'Heun'")):
+        client.predict(owner=OWNER_A, prompt="x", scheduler="Heun", **SMALL, api_name="/text2img")
+
+
+def test_step_times_estimate_a_run_against_the_docs_steps(engine):
+    """The steps slider's note: from the model's last finished job (its seconds per prior step, UNet step and
+    decode), a run of N steps, scaled by pixels and guidance, against the docs' 50 (2.2); before any job, the
+    share of steps. The presets: Fast = DPM++ 2M Karras at 20 steps; the docs' settings restore the sampler."""
+    from backend.progress import StepTimes
+    from backend.requests import Text2ImageRequest
+    from kandinsky_ui import page_config
+    from kandinsky_ui.handlers import Studio
+    from kandinsky_ui.page import Page
+    from kandinsky_ui.render import steps_eta
+
+    times = StepTimes()
+    measured = Text2ImageRequest(model="m", width=768, height=768, num_inference_steps=50)
+    times.record(measured, {"prior": 1.5, "denoise": 10.9, "decode": 22.0})
+    fast = Text2ImageRequest(model="m", width=768, height=768, num_inference_steps=20)
+    assert times.estimate(fast, text_steps=25) == pytest.approx(25 * 1.5 + 20 * 10.9 + 22.0)
+    assert times.estimate(fast, text_steps=25, denoise_steps=50) == pytest.approx(25 * 1.5 + 50 * 10.9 + 22.0)
+    half = Text2ImageRequest(model="m", width=768, height=384, num_inference_steps=20, guidance_scale=1.0,
+                             batch_count=2)
+    assert times.estimate(half, text_steps=50) == pytest.approx(50 * 1.5 + 2 * (20 * 10.9 / 4 + 22.0 / 2))
+    assert times.estimate(Text2ImageRequest(model="other"), text_steps=25) is None
+    assert steps_eta(20, 50, 279.0, 606.0) == ("≈ 4 min 39 s with 20 steps; the docs' 50 steps: 10 min 06 s "
+                                               "(saves 5 min 27 s), once the models are loaded.")
+    assert steps_eta(20, 50, None, None).startswith("20 steps: 60% fewer UNet evaluations than the docs' 50.")
+
+    config = page_config(engine.models)
+    studio = Studio(engine, config)
+    page = Page(config, studio.gallery, studio.step_times)
+    model = "kandinsky-2-2-demo"
+    args = (model, 20, 64, 64, 4.0, 1, 1, 3, "")
+    assert "A time estimate appears" in page.steps_info(*args)["info"]
+    for _ in studio.text2img(OWNER_A, model=model, prompt="timed", width=64, height=64, num_inference_steps=4,
+                             prior_num_inference_steps=3):
+        pass
+    assert studio.step_times.measured(model)
+    info = page.steps_info(*args)["info"]
+    assert info.startswith("≈ ") and "with 20 steps; the docs' 50 steps: " in info and "(saves " in info
+    assert page.fast_settings() == (20, "DPM++ 2M Karras")
+    steps, sampler = page.docs_settings(model)[2], page.docs_settings(model)[-1]
+    assert (steps, sampler) == (config.defaults["num_inference_steps"], "Repository default")  # demo: its 20
 
 
 def test_stop_through_the_api_keeps_a_partial_image(client, server):

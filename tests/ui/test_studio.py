@@ -2,7 +2,8 @@
 
 Covers: every tab generates an image, a preview appears before the final image, Stop ends a run
 early with a partial result, a mask painted with the mouse reaches the backend as painted,
-sliders change the interpolation weights sent, PNG info round-trips into the controls, two
+sliders change the interpolation weights sent, PNG info round-trips into the controls, a sampler
+and the Fast preset reach the PNG (and the steps note estimates the time they save), two
 browser contexts never see each other's images, several sessions at once all finish, and a
 screenshot of every tab (tests/ui/screenshots-tmp/).
 """
@@ -312,6 +313,47 @@ def test_png_info_round_trips_into_the_controls(page, app_server):
     assert page.locator("#tab-text2img").is_visible()  # back on the task's tab
     open_tab(page, "PNG info")
     screenshot(page, "pnginfo")
+
+
+def choose_sampler(page, name: str) -> None:
+    """Type into the menu (it filters its options, as a user narrows it down) and pick the option."""
+    menu = page.locator("#scheduler input")
+    menu.click()
+    menu.fill(name)
+    page.get_by_role("option", name=name, exact=True).click()
+    page.wait_for_function("name => document.querySelector('#scheduler input').value === name", arg=name)
+
+
+def test_a_sampler_and_the_fast_preset(page, app_server):
+    """Pick a sampler from the menu, generate: the PNG says which. The Fast preset sets DPM++ 2M Karras and 20
+    steps in one click, and after a run the steps slider's note gives the time against the docs' 50 steps;
+    the docs' settings put the repository's sampler back, and PNG info restores the stored one."""
+    small_run(page, steps=4)
+    assert page.locator("#scheduler input").input_value() == "Repository default (DDPM)"  # the label shown
+    choose_sampler(page, "Euler a")
+    generate(page, "text2img")
+    _, settings = newest_image(app_server)
+    assert settings["scheduler"] == "Euler a"
+
+    page.click("#preset-fast")
+    page.wait_for_function("() => document.querySelector('#scheduler input').value === 'DPM++ 2M Karras'")
+    page.wait_for_function("() => document.querySelector('#steps input[type=number]').value === '20'")
+    note = page.locator("#steps")
+    page.wait_for_function("() => document.querySelector('#steps').innerText.includes('saves')")
+    assert re.search(r"≈ .* with 20 steps; the docs' 50 steps: .* \(saves .*\)", note.inner_text()), note.inner_text()
+    generate(page, "text2img")
+    path, settings = newest_image(app_server)
+    assert settings["scheduler"] == "DPM++ 2M Karras" and settings["num_inference_steps"] == 20
+    screenshot(page, "samplers")
+
+    page.click("#preset-docs")
+    page.wait_for_function("() => document.querySelector('#scheduler input').value === 'Repository default (DDPM)'")
+    open_tab(page, "PNG info")
+    page.set_input_files("#png-file input[type=file]", str(path))
+    page.wait_for_function("() => document.querySelector('#png-parameters textarea').value"
+                           ".includes('Sampler: DPM++ 2M Karras')")
+    page.click("#png-apply")
+    page.wait_for_function("() => document.querySelector('#scheduler input').value === 'DPM++ 2M Karras'")
 
 
 def test_two_browser_contexts_never_see_each_others_images(browser, app_server):
