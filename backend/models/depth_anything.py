@@ -24,9 +24,8 @@ from mindspore import nn
 
 from backend import interrupt
 from backend.nn import (ACTIVATIONS, Conv2d, ConvTranspose2d, Identity, LayerNorm, Linear, Model, add_, concat,
-                        as_dtype, get_activation, host_param, is_host, relu, run_model,
-                        scaled_dot_product_attention, zeros_parameter)
-from backend.nn.interpolate import interpolate_bicubic, interpolate_bilinear
+                        as_dtype, get_activation, host_param, interpolate_bicubic, interpolate_bilinear, is_host,
+                        relu, run_model, scaled_dot_product_attention, zeros_parameter)
 
 
 def _known_fields(cls, config: dict) -> dict:

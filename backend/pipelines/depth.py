@@ -36,7 +36,7 @@ from transformers.models.dpt.image_processing_pil_dpt import get_resize_output_i
 from backend import weights
 from backend.limits import MAX_INPUT_PIXELS
 from backend.models.depth_anything import DepthAnythingForDepthEstimation
-from backend.nn.interpolate import interpolate_bicubic
+from backend.nn import interpolate_bicubic
 from backend.pipelines import inputs
 from backend.pipelines.loading import ProgressCallback
 
@@ -60,9 +60,22 @@ class DepthEstimationPipeline:
     """transformers' depth-estimation pipeline on our Depth Anything port: `pipe(image)` ->
     {"predicted_depth": (H, W) float32, "depth": PIL "L" image}, both at the image's size."""
 
-    def __init__(self, model: DepthAnythingForDepthEstimation, image_processor: DPTImageProcessorPil):
+    # What the model manager (backend/manager.py) loads: a transformers model repo, no model_index.json;
+    # its files sit at the top of the repo (subfolder "").
+    component_names = ("model", "image_processor")
+    subfolders = ("",)
+
+    def __init__(self, model: DepthAnythingForDepthEstimation, image_processor: DPTImageProcessorPil,
+                 dtype: str | None = None):
+        """`dtype` is the model's own (the manager passes every pipeline the app's dtype)."""
         self.model = model
         self.image_processor = image_processor
+
+    @staticmethod
+    def load_components(folder: str | os.PathLike, dtype="float32", on_tensor=None) -> dict:
+        """The components of a local repo folder, by `component_names`, loaded strictly."""
+        return {"model": weights.load_model(DepthAnythingForDepthEstimation, folder, dtype=dtype, on_tensor=on_tensor),
+                "image_processor": load_image_processor(folder)}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, dtype="float32",
@@ -74,14 +87,13 @@ class DepthEstimationPipeline:
         download = None
         if on_progress is not None:
             download = lambda filename, done, total: on_progress(f"download {filename}", done, total)  # noqa: E731
-        folder = weights.resolve_pretrained(pretrained_model_name_or_path, subfolders=[""],
+        folder = weights.resolve_pretrained(pretrained_model_name_or_path, subfolders=cls.subfolders,
                                             local_files_only=local_files_only, cache_dir=cache_dir,
                                             revision=revision, on_download=download)
         report = None
         if on_progress is not None:
             report = lambda done, total: on_progress("depth_estimator", done, total)  # noqa: E731
-        model = weights.load_model(DepthAnythingForDepthEstimation, folder, dtype=dtype, on_tensor=report)
-        return cls(model, load_image_processor(folder))
+        return cls(**cls.load_components(folder, dtype, report))
 
     @property
     def patch_size(self) -> int:
