@@ -23,7 +23,7 @@ import numpy as np
 
 from backend.families import FAMILIES, ModelSpec
 
-DEMO_VERSION = 2          # bump when a config below changes: old folders are rebuilt
+DEMO_VERSION = 3          # bump when a config below changes: old folders are rebuilt
 EMBED_DIM = 32            # CLIP projection = prior embedding = UNet encoder_hid_dim
 
 PRIOR_CONFIG = {
@@ -200,6 +200,28 @@ FOLDERS_3 = {"decoder": _decoder_folder("Kandinsky3Pipeline", UNET_3_CONFIG, {"s
 # Family (backend/families.py) -> its demo folders, role -> DemoFolder
 DEMO_FOLDERS = {"2.2": FOLDERS, "2.1": FOLDERS_2_1, "3": FOLDERS_3}
 
+# --- the depth estimator of 2.2's ControlNet: a transformers model repo (config.json, preprocessor_config.json
+# and model.safetensors at its top), Depth Anything with the tiny config of tools/fixtures/make_depth_anything.py
+# (DINOv2 32 wide, 4 layers; DPT neck 8-32 channels) and the preprocessing of every Depth Anything repo.
+DEPTH_ANYTHING_CONFIG = {
+    "model_type": "depth_anything", "depth_estimation_type": "relative", "max_depth": 1, "patch_size": 14,
+    "backbone_config": {
+        "model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+        "mlp_ratio": 2, "image_size": 56, "patch_size": 14, "num_channels": 3, "layer_norm_eps": 1e-6,
+        "layerscale_value": 1.0, "qkv_bias": True, "hidden_act": "gelu", "use_swiglu_ffn": False,
+        "apply_layernorm": True, "reshape_hidden_states": False,
+        "out_features": ["stage1", "stage2", "stage3", "stage4"], "out_indices": [1, 2, 3, 4],
+        "stage_names": ["stem", "stage1", "stage2", "stage3", "stage4"]},
+    "neck_hidden_sizes": [8, 16, 24, 32], "reassemble_factors": [4, 2, 1, 0.5], "reassemble_hidden_size": 32,
+    "fusion_hidden_size": 16, "head_hidden_size": 8, "head_in_index": -1,
+}
+DEPTH_PREPROCESSOR_CONFIG = {
+    "image_processor_type": "DPTImageProcessor", "do_resize": True, "size": {"height": 518, "width": 518},
+    "keep_aspect_ratio": True, "ensure_multiple_of": 14, "resample": 3, "do_rescale": True,
+    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225], "do_pad": False,
+}
+
 
 # ------------------------------------------------------------------------------ tokenizer
 
@@ -363,6 +385,23 @@ def build_folder(folder: Path, role: str, seed: int = 0, family: str = "2.2") ->
     return folder
 
 
+def build_depth_estimator(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Depth Anything in the published repo's layout, from our own model class."""
+    from safetensors.numpy import save_file
+
+    from backend.models.depth_anything import DepthAnythingForDepthEstimation
+
+    model = DepthAnythingForDepthEstimation.from_config(DEPTH_ANYTHING_CONFIG)
+    _write_json(folder / "config.json", DEPTH_ANYTHING_CONFIG)
+    _write_json(folder / "preprocessor_config.json", DEPTH_PREPROCESSOR_CONFIG)
+    save_file(random_weights(model, seed), str(folder / "model.safetensors"))
+    return folder
+
+
+# family -> role -> the builder of a model repo without model_index.json
+MODEL_REPOS = {"2.2": {"depth_estimator": build_depth_estimator}}
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
@@ -384,6 +423,8 @@ def ensure_demo_models(root: str | os.PathLike, family: str = "2.2") -> ModelSpe
         shutil.rmtree(tmp, ignore_errors=True)
         for seed, role in enumerate(DEMO_FOLDERS[family], start=1):
             build_folder(tmp / role, role, seed, family)
+        for seed, (role, build) in enumerate(MODEL_REPOS.get(family, {}).items(), len(DEMO_FOLDERS[family]) + 1):
+            build(tmp / role, seed)
         _write_json(tmp / "complete.json", {"version": DEMO_VERSION})
         shutil.rmtree(base, ignore_errors=True)
         tmp.rename(base)
@@ -398,5 +439,6 @@ def ensure_demo_catalogue(root: str | os.PathLike) -> dict[str, ModelSpec]:
 
 def demo_spec(base: Path, family: str = "2.2") -> ModelSpec:
     return ModelSpec(key=demo_key(family), label=f"{FAMILIES[family].label} demo (tiny random weights)",
-                     family=FAMILIES[family], repos={role: str(base / role) for role in DEMO_FOLDERS[family]},
+                     family=FAMILIES[family],
+                     repos={role: str(base / role) for role in (*DEMO_FOLDERS[family], *MODEL_REPOS.get(family, {}))},
                      demo=True)

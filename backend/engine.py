@@ -19,12 +19,12 @@ from pathlib import Path
 
 from backend import demo
 from backend.device import resolve_dtype, select_device
-from backend.families import FAMILIES, ModelSpec
+from backend.families import DEPTH_STAGE, FAMILIES, ModelSpec
 from backend.jobs import Job, JobRunner
 from backend.manager import ModelManager
 from backend.memory import default_memory_budget, parse_memory
 from backend.metadata import OutputStore
-from backend.requests import GenerationRequest, check_owner
+from backend.requests import GenerationRequest, check_image, check_owner
 from backend.tasks import TaskExecutor
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kandinsky-studio"
@@ -86,8 +86,25 @@ class Engine:
         out of range or the model that cannot do the task; RuntimeError when the queue is full."""
         check_owner(owner)
         request.validate()
-        self.model(request.model).check_task(request.task)
+        model = self.model(request.model)
+        model.check_task(request.task)
+        if request.depth_photo() is not None:
+            self._depth_stage(model)
         return self._runner.submit(request, owner)
+
+    def estimate_depth(self, model: str, photo, name: str = "hint"):
+        """The depth image (white = near) of `photo` by `model`'s depth estimator, on the engine thread
+        (after the running job, if any). ValueError names `name` or the `model` field."""
+        self._depth_stage(self.model(model))
+        check_image(name, photo)
+        return self._runner.call(self._executor.estimate_depth, model, photo, name)
+
+    @staticmethod
+    def _depth_stage(model: ModelSpec):
+        if DEPTH_STAGE not in model.family.stages or "depth_estimator" not in model.repos:
+            raise ValueError(f"model: {model.label} has no depth estimator to make a ControlNet hint from a "
+                             f"photo; give a depth map (hint_source 'depth map') or use Kandinsky 2.2")
+        return model.stage(DEPTH_STAGE)
 
     def jobs_of(self, owner: str) -> list[Job]:
         """The running and waiting jobs of `owner`, in run order."""

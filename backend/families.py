@@ -37,6 +37,7 @@ TASK_LABELS = {"text2img": "text to image", "img2img": "image to image", "inpain
 # The decoder stages each task may use (ControlNet: text-to-image or image-to-image by its mode).
 TASK_STAGES = {"text2img": ("text2img",), "img2img": ("img2img",), "inpaint": ("inpaint",),
                "interpolate": ("text2img",), "controlnet": ("controlnet", "controlnet_img2img")}
+DEPTH_STAGE = "depth"   # the stage estimating a photo's depth for ControlNet (2.2)
 CONTROLNET_2_2_ONLY = "ControlNet depth exists for Kandinsky 2.2 only (kandinsky-2-2-controlnet-depth)"
 
 
@@ -111,7 +112,8 @@ class Family:
         if models_dir:
             for role, repo in repos.items():
                 local = Path(models_dir) / repo.split("/")[-1]
-                if (local / "model_index.json").is_file():
+                # a diffusers pipeline folder, or a transformers model repo (the depth estimator)
+                if (local / "model_index.json").is_file() or (local / "config.json").is_file():
                     repos[role] = str(local)
         return ModelSpec(key=self.key, label=self.label, family=self, repos=repos, variant=self.variant)
 
@@ -226,13 +228,16 @@ KANDINSKY_2_2 = PriorFamily(
     repos={"prior": "kandinsky-community/kandinsky-2-2-prior",
            "decoder": "kandinsky-community/kandinsky-2-2-decoder",
            "inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
-           "controlnet": "kandinsky-community/kandinsky-2-2-controlnet-depth"},
+           "controlnet": "kandinsky-community/kandinsky-2-2-controlnet-depth",
+           # the ControlNet hint from a photo (a transformers model repo, Apache-2.0)
+           "depth_estimator": "depth-anything/Depth-Anything-V2-Small-hf"},
     stages={"prior": Stage("KandinskyV22PriorPipeline", "prior", on_demand=_PRIOR_ON_DEMAND),
             "text2img": Stage("KandinskyV22Pipeline", "decoder"),
             "img2img": Stage("KandinskyV22Img2ImgPipeline", "decoder"),
             "inpaint": Stage("KandinskyV22InpaintPipeline", "inpaint"),
             "controlnet": Stage("KandinskyV22ControlnetPipeline", "controlnet"),
-            "controlnet_img2img": Stage("KandinskyV22ControlnetImg2ImgPipeline", "controlnet")},
+            "controlnet_img2img": Stage("KandinskyV22ControlnetImg2ImgPipeline", "controlnet"),
+            DEPTH_STAGE: Stage("DepthEstimationPipeline", "depth_estimator")},
     defaults={"num_inference_steps": 50, "guidance_scale": 4.0, "width": 768, "height": 768},
     repo_scheduler="DDPM",
 )

@@ -250,11 +250,14 @@ class ModelManager:
 
     def _resolve(self, stage: ModelStage, report) -> Path:
         """The local folder of a source: a folder as it is, a Hub repo from the cache or downloaded."""
-        from backend import weights
+        from backend import pipelines, weights
 
         if stage.source not in self._folders:
+            # a transformers model repo's pipeline names its files' place ("": the top of the repo)
+            subfolders = getattr(getattr(pipelines, stage.stage.pipeline), "subfolders", None)
             self._folders[stage.source] = weights.resolve_pretrained(
-                stage.source, variant=stage.variant, local_files_only=self.offline or None, cache_dir=self.cache_dir,
+                stage.source, variant=stage.variant, subfolders=subfolders, local_files_only=self.offline or None,
+                cache_dir=self.cache_dir,
                 on_download=lambda name, done, total: report(f"download {name}", done, total))
         return self._folders[stage.source]
 
@@ -264,8 +267,10 @@ class ModelManager:
 
         report = self._reporter(stage, on_progress)
         folder = self._resolve(stage, report)
-        index = weights.read_config(folder, "model_index.json")
         cls = getattr(pipelines, stage.stage.pipeline)
+        if hasattr(cls, "load_components"):
+            return self._load_model_repo(stage, cls, folder, report)
+        index = weights.read_config(folder, "model_index.json")
         names = [n for n in stage.stage.components or cls.component_names if n not in stage.stage.on_demand]
         for name in names:
             if not isinstance(index.get(name), list) or len(index[name]) != 2:
@@ -294,6 +299,22 @@ class ModelManager:
                  if hasattr(value, "parameters_and_names")}
         configs = {name: (folder / name / "config.json").read_bytes() for name in sizes}
         unit = LoadedUnit(stage, folder, self.dtype, str(load_dtype), components, sizes, configs, self._derived)
+        with self._lock:
+            self._units[unit.key] = unit
+        logger.info("loaded %s (%s) in %.1f s", unit.key, format_bytes(unit.total), time.monotonic() - started)
+        return unit
+
+    def _load_model_repo(self, stage: ModelStage, cls, folder: Path, report) -> LoadedUnit:
+        """A transformers model repo (no model_index.json: config.json and the weights at its top, e.g.
+        the depth estimator) as one unit, by the pipeline class's `load_components`; never shared."""
+        itemsize = 2 if self.dtype in ("float16", "bfloat16") else 4
+        self._evict_for(component_bytes(folder, itemsize, stage.variant))
+        started = time.monotonic()
+        components = cls.load_components(folder, self.dtype, lambda done, total: report("model", done, total))
+        sizes = {name: parameter_bytes(value) for name, value in components.items()
+                 if hasattr(value, "parameters_and_names")}
+        configs = {name: (folder / "config.json").read_bytes() for name in sizes}
+        unit = LoadedUnit(stage, folder, self.dtype, self.dtype, components, sizes, configs, self._derived)
         with self._lock:
             self._units[unit.key] = unit
         logger.info("loaded %s (%s) in %.1f s", unit.key, format_bytes(unit.total), time.monotonic() - started)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Optional
 
+import numpy as np
 from PIL import Image
 
 from backend import masks
@@ -35,6 +36,12 @@ SAMPLER_NAMES = (REPOSITORY_DEFAULT, *SAMPLERS)
 SCHEDULERS = {"default": None, **{name.lower(): name for name in SAMPLERS}}
 PREVIEW_MODES = ("fast", "decode", "off")      # linear map of x0 | MoVQ decode of x0 | none
 CONTROLNET_MODES = ("text2img", "img2img")
+# What a ControlNet `hint` image is: a photo whose depth the depth estimator gives the model, or a depth map
+# used as it is (white = near). "depth map" is what a request without the field meant before the estimator.
+HINT_SOURCES = ("photo", "depth map")
+# A depth map is grey: R = G = B. Beyond this mean spread of a pixel's channels (0-255 levels, on a 64x64
+# thumbnail) an image given as a depth map is a colour photo, or a colour-mapped depth the model misreads.
+DEPTH_MAP_MAX_CHROMA = 8.0
 
 # An owner names one browser (or API client): its images live in a folder of that name, so the
 # id is made here, from random hex digits only, and anything else a client sends is refused.
@@ -133,6 +140,19 @@ def check_image_size(name: str, width: int, height: int) -> None:
                          f"(8192x8192) are allowed")
 
 
+def depth_map_warning(name: str, image: Image.Image | None) -> str:
+    """A warning for the page and the job's notes when an image given as a depth map is in colour ("": none)."""
+    if image is None or image.mode in ("L", "LA", "I", "I;16", "F", "1"):
+        return ""
+    thumb = np.asarray(image.convert("RGB").resize((64, 64), Image.BILINEAR), np.int16)
+    chroma = float((thumb.max(axis=2) - thumb.min(axis=2)).mean())
+    if chroma <= DEPTH_MAP_MAX_CHROMA:
+        return ""
+    return (f"{name} does not look like a depth map: it is in colour (a depth map is grey, white = near). "
+            f"Its grey levels are used as depth; to make the depth from this photo, choose "
+            f"\"Estimate depth from this photo\" (hint_source \"photo\").")
+
+
 def strength_steps(steps: int, strength: float) -> int:
     """Steps an image-to-image run takes: the last `strength` of the schedule (diffusers' get_timesteps)."""
     return min(int(steps * strength), steps)
@@ -200,6 +220,18 @@ class GenerationRequest:
     def pipeline_inputs(self) -> dict:
         """The task's own decoder arguments (images, strength), as the pipelines name them."""
         return {}
+
+    def depth_photo(self) -> tuple[str, Image.Image] | None:
+        """(field, photo) whose estimated depth the decoder takes (backend/tasks.py), or None."""
+        return None
+
+    def warnings(self) -> list[str]:
+        """What the job should tell about inputs it takes but that look wrong (the result's notes)."""
+        return []
+
+    def with_depth(self, depth: Image.Image) -> "GenerationRequest":
+        """The request as the decoder runs it, given the estimated depth of `depth_photo()`."""
+        raise NotImplementedError
 
     def finish(self, images: list[Image.Image]) -> list[Image.Image]:
         """The decoder's images -> what is saved."""
@@ -336,18 +368,37 @@ class ControlNetRequest(GenerationRequest):
     """Depth-guided generation: text-to-image, or image-to-image when `mode` is "img2img"."""
 
     task: ClassVar[str] = "controlnet"
-    hint: Optional[Image.Image] = None         # depth map, white = near; resized to width x height
+    hint: Optional[Image.Image] = None         # a depth map (white = near) or a photo, by hint_source
+    hint_source: str = "depth map"            # one of HINT_SOURCES
     mode: str = "text2img"                     # one of CONTROLNET_MODES
     image: Optional[Image.Image] = None        # the start image in img2img mode
     strength: float = 0.5
 
     def validate(self) -> None:
         super().validate()
-        check_image("hint", self.hint)
+        check_choice("hint_source", self.hint_source, HINT_SOURCES)
         check_choice("mode", self.mode, CONTROLNET_MODES)
         if self.mode == "img2img":
             check_image("image", self.image)
+        check_image(*(self.depth_photo() or ("hint", self.hint)))
         self.strength = check_float("strength", self.strength, 0.0, 1.0)
+
+    def depth_photo(self) -> tuple[str, Image.Image] | None:
+        """(field, photo) whose depth is the hint, or None when the hint is a depth map: the hint photo, or
+        in image-to-image without a hint the start image (the Kandinsky 2.2 docs' flow)."""
+        if self.hint_source != "photo":
+            return None
+        if self.hint is None and self.mode == "img2img":
+            return "image", self.image
+        return "hint", self.hint
+
+    def warnings(self) -> list[str]:
+        warning = depth_map_warning("hint", self.hint) if self.hint_source == "depth map" else ""
+        return [warning] if warning else []
+
+    def with_depth(self, depth: Image.Image) -> "ControlNetRequest":
+        """The request as the decoder runs it: the estimated `depth` as its depth map."""
+        return replace(self, hint=depth, hint_source="depth map")
 
     @property
     def decoder_stage(self) -> str:
@@ -364,7 +415,7 @@ class ControlNetRequest(GenerationRequest):
         return {"hint": self.hint}
 
     def image_fields(self):
-        out = {"hint": self.hint}
+        out = {"hint": self.hint} if self.hint is not None else {}
         if self.mode == "img2img":
             out["image"] = self.image
         return out

@@ -26,7 +26,7 @@ from PIL import Image
 
 from backend import interrupt, previews
 from backend.events import Cancelled, GeneratedImage, Loading, Result
-from backend.families import ModelSpec
+from backend.families import DEPTH_STAGE, ModelSpec
 from backend.jobs import Job, JobCancelled
 from backend.limits import MAX_SEED
 from backend.manager import ModelManager
@@ -45,6 +45,12 @@ class TaskExecutor:
 
     def __init__(self, models: dict[str, ModelSpec], manager: ModelManager, store: OutputStore):
         self.models, self.manager, self.store = models, manager, store
+
+    def estimate_depth(self, model: str, photo: Image.Image, name: str = "hint", on_progress=None) -> Image.Image:
+        """The depth image (white = near) the model's depth estimator makes of `photo`; ValueError names
+        `name` for an image it cannot take (smaller than one patch)."""
+        with self.manager.use(self.models[model].stage(DEPTH_STAGE), on_progress) as unit:
+            return unit.pipeline()(photo, name=name)["depth"]
 
     def __call__(self, job: Job) -> None:
         run = Run(self, job)
@@ -68,7 +74,7 @@ class Run:
     """One job: its seeds and step plan, the images it saved, the previews a stop would keep."""
 
     def __init__(self, executor: TaskExecutor, job: Job):
-        self.manager, self.store, self.job = executor.manager, executor.store, job
+        self.executor, self.manager, self.store, self.job = executor, executor.manager, executor.store, job
         self.request = r = job.request
         self.model = executor.models[r.model]
         self.family = self.model.family
@@ -80,6 +86,7 @@ class Run:
         self.walk = np.linspace(0.0, 1.0, walk)
         self.walk_ends = [dataclasses.replace(r, inputs=[item], weights=[1.0], batch_size=1)
                           for item in r.inputs[:2]] if walk else []
+        self.depth: Image.Image | None = None           # the depth estimated from the request's photo
         self.progress = Progress(job, self._plan(), r.batch_count)
         self.previews = _Previews(r.preview, r.preview_every)
         self.completed: list[GeneratedImage] = []
@@ -98,6 +105,13 @@ class Run:
     # ------------------------------------------------------------------ driver
     def execute(self) -> None:
         r = self.request
+        photo = r.depth_photo()
+        if photo is not None:  # the ControlNet hint from a photo: its depth, before any other model loads
+            self.progress.loading(Loading(f"depth estimator: the depth of {photo[0]}", 0, 0))
+            self.depth = self.executor.estimate_depth(r.model, photo[1], photo[0], self.progress.loading)
+            self.job.check_cancelled()
+        for warning in r.warnings():
+            self.notes.append(warning)
         generators = [np.random.default_rng(seed) for seed in self.seeds]
         if self.family.text_per_run:
             conditions = [self._condition(r, generator, b) for b, generator in enumerate(generators)]
@@ -170,7 +184,8 @@ class Run:
             self.progress.mark()
             if steps == 0:  # strength 0: no step callback, only the decode
                 self.progress.emit("decode", 1, 1, batch + 1)
-            images = pipe(**condition, **self.family.decoder_arguments(r), generator=generator,
+            decoder_request = r.with_depth(self.depth) if self.depth is not None else r
+            images = pipe(**condition, **self.family.decoder_arguments(decoder_request), generator=generator,
                           callback=self._denoise_callback(pipe, factors, batch, seed))[0]
             if self.family.decoder_reads_prompt:
                 self._note(self.family.decoder_text_reader, pipe.truncated_text)
@@ -201,8 +216,10 @@ class Run:
     # ------------------------------------------------------------------ saving
     def _input_references(self) -> dict:
         if self._input_refs is None:
-            self._input_refs = {name: self.store.save_input(image, self.job.owner)
-                                for name, image in self.request.image_fields().items()}
+            images = self.request.image_fields()
+            if self.depth is not None:  # what the model got, kept with the photo it came from
+                images["estimated_depth"] = self.depth
+            self._input_refs = {name: self.store.save_input(image, self.job.owner) for name, image in images.items()}
         return self._input_refs
 
     def _settings(self, seed: int, batch: int, position: int, partial: bool = False, extra=None) -> dict:

@@ -56,6 +56,10 @@ def test_each_family_offers_its_tasks_and_says_why_not_the_others(catalogue):
                                                 "decoder": "kandinsky-community/kandinsky-2-1",
                                                 "inpaint": "kandinsky-community/kandinsky-2-1-inpaint"}
     assert CATALOGUE["kandinsky-3"].repos == {"decoder": "kandinsky-community/kandinsky-3"}
+    # ControlNet's hint from a photo: the depth estimator is a 2.2 stage of its own, loaded on demand
+    assert CATALOGUE["kandinsky-2-2"].repos["depth_estimator"] == "depth-anything/Depth-Anything-V2-Small-hf"
+    assert CATALOGUE["kandinsky-2-2"].stage("depth").stage.pipeline == "DepthEstimationPipeline"
+    assert "depth_estimator" in catalogue["kandinsky-2-2-demo"].repos
     for key, spec in catalogue.items():
         assert spec.tasks == CATALOGUE[key.replace("-demo", "")].tasks
     v21, v3 = catalogue["kandinsky-2-1-demo"], catalogue["kandinsky-3-demo"]
@@ -240,3 +244,20 @@ def test_2_1_decoder_and_inpaint_folders_share_their_multilingual_clip_and_movq(
     inpaint = pipeline(manager, spec, "inpaint")
     assert inpaint.text_encoder is decoder.text_encoder and inpaint.movq is decoder.movq
     assert {tuple(u["shared"]) for u in manager.status()["units"]} == {("movq", "text_encoder")}
+
+
+def test_the_depth_estimator_offline_gets_the_offline_help_and_a_models_dir_folder_is_used(tmp_path, catalogue):
+    """The published 2.2 model: a missing estimator repo offline is explained as the other models are; a folder
+    named like the repo under --models-dir (a transformers model repo: config.json at its top) is used."""
+    engine = Engine(EngineConfig(families=("2.2",), offline=True, models_dir=str(tmp_path / "models"),
+                                 cache_dir=str(tmp_path / "cache"), outputs_dir=str(tmp_path / "outputs")))
+    try:
+        with pytest.raises(RuntimeError, match="not in the local Hugging Face cache") as error:
+            engine.estimate_depth("kandinsky-2-2", Image.new("RGB", (64, 64)))
+        assert "depth-anything/Depth-Anything-V2-Small-hf" in str(error.value)
+    finally:
+        engine.shutdown()
+    local = tmp_path / "models" / "Depth-Anything-V2-Small-hf"
+    local.parent.mkdir()
+    local.symlink_to(catalogue["kandinsky-2-2-demo"].repos["depth_estimator"], target_is_directory=True)
+    assert FAMILIES["2.2"].published_model(tmp_path / "models").repos["depth_estimator"] == str(local)

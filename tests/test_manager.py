@@ -1,6 +1,7 @@
 """ModelManager on the demo folders (real loading): lazy load, the unit handle, sharing, schedulers,
 memory budget, least-recently-used eviction, unload, status."""
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,25 @@ def test_the_prior_loads_without_its_image_encoder_unless_a_job_needs_it(spec, t
     with pytest.raises(ValueError, match="'unet' is not an on-demand component of prior"):
         with restarted.use(prior, needs=("unet",)):
             pass
+
+
+def test_the_depth_estimator_repo_loads_without_model_index_and_counts_in_the_budget(spec, caplog):
+    """A transformers model repo (config.json, preprocessor_config.json, model.safetensors at its top, as
+    depth-anything/Depth-Anything-V2-Small-hf): one unit, its bytes in the status, evicted like any other."""
+    folder = spec.repos["depth_estimator"]
+    assert not (Path(folder) / "model_index.json").exists()
+    manager = ModelManager(memory_budget=10**9)
+    reports = []
+    pipe = pipeline(manager, spec, "depth", on_progress=reports.append)
+    assert type(pipe).__name__ == "DepthEstimationPipeline"
+    assert reports and reports[-1].component == "depth_estimator / model" and reports[-1].done == reports[-1].total
+    (unit,) = manager.status()["units"]
+    assert unit["role"] == "depth_estimator" and list(unit["components"]) == ["model"]
+    assert unit["bytes"] == component_bytes(folder, 4) == manager.status()["used"] > 0
+    depth = pipe(Path("assets/samples/landscape.png"))["depth"]
+    assert depth.mode == "L"
+    # a budget that holds one unit: the decoder evicts the estimator
+    manager.set_memory_budget(unit["bytes"] + 1)
+    with caplog.at_level(logging.INFO, logger="backend.manager"):
+        pipeline(manager, spec, "text2img")
+    assert roles(manager) == {"decoder"} and f"evicted {folder}" in caplog.text

@@ -127,6 +127,36 @@ def test_image_to_image_inpaint_controlnet_and_interpolate(engine):
     assert [i.settings.get("walk_t") for i in end.images[1:]] == [0.0, 0.5, 1.0]
 
 
+def test_controlnet_from_a_photo_estimates_its_depth_and_keeps_it_with_the_inputs(engine):
+    """The hint from a photo: the depth estimator's image drives the ControlNet (the same image as giving that
+    depth as the map) and is stored next to the photo; image-to-image without a hint takes the start image's."""
+    photo = Image.open(f"{SAMPLES}/landscape.png").convert("RGB")
+    depth = engine.estimate_depth(MODEL, photo)
+    assert depth.mode == "L" and depth.size == photo.size
+    events, end = run(engine, ControlNetRequest(**small(MODEL, seed=3), hint=photo, hint_source="photo"))
+    assert isinstance(end, Result), end
+    assert any(isinstance(e, Loading) and e.component.startswith("depth estimator") for e in events)
+    settings = end.images[0].settings
+    assert settings["hint_source"] == "photo"
+    stored = Image.open(engine.store.input_path(TESTER, settings["input_images"]["estimated_depth"]))
+    assert np.array_equal(np.asarray(stored), np.asarray(depth))
+    _, as_map = run(engine, ControlNetRequest(**small(MODEL, seed=3), hint=depth))
+    assert np.array_equal(np.asarray(as_map.images[0].image), np.asarray(end.images[0].image))
+
+    _, end = run(engine, ControlNetRequest(**small(MODEL), hint_source="photo", mode="img2img", image=photo))
+    assert isinstance(end, Result), end
+    assert set(end.images[0].settings["input_images"]) == {"image", "estimated_depth"}
+
+
+def test_a_photo_too_small_for_the_depth_estimator_is_refused_naming_the_field(engine):
+    with pytest.raises(ValueError, match="hint.* too small to estimate depth"):
+        engine.estimate_depth(MODEL, Image.new("RGB", (10, 40)))
+    _, end = run(engine, ControlNetRequest(**small(MODEL), hint=Image.new("RGB", (10, 40)), hint_source="photo"))
+    assert "hint" in end.message and "too small" in end.message
+    with pytest.raises(ValueError, match="hint_source must be one of"):
+        engine.submit(ControlNetRequest(**small(MODEL), hint=Image.new("RGB", (64, 64)), hint_source="map"), TESTER)
+
+
 def test_bad_input_is_refused_at_submit_naming_the_field(engine):
     with pytest.raises(ValueError, match="scheduler must be one of"):
         engine.submit(Text2ImageRequest(**small(MODEL, scheduler="heun")), TESTER)

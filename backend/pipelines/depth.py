@@ -64,6 +64,7 @@ class DepthEstimationPipeline:
     # its files sit at the top of the repo (subfolder "").
     component_names = ("model", "image_processor")
     subfolders = ("",)
+    derived_values: dict = {}   # no on-demand components
 
     def __init__(self, model: DepthAnythingForDepthEstimation, image_processor: DPTImageProcessorPil,
                  dtype: str | None = None):
