@@ -25,6 +25,8 @@ TEXT_FIELDS = ("prompt", "negative_prompt", "negative_prior_prompt")   # an empt
 PRIOR_FIELDS = ("negative_prior_prompt", "prior_num_inference_steps", "prior_guidance_scale")
 
 MODE_LABELS = {"Text to image": "text2img", "Image to image": "img2img"}   # ControlNet mode radio
+# ControlNet hint radio -> the request's hint_source (backend/requests.py HINT_SOURCES)
+HINT_LABELS = {"Estimate depth from this photo": "photo", "Use my depth map": "depth map"}
 INPUT_KINDS = ("Text", "Image")
 # Interpolation input i (1-based) is the row of controls kind_i, text_i, image_i and weight_i.
 ROW_CONTROLS = ("kind", "text", "image", "weight")
@@ -42,10 +44,13 @@ def _editor_value(image):
 
 
 # control -> (control value -> field value) and (stored field value -> control values), where they differ
-TO_REQUEST = {"editor": masks.editor_background, "controlnet_mode": lambda label: MODE_LABELS.get(label, label)}
+TO_REQUEST = {"editor": masks.editor_background, "controlnet_mode": lambda label: MODE_LABELS.get(label, label),
+              "hint_source": lambda label: HINT_LABELS.get(label, label)}
 TO_CONTROL = {"editor": lambda image: {"editor": _editor_value(image)},
               "controlnet_mode": lambda mode: {"controlnet_mode": {v: k for k, v in MODE_LABELS.items()}.get(
-                  mode, "Text to image")}}
+                  mode, "Text to image")},
+              "hint_source": lambda source: {"hint_source": {v: k for k, v in HINT_LABELS.items()}.get(
+                  source, source)}}
 
 
 def task_fields(task: str) -> list[str]:
@@ -138,6 +143,8 @@ def controls_from_settings(settings: dict, images: dict) -> tuple[dict, str]:
         except ValueError:
             pass  # shown as it is; Generate then says which names there are
     task = settings.get("task") if settings.get("task") in TASKS else "text2img"
+    if task == "controlnet" and "hint_source" not in settings:  # made before the estimator: a depth map
+        settings = dict(settings, hint_source="depth map")
     for field in task_fields(task):
         stored = images.get(field, settings.get(field))
         if field == "inputs":

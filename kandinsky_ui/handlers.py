@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 
 import gradio as gr
+from PIL import Image
 
 from backend.events import Cancelled, Failed, Result, Step
 from backend.limits import MAX_MIX_INPUTS
 from backend.memory import format_bytes
 from backend.progress import StepTimes
-from backend.requests import is_owner, new_owner
+from backend.requests import depth_map_warning, is_owner, new_owner
 from kandinsky_ui import masks, render
 from kandinsky_ui.config import UIConfig
-from kandinsky_ui.controls import mix_from_rows, request_from_controls, row_names
+from kandinsky_ui.controls import HINT_LABELS, MODE_LABELS, mix_from_rows, request_from_controls, row_names
 from kandinsky_ui.gallery import Gallery
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,40 @@ class Studio:
 
     def controlnet(self, owner="", **values):
         yield from self._generate(owner, lambda: self._request("controlnet", values))
+
+    # ------------------------------------------------------------------ ControlNet hint
+    def hint_view(self, model, depth, source, mode, start_image, width, height):
+        """The hint the model will get, before generating: the estimated depth of the photo (or, in image to
+        image without one, of the start image), or the depth map as grey; with a note when a colour image is
+        given as the depth map. -> (hint image, note)."""
+        size = (int(width), int(height))
+        if HINT_LABELS.get(source, source) == "depth map":
+            if depth is None:
+                return None, ""
+            warning = depth_map_warning("depth", depth)  # shown beside the hint while it stays
+            return depth.convert("L").resize(size, Image.BICUBIC).convert("RGB"), \
+                f"⚠ {warning}" if warning else ""
+        name, photo = ("depth", depth) if depth is not None or MODE_LABELS.get(mode) != "img2img" else \
+            ("controlnet_image", start_image)
+        spec = self.config.models.get(model)
+        if photo is None or (spec is not None and not spec.supports("controlnet")):  # the tab says why
+            return None, ""
+        depth_image = self._estimate(photo, model, name)
+        note = "Estimated depth of the start image." if name == "controlnet_image" else "Estimated depth of the photo."
+        return depth_image.resize(size, Image.BICUBIC).convert("RGB"), note
+
+    def estimate_depth(self, image, model=None):
+        """The /estimate_depth endpoint: the depth image (white = near) of a photo by the model's depth
+        estimator (the default model's when left out)."""
+        return self._estimate(image, model, "image")
+
+    def _estimate(self, image, model, name: str):
+        if image is None:
+            raise gr.Error(f"{name} is required: an image")
+        try:
+            return self.engine.estimate_depth(model or self.config.defaults["model"], image, name)
+        except (ValueError, TypeError, RuntimeError, OSError) as error:
+            raise gr.Error(str(error)) from None
 
     def _request(self, task: str, values: dict):
         return request_from_controls(task, values, self.config.defaults)

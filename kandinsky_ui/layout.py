@@ -2,7 +2,7 @@
 the browser's gallery (built by kandinsky_ui/tabs.py), and what each event calls.
 
 API names (gradio_client): text2img, img2img, inpaint, interpolate, controlnet (streaming
-generators), stop, png_info, models_status, unload, set_memory_budget. Their parameters are the
+generators), estimate_depth, stop, png_info, models_status, unload, set_memory_budget. Their parameters are the
 controls' names (kandinsky_ui/controls.py). Events that only serve the page are private.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def build_ui(engine, config: UIConfig) -> gr.Blocks:
         _session(demo, studio, owner, browser_owner, out, models)
         _gallery(studio, owner, selected, out, tab_set, task_tabs, png)
         _settings_events(page, shared, settings, out)
-        _task_events(page, shared, task_tabs)
+        _task_events(studio, page, shared, task_tabs)
         _png_info(page, owner, png, shared, settings, task_tabs, tab_set)
         _model_choice(demo, page, shared, settings, task_tabs)
         _models_panel(studio, models, tab_set)
@@ -170,7 +170,7 @@ def _settings_events(page, shared, settings, out) -> None:
                                queue=False, **PRIVATE)
 
 
-def _task_events(page, shared, task_tabs) -> None:
+def _task_events(studio, page, shared, task_tabs) -> None:
     """What a task tab shows as its controls change: the mask overlay, interpolation rows and
     weights, the ControlNet hint and mode."""
     # One event per view, whichever control changed: "always_last" then runs it once more after a
@@ -197,9 +197,14 @@ def _task_events(page, shared, task_tabs) -> None:
 
     controlnet = task_tabs["controlnet"]
     depth, mode = controlnet.inputs["depth"], controlnet.inputs["controlnet_mode"]
-    size = [shared["width"], shared["height"]]
-    gr.on([component.change for component in (depth, *size)], page.hint_view, inputs=[depth, *size],
-          outputs=[controlnet.hint], show_progress="hidden", trigger_mode="always_last", **PRIVATE)
+    source, start = controlnet.inputs["hint_source"], controlnet.inputs["controlnet_image"]
+    view = [shared["model"], depth, source, mode, start, shared["width"], shared["height"]]
+    # a photo's depth is estimated on the engine (queued, after a running job)
+    gr.on([component.change for component in view], studio.hint_view, inputs=view,
+          outputs=[controlnet.hint, controlnet.hint_note], show_progress="minimal", trigger_mode="always_last",
+          **PRIVATE)
+    controlnet.estimate.click(studio.estimate_depth, inputs=[depth, shared["model"]], outputs=[controlnet.hint],
+                              api_name="estimate_depth")
     mode.change(lambda m: gr.Row(visible=m == "Image to image"), inputs=[mode], outputs=[controlnet.img2img_row],
                 queue=False, **PRIVATE)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import gradio as gr
-from PIL import Image
 
 from backend import metadata
 from backend.families import FAST_SETTINGS
@@ -147,13 +146,6 @@ class Page:
         if image is None:
             return None
         return {"background": image, "layers": [], "composite": image}
-
-    @staticmethod
-    def hint_view(depth, width, height):
-        """What the ControlNet sees: the depth map as grey, resized to the output size."""
-        if depth is None:
-            return None
-        return depth.convert("L").resize((int(width), int(height)), Image.BICUBIC).convert("RGB")
 
     def size_from_preset(self, preset):
         sizes = dict(self.config.size_presets)

@@ -15,7 +15,7 @@ from backend import limits
 from backend.families import FAST_SETTINGS
 from backend.requests import PREVIEW_MODES
 from kandinsky_ui import render
-from kandinsky_ui.controls import INPUT_KINDS, MODE_LABELS, row_names
+from kandinsky_ui.controls import HINT_LABELS, INPUT_KINDS, MODE_LABELS, row_names
 from kandinsky_ui.page import Page, scheduler_choices, unavailable_text
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -115,19 +115,27 @@ def interpolate_tab(spec):
 def controlnet_tab(spec):
     with gr.Tab("ControlNet depth", id="controlnet", elem_id="tab-controlnet"):
         note = _unavailable_note(spec, "controlnet")
+        source = gr.Radio(list(HINT_LABELS), value="Estimate depth from this photo", label="Hint",
+                          elem_id="hint-source")
         with gr.Row():
-            depth = gr.Image(label="Depth map (white = near)", type="pil", image_mode=None, elem_id="depth",
+            depth = gr.Image(label="Photo or depth map (white = near)", type="pil", image_mode=None, elem_id="depth",
                              sources=["upload", "clipboard"])
-            hint = gr.Image(label="Hint the model sees", interactive=False, elem_id="hint", format="png")
-        gr.Examples([[str(SAMPLES / "depth.png")]], inputs=[depth], label="Sample depth map")
+            hint = gr.Image(label="Hint the model sees (the estimated depth of a photo)", interactive=False,
+                            elem_id="hint", format="png")
+        hint_note = gr.Markdown("", elem_id="hint-note")
+        gr.Examples([[str(SAMPLES / "landscape.png"), "Estimate depth from this photo"],
+                     [str(SAMPLES / "depth.png"), "Use my depth map"]], inputs=[depth, source],
+                    label="Sample photo and depth map")
         mode = gr.Radio(list(MODE_LABELS), value="Text to image", label="Mode", elem_id="controlnet-mode")
         with gr.Row(visible=False) as img2img_row:
             image = gr.Image(label="Start image", type="pil", image_mode=None, elem_id="controlnet-image")
             strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Strength", elem_id="controlnet-strength")
         button = _generate_button(spec, "controlnet")
-    return SimpleNamespace(note=note, button=button, hint=hint, img2img_row=img2img_row,
-                           inputs={"depth": depth, "controlnet_mode": mode, "controlnet_image": image,
-                                   "controlnet_strength": strength})
+        estimate = gr.Button(visible=False)   # the /estimate_depth endpoint's trigger (API only)
+    return SimpleNamespace(note=note, button=button, hint=hint, hint_note=hint_note, img2img_row=img2img_row,
+                           estimate=estimate,
+                           inputs={"depth": depth, "hint_source": source, "controlnet_mode": mode,
+                                   "controlnet_image": image, "controlnet_strength": strength})
 
 
 def png_info_tab():

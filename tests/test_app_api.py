@@ -28,8 +28,8 @@ def final(job):
 
 def test_every_task_has_a_stable_api_name_with_named_parameters(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    for name in ("/text2img", "/img2img", "/inpaint", "/interpolate", "/controlnet", "/stop", "/png_info",
-                 "/models_status", "/unload", "/set_memory_budget"):
+    for name in ("/text2img", "/img2img", "/inpaint", "/interpolate", "/controlnet", "/estimate_depth", "/stop",
+                 "/png_info", "/models_status", "/unload", "/set_memory_budget"):
         assert name in endpoints, sorted(endpoints)
     names = [p["parameter_name"] for p in endpoints["/text2img"]["parameters"]]
     assert names[:3] == ["owner", "model", "prompt"]
@@ -82,10 +82,51 @@ def test_image_tasks_through_the_api(client, server, tmp_path):
     assert settings["weights"] == [0.3, 0.9] and settings["normalized_weights"] == [0.25, 0.75]
 
     job = client.submit(owner=OWNER_A, prompt="a room", depth=handle_file(str(SAMPLES / "depth.png")),
-                        controlnet_mode="Text to image", **SMALL, api_name="/controlnet")
+                        hint_source="Use my depth map", controlnet_mode="Text to image", **SMALL,
+                        api_name="/controlnet")
     job.result(timeout=120)
     assert 'data-state="done"' in final(job)[1]
-    assert read_settings(server.owner_images()[OWNER_A][0])["task"] == "controlnet"
+    settings = read_settings(server.owner_images()[OWNER_A][0])
+    assert settings["task"] == "controlnet" and settings["hint_source"] == "depth map"
+
+
+def test_estimate_depth_returns_the_photos_depth_and_controlnet_takes_a_photo_or_a_map(client, server):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert [p["parameter_name"] for p in endpoints["/estimate_depth"]["parameters"]] == ["image", "model"]
+    assert "hint_source" in {p["parameter_name"] for p in endpoints["/controlnet"]["parameters"]}
+    photo = handle_file(str(SAMPLES / "landscape.png"))
+    path = client.predict(image=photo, api_name="/estimate_depth")
+    depth = Image.open(path)
+    assert depth.size == Image.open(SAMPLES / "landscape.png").size and len(set(depth.convert("RGB").getpixel(
+        (9, 9)))) == 1  # grey
+
+    # a photo (hint_source left out: the page's default, "Estimate depth from this photo"): its depth is
+    # estimated and kept with the inputs
+    job = client.submit(owner=OWNER_B, prompt="a room", depth=photo, **SMALL, api_name="/controlnet")
+    job.result(timeout=120)
+    assert 'data-state="done"' in final(job)[1]
+    settings = read_settings(server.owner_images()[OWNER_B][0])
+    assert settings["hint_source"] == "photo"
+    stored = Image.open(server.outputs / OWNER_B / settings["input_images"]["estimated_depth"])
+    assert stored.size == depth.size
+
+    # a map: used as it is; a colour photo given as one is done, with a note that it does not look like one
+    job = client.submit(owner=OWNER_B, prompt="a room", depth=photo, hint_source="Use my depth map", **SMALL,
+                        api_name="/controlnet")
+    job.result(timeout=120)
+    assert "does not look like a depth map" in final(job)[1]
+    settings = read_settings(server.owner_images()[OWNER_B][0])
+    assert settings["hint_source"] == "depth map" and "estimated_depth" not in settings["input_images"]
+
+
+def test_a_photo_too_small_to_estimate_is_refused_naming_the_field(client, tmp_path):
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (10, 64), "red").save(tiny)
+    with pytest.raises(Exception, match="`image` is 10x64 pixels, too small to estimate depth"):
+        client.predict(image=handle_file(str(tiny)), api_name="/estimate_depth")
+    with pytest.raises(Exception, match="hint.* too small to estimate depth"):
+        client.predict(owner=OWNER_A, prompt="x", depth=handle_file(str(tiny)), **SMALL,
+                       api_name="/controlnet")
 
 
 def test_bad_settings_come_back_as_errors_naming_the_field(client):

@@ -58,8 +58,8 @@ def inpaint(client, **kw):
 
 
 def controlnet(client, **kw):
-    return client.predict(owner=OWNER, prompt="x", depth=handle_file(str(DEPTH)), **{**TINY, **kw},
-                          api_name="/controlnet")
+    return client.predict(owner=OWNER, prompt="x", depth=handle_file(str(DEPTH)), hint_source="Use my depth map",
+                          **{**TINY, **kw}, api_name="/controlnet")
 
 
 def done(result) -> bool:

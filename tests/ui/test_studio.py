@@ -231,9 +231,38 @@ def test_interpolation_weights_follow_the_sliders(page, app_server):
     screenshot(page, "interpolate")
 
 
+def test_controlnet_depth_from_a_photo_is_shown_before_generating_and_kept_with_the_inputs(page, app_server):
+    small_run(page, steps=4)
+    open_tab(page, "ControlNet depth")
+    assert page.locator("#hint-source input:checked").input_value() == "Estimate depth from this photo"
+    page.set_input_files("#depth input[type=file]", str(SAMPLES / "landscape.png"))
+    page.wait_for_selector("#hint img")  # the estimated depth, at the output size
+    page.wait_for_function("() => document.querySelector('#hint-note').innerText.includes('Estimated depth')")
+    shown = page.locator("#hint img").get_attribute("src")
+    generate(page, "controlnet")
+    path, settings = newest_image(app_server)
+    assert settings["hint_source"] == "photo" and {"hint", "estimated_depth"} <= set(settings["input_images"])
+    depth = Image.open(path.parent / settings["input_images"]["estimated_depth"])
+    assert depth.mode == "L" and depth.size == Image.open(SAMPLES / "landscape.png").size
+    assert page.locator("#hint img").get_attribute("src") == shown  # generating left the view as it was
+
+    # the same photo as "my depth map": a warning beside the hint
+    page.locator("#hint-source label", has_text="Use my depth map").click()
+    page.wait_for_function("() => document.querySelector('#hint-note').innerText.includes('does not look like a "
+                           "depth map')")
+    # a photo too small for the estimator: the error names the field
+    page.locator("#hint-source label", has_text="Estimate depth from this photo").click()
+    tiny = app_server.workdir / "tiny.png"
+    Image.new("RGB", (10, 64), "red").save(tiny)
+    page.set_input_files("#depth input[type=file]", str(tiny))
+    page.wait_for_selector(".toast-body")
+    assert "`depth` is 10x64 pixels, too small to estimate depth" in page.locator(".toast-body").first.inner_text()
+
+
 def test_controlnet_depth_text_and_image_modes(page, app_server):
     small_run(page, steps=6)
     open_tab(page, "ControlNet depth")
+    page.locator("#hint-source label", has_text="Use my depth map").click()
     page.set_input_files("#depth input[type=file]", str(SAMPLES / "depth.png"))
     page.wait_for_selector("#hint img")  # the hint the model sees, at the output size
     log = generate(page, "controlnet")
