@@ -58,9 +58,17 @@ def test_parity_fp32(io, host):
         assert_close(out(model, io["input_ids"], mask), io[name], TOLERANCE)
 
 
+# The gated-gelu variant of this random fixture amplifies rounding: multiplying every weight by
+# (1 + 6e-8 N(0, 1)) (half a float32 ulp) moves its float64 output by 6.3e-5 to 1.7e-4 (three draws;
+# the gated-silu model: 3.3e-5 to 4.3e-5). float32 runs land anywhere in that range of the float64
+# output: transformers 3.2e-5 (Intel AVX-512 CPU, the fixture) and 5.5e-5 (AMD AVX2), ours 4.5e-5 with
+# numpy's products and 1.0e-4 with oneDNN's AVX2 sgemm. 1e-4 is below what float32 can promise here.
+GATED_GELU_TOLERANCE = 2.5e-4
+
+
 def test_gated_gelu_variant(io):
     model = loaded(True, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new")
-    assert_close(out(model, io["input_ids"], io["attention_mask"]), io["gelu"], TOLERANCE)
+    assert_close(out(model, io["input_ids"], io["attention_mask"]), io["gelu"], GATED_GELU_TOLERANCE)
 
 
 @pytest.mark.parametrize("host", [True, False], ids=["cpu-numpy-path", "mindspore-ops-path"])
