@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from backend.demo_tokenizers import write_tokenizer, write_unigram_tokenizer
 from backend.families import FAMILIES, ModelSpec
 
 DEMO_VERSION = 3          # bump when a config below changes: old folders are rebuilt
@@ -221,96 +222,6 @@ DEPTH_PREPROCESSOR_CONFIG = {
     "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
     "image_std": [0.229, 0.224, 0.225], "do_pad": False,
 }
-
-
-# ------------------------------------------------------------------------------ tokenizer
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's byte -> printable character table (the alphabet of byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
-
-# A few merges of common English letter pairs, so words are not all single characters.
-DEMO_MERGES = ["t h", "th e</w>", "a n", "an d</w>", "i n", "in g</w>", "e r", "o n", "r e", "a t",
-               "c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
-
-
-def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> int:
-    """A small CLIP BPE tokenizer (all bytes, a few merges); returns the vocabulary size. The 2.1
-    prior's tokenizer pads with "!" (id 0), 2.2's with the end-of-text token."""
-    folder.mkdir(parents=True, exist_ok=True)
-    characters = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for token in characters + [c + "</w>" for c in characters]:
-        vocab.setdefault(token, len(vocab))
-    merges = list(dict.fromkeys(DEMO_MERGES))
-    for merge in merges:
-        vocab.setdefault(merge.replace(" ", ""), len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
-               "unk_token": "<|endoftext|>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    config = dict(special, tokenizer_class="CLIPTokenizer", model_max_length=77, errors="replace")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return len(vocab)
-
-
-# SentencePiece-style (Unigram) vocabulary for the XLM-R and T5 demo tokenizers: common words,
-# then every printable ASCII character, so any prompt tokenizes (other characters become <unk>).
-DEMO_WORDS = ["a", "the", "of", "and", "in", "on", "with", "red", "blue", "green", "cat", "dog", "fox",
-              "house", "forest", "snowy", "painting", "oil", "photo", "portrait", "lighthouse", "sea",
-              "sky", "city", "night", "light", "tree", "mountain", "river", "flower"]
-# family -> (specials in id order, unk, the template around one sequence, tokenizer class, max length)
-UNIGRAM_STYLES = {
-    "xlm-roberta": (["<s>", "<pad>", "</s>", "<unk>"], "<unk>", (["<s>"], ["</s>"]), "XLMRobertaTokenizerFast", 512),
-    "t5": (["<pad>", "</s>", "<unk>"], "<unk>", ([], ["</s>"]), "T5TokenizerFast", 128),
-}
-
-
-def write_unigram_tokenizer(folder: Path, style: str) -> int:
-    """A small tokenizer.json in the layout of the published XLM-R (2.1 decoder) or T5 (Kandinsky 3)
-    tokenizers; returns the vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    specials, unk, (before, after), class_name, max_length = UNIGRAM_STYLES[style]
-    vocab = [(token, 0.0) for token in specials]
-    vocab += [("\u2581" + word, -2.0 - i / 100) for i, word in enumerate(DEMO_WORDS)]
-    vocab += [("\u2581", -4.0)] + [(chr(c), -5.0) for c in range(33, 127)]
-    if style == "xlm-roberta":
-        vocab.append(("<mask>", 0.0))
-    ids = {token: i for i, (token, _) in enumerate(vocab)}
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=ids[unk], byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                       pre_tokenizers.Metaspace(prepend_scheme="always")])
-    tokenizer.decoder = decoders.Metaspace(prepend_scheme="always")
-    single = " ".join([*before, "$A", *after])
-    pair = " ".join([*before, "$A", *after, *after, "$B", *after]) if before else " ".join(["$A", *after, "$B", *after])
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[(t, ids[t]) for t in dict.fromkeys(before + after)])
-    tokenizer.add_special_tokens([t for t, _ in vocab if t.startswith("<")])
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    if style == "xlm-roberta":
-        special.update(bos_token="<s>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
-    _write_json(folder / "special_tokens_map.json", special)
-    _write_json(folder / "tokenizer_config.json",
-                dict(special, tokenizer_class=class_name, model_max_length=max_length,
-                     clean_up_tokenization_spaces=False))
-    return len(vocab)
 
 
 # -------------------------------------------------------------------------------- weights

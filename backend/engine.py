@@ -24,7 +24,8 @@ from backend.jobs import Job, JobRunner
 from backend.manager import ModelManager
 from backend.memory import default_memory_budget, parse_memory
 from backend.metadata import OutputStore
-from backend.requests import GenerationRequest, check_image, check_owner
+from backend.fields import check_image, check_owner
+from backend.requests import GenerationRequest
 from backend.tasks import TaskExecutor
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kandinsky-studio"

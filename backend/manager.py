@@ -45,7 +45,8 @@ from backend import derived, fingerprints, previews
 from backend.events import Loading
 from backend.families import ModelStage
 from backend.memory import component_bytes, default_memory_budget, format_bytes, parameter_bytes
-from backend.requests import SCHEDULERS, check_choice
+from backend.fields import check_choice
+from backend.requests import SCHEDULERS
 
 logger = logging.getLogger(__name__)
 

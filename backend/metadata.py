@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from backend.requests import check_owner
+from backend.fields import check_owner
 
 JSON_CHUNK = "kandinsky_studio"
 PARAMETERS_CHUNK = "parameters"

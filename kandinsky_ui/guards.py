@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from backend.limits import MAX_INPUT_PIXELS
-from backend.requests import check_image_size
+from backend.fields import check_image_size
 
 # Kept as they are: what the requests and pipelines take (alpha is handled where it matters).
 PLAIN_MODES = ("RGB", "RGBA", "L", "LA")

@@ -17,7 +17,8 @@ from backend.events import Cancelled, Failed, Result, Step
 from backend.limits import MAX_MIX_INPUTS
 from backend.memory import format_bytes
 from backend.progress import StepTimes
-from backend.requests import depth_map_warning, is_owner, new_owner
+from backend.fields import is_owner, new_owner
+from backend.requests import depth_map_warning
 from kandinsky_ui import masks, render
 from kandinsky_ui.config import UIConfig
 from kandinsky_ui.controls import HINT_LABELS, MODE_LABELS, mix_from_rows, request_from_controls, row_names

@@ -270,7 +270,7 @@ def test_request_settings_are_json_ready():
 
 
 def test_owner_ids_are_32_hex_digits():
-    from backend.requests import check_owner, is_owner, new_owner
+    from backend.fields import check_owner, is_owner, new_owner
 
     assert is_owner(new_owner()) and check_owner("0123456789abcdef" * 2)
     for bad in ("alice", "AB" * 16, "a" * 31, "a" * 33, "a" * 32 + "\n", "../" + "a" * 29, None, 7):
