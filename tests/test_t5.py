@@ -61,7 +61,7 @@ def test_parity_fp32(io, host):
 # The gated-gelu variant of this random fixture amplifies rounding: multiplying every weight by
 # (1 + 6e-8 N(0, 1)) (half a float32 ulp) moves its float64 output by 6.3e-5 to 1.7e-4 (three draws;
 # the gated-silu model: 3.3e-5 to 4.3e-5). float32 runs land anywhere in that range of the float64
-# output: transformers 3.2e-5 (Intel AVX-512 CPU, the fixture) and 5.5e-5 (AMD AVX2), ours 4.5e-5 with
+# output: transformers 3.2e-5 (an AVX-512 CPU, the fixture) and 5.5e-5 (an AVX2 one), ours 4.5e-5 with
 # numpy's products and 1.0e-4 with oneDNN's AVX2 sgemm. 1e-4 is below what float32 can promise here.
 GATED_GELU_TOLERANCE = 2.5e-4
 
