@@ -21,8 +21,10 @@ PHASES = ("prior", "encode", "denoise", "decode")
 class GeneratedImage:
     image: Image.Image
     settings: dict                 # what went into the PNG's chunks
-    path: Optional[Path] = None    # where it was saved
+    path: Optional[Path] = None    # where it was saved; None when it could not be
     partial: bool = False          # a stopped run's last preview, not a finished image
+    save_error: Optional[str] = None  # why it was not saved (e.g. "disk full at <folder> (...)"): the image is
+                                      # only here, in memory, and the job's notes say so
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Cancelled:
     images: list = field(default_factory=list)    # runs of the batch that finished before the stop
     seeds: list = field(default_factory=list)
     latency_s: Optional[float] = None             # from the stop request to the end of the job
+    notes: tuple = ()                             # warnings for the user, e.g. an image that could not be saved
 
 
 Event = Union[Queued, Loading, Step, Result, Failed, Cancelled]

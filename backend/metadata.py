@@ -10,6 +10,7 @@ PNGs written by other tools fill the controls too, as far as their keys map onto
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -151,11 +152,17 @@ def parse_parameters_text(text: str) -> dict:
     return settings
 
 
+def settings_texts(settings: dict) -> dict[str, str]:
+    """The two text chunks of an image's PNG: {PARAMETERS_CHUNK: A1111 text, JSON_CHUNK: JSON}."""
+    payload = {"format_version": FORMAT_VERSION, **settings}
+    return {PARAMETERS_CHUNK: parameters_text(settings),
+            JSON_CHUNK: json.dumps(payload, ensure_ascii=False, sort_keys=True)}
+
+
 def png_info(settings: dict) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_itxt(PARAMETERS_CHUNK, parameters_text(settings))
-    payload = {"format_version": FORMAT_VERSION, **settings}
-    info.add_itxt(JSON_CHUNK, json.dumps(payload, ensure_ascii=False, sort_keys=True))
+    for key, text in settings_texts(settings).items():
+        info.add_itxt(key, text)
     return info
 
 
@@ -284,12 +291,55 @@ def _inflate(name: str, data: bytes) -> bytes:
     return out
 
 
+class SaveError(OSError):
+    """A file the outputs folder could not take; str() names the problem and the folder, e.g.
+    "disk full at /srv/outputs/<owner> (No space left on device)". An OSError with the cause's errno."""
+
+    def __init__(self, cause: OSError, folder: Path):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.folder = folder
+        problem = _PROBLEMS.get(cause.errno, "could not write")
+        self.reason = f"{problem} at {folder} ({cause.strerror or cause})"
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+_PROBLEMS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+             errno.EACCES: "no permission to write", errno.EPERM: "no permission to write"}
+
+
+def _write(file, data: bytes) -> None:
+    """The one place the store's bytes reach a file (tests inject a full disk here)."""
+    file.write(data)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file of a unique name in the same folder, renamed
+    into place: readers never see half a file, and on any failure (a full or read-only disk, no
+    permission, ...) the temporary file is removed and the error raised as a SaveError."""
+    tmp = path.parent / f".{path.stem}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "xb") as file:  # O_EXCL: never another writer's file; the umask's permissions
+            _write(file, data)
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            tmp.unlink()
+        except OSError:  # never created, or the disk refuses even this: nothing more to do
+            pass
+        if isinstance(error, OSError) and not isinstance(error, SaveError):
+            raise SaveError(error, path.parent) from error
+        raise
+
+
 class OutputStore:
     """The outputs directory: `<root>/<owner>/<time>-<n>-<seed>.png`, plus `<owner>/inputs/` for
     the images a request was given (referenced from the JSON chunk by file name). Owner ids are
     checked by backend/requests.py `check_owner` before any becomes a folder name.
 
-    Safe to call from any thread; file names do not collide (a lock guards the counter).
+    Safe to call from any thread; file names do not collide (a lock guards the counter). A file that
+    cannot be written (full or read-only disk) raises SaveError and leaves no temporary file behind.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -300,7 +350,10 @@ class OutputStore:
 
     def folder(self, owner: str) -> Path:
         folder = self.root / check_owner(owner)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SaveError(error, folder.parent) from error
         return folder
 
     def save(self, image: Image.Image, settings: dict, owner: str) -> Path:
@@ -317,10 +370,7 @@ class OutputStore:
         suffix = "-partial" if settings.get("partial") else ""
         # the random part keeps names unique across restarts of the app within one second
         path = folder / f"{stamp}-{counter:04d}{secrets.token_hex(2)}-{seed}{suffix}.png"
-        data = encode_png(image, settings)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # readers never see half a file
+        write_file(path, encode_png(image, settings))
         return path
 
     def save_input(self, image: Image.Image, owner: str) -> str:
@@ -330,12 +380,13 @@ class OutputStore:
         data = buffer.getvalue()
         name = hashlib.sha256(data).hexdigest()[:20] + ".png"
         folder = self.folder(owner) / "inputs"
-        folder.mkdir(exist_ok=True)
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as error:
+            raise SaveError(error, folder.parent) from error
         path = folder / name
         if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            write_file(path, data)
         return f"inputs/{name}"
 
     def input_path(self, owner: str, reference: str) -> Path:

@@ -9,6 +9,9 @@
 3. every step callback becomes a Step event (with a preview and an ETA) and checks for a stop;
 4. each image is saved with its settings (backend/metadata.py); the job ends with Result, or on a
    stop with Cancelled carrying the last preview of the stopped run, saved and marked partial.
+   An image the disk refuses (full, read-only, no permission) does not fail the job: it stays in
+   its GeneratedImage (path None, save_error saying why and where), the job's notes say so, and the
+   next images are still tried; an input image that cannot be stored is left out of the settings.
 
 What differs per family is asked of the family, what differs per task of the request
 (backend/requests.py): nothing here branches on either.
@@ -126,7 +129,7 @@ class Run:
 
     def result(self) -> Result:
         return Result(images=list(self.completed), seeds=list(self.seeds), elapsed_s=time.monotonic() - self.started,
-                      preview_s=self.previews.seconds, notes=tuple(self.notes),
+                      preview_s=self.previews.seconds, notes=self._notes(self.completed),
                       step_seconds=self.progress.step_seconds())
 
     def cancelled(self) -> Cancelled:
@@ -139,10 +142,9 @@ class Run:
                 image = preview.convert("RGB").resize((r.width, r.height), Image.BILINEAR)
                 settings = self._settings(seed, batch, position, partial=True,
                                           extra={"stopped_at_step": step, "steps_planned": total})
-                path = self.store.save(image, settings, self.job.owner)
-                partials.append(GeneratedImage(image=image, settings=settings, path=path, partial=True))
+                partials.append(self._keep(image, settings, partial=True))
         return Cancelled(partials=partials, images=list(self.completed), seeds=list(self.seeds),
-                         latency_s=self.job.stop_latency())
+                         latency_s=self.job.stop_latency(), notes=self._notes(partials + self.completed))
 
     # ------------------------------------------------------------------ text stage
     def _condition(self, request, generator, batch: int) -> dict:
@@ -219,7 +221,14 @@ class Run:
             images = self.request.image_fields()
             if self.depth is not None:  # what the model got, kept with the photo it came from
                 images["estimated_depth"] = self.depth
-            self._input_refs = {name: self.store.save_input(image, self.job.owner) for name, image in images.items()}
+            self._input_refs = {}
+            for name, image in images.items():
+                try:
+                    self._input_refs[name] = self.store.save_input(image, self.job.owner)
+                except OSError as error:  # the result matters more than the reference to its input
+                    logger.warning("job %s: input image %r not stored: %s", self.job.id, name, error)
+                    self.notes.append(f"the input image {name!r} could not be stored: {error}; "
+                                      f"the saved settings lack that reference")
         return self._input_refs
 
     def _settings(self, seed: int, batch: int, position: int, partial: bool = False, extra=None) -> dict:
@@ -233,8 +242,40 @@ class Run:
 
     def _save(self, image: Image.Image, seed: int, batch: int, position: int, extra=None) -> None:
         settings = self._settings(seed, batch, position, extra=extra)
-        path = self.store.save(image, settings, self.job.owner)
-        self.completed.append(GeneratedImage(image=image, settings=settings, path=path))
+        self.completed.append(self._keep(image, settings))
+
+    def _keep(self, image: Image.Image, settings: dict, partial: bool = False) -> GeneratedImage:
+        """The image saved; or, when the disk refuses it, kept in memory with the reason (the job goes on)."""
+        try:
+            path = self.store.save(image, settings, self.job.owner)
+        except OSError as error:  # metadata.SaveError: names the problem and the folder
+            logger.warning("job %s: the image of seed %s was not saved: %s", self.job.id, settings.get("seed"), error)
+            return GeneratedImage(image=image, settings=settings, partial=partial, save_error=str(error))
+        return GeneratedImage(image=image, settings=settings, path=path, partial=partial)
+
+    def _notes(self, images: list[GeneratedImage]) -> tuple:
+        """The job's notes, then one per reason images were not saved, naming them."""
+        unsaved: dict[str, list[str]] = {}
+        for generated in images:
+            if generated.save_error:
+                unsaved.setdefault(generated.save_error, []).append(_label(generated))
+        notes = list(self.notes)
+        for reason, labels in unsaved.items():
+            what = f"the image of {labels[0]}" if len(labels) == 1 else f"{len(labels)} images ({', '.join(labels)})"
+            notes.append(f"{what} could not be saved: {reason}. It is shown here and kept in the gallery only "
+                         f"until the app restarts: download it from there")
+        return tuple(notes)
+
+
+def _label(generated: GeneratedImage) -> str:
+    """"seed 5", "seed 5 #2" (batch position), "seed 5 walk 3", "seed 5 (partial)": which image a note means."""
+    settings = generated.settings
+    label = f"seed {settings.get('seed')}"
+    if settings.get("batch_size", 1) > 1:
+        label += f" #{settings.get('batch_position', 0) + 1}"
+    if "walk_index" in settings:
+        label += f" walk {settings['walk_index'] + 1}"
+    return label + (" (partial)" if generated.partial else "")
 
 
 class _Previews:

@@ -147,9 +147,11 @@ class Studio:
                     yield owner, text, event.preview if event.preview is not None else skip, skip, skip
                 elif isinstance(event, Result):
                     self.step_times.record(job.request, event.step_seconds)
+                    self.gallery.remember(owner, event.images)  # those the disk refused (no path)
                     first = event.images[0].image if event.images else skip
                     yield owner, text, first, self.gallery.items(owner), render.seeds_text(event.seeds)
                 elif isinstance(event, Cancelled):
+                    self.gallery.remember(owner, [*event.images, *event.partials])
                     partial = event.partials[0].image if event.partials else skip
                     yield owner, text, partial, self.gallery.items(owner), render.seeds_text(event.seeds)
                 elif isinstance(event, Failed):
@@ -187,6 +189,9 @@ class Studio:
                 gr.Tabs(selected="controlnet"))
 
     def send_to_png_info(self, owner, selected):
+        if self.gallery.is_unsaved(selected):
+            raise gr.Error("This image was not saved (see the note of its job), so there is no PNG file here to "
+                           "read. Download it from the gallery (that PNG carries its settings) and drop it on PNG info.")
         self.gallery.selected_image(owner_of(owner), selected)
         return selected, gr.Tabs(selected="pnginfo")
 

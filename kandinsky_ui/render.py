@@ -94,6 +94,8 @@ def event_html(event) -> str:
             text = f"Stopped{latency}, before any preview."
         if event.images:
             text += f" {len(event.images)} finished image(s) kept."
+        for note in event.notes:
+            text += f" · {note}"
         return progress_html(text, None, "stopped")
     raise TypeError(f"not an event: {event!r}")
 
@@ -110,8 +112,15 @@ def caption(path: Path) -> str:
     return text + " · partial" if match.group(2) else text
 
 
-def gallery_items(paths: list[Path]) -> list[tuple[str, str]]:
-    return [(str(path), caption(path)) for path in paths]
+def unsaved_caption(generated) -> str:
+    """Gallery caption of an image the outputs folder could not take (a GeneratedImage without a path)."""
+    text = f"seed {generated.settings.get('seed')}" + (" · partial" if generated.partial else "")
+    return text + " · not saved"
+
+
+def gallery_items(paths: list[Path], unsaved=()) -> list[tuple]:
+    """The gallery: images that could not be saved (GeneratedImage, kept in memory) first, then the files."""
+    return [(g.image, unsaved_caption(g)) for g in unsaved] + [(str(path), caption(path)) for path in paths]
 
 
 def status_markdown(status: dict) -> str:

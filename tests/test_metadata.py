@@ -174,3 +174,57 @@ def test_input_images_stored_once_by_content(tmp_path):
     with pytest.raises(ValueError):
         store.input_path(ALICE, "../../etc/passwd")
     assert json.loads(json.dumps({"image": ref}))["image"].startswith("inputs/")
+
+
+def _leftovers(root):
+    """Every temporary file under `root` (hidden ones included)."""
+    return [p for p in root.rglob("*") if p.suffix == ".tmp" or p.name.endswith(".tmp")]
+
+
+def _full_disk(monkeypatch, written=100):
+    """A disk that takes `written` bytes of a file, then refuses with ENOSPC (as a full disk does)."""
+    import errno
+    import os
+
+    def write(file, data):
+        file.write(data[:written])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(metadata, "_write", write)
+
+
+def test_a_full_disk_names_the_problem_and_the_folder_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    store = OutputStore(tmp_path)
+    kept = store.save(small_image(), {"seed": 1}, owner=ALICE)
+    _full_disk(monkeypatch)
+    for _ in range(3):  # each retry too
+        with pytest.raises(OSError) as caught:
+            store.save(small_image(), {"seed": 2}, owner=ALICE)
+        assert isinstance(caught.value, metadata.SaveError) and caught.value.errno == 28
+        assert str(caught.value) == f"disk full at {tmp_path / ALICE} (No space left on device)"
+        with pytest.raises(metadata.SaveError, match=r"disk full at .*inputs \(No space left on device\)"):
+            store.save_input(small_image(), ALICE)
+    assert _leftovers(tmp_path) == []
+    assert store.list(ALICE) == [kept] and list((tmp_path / ALICE / "inputs").iterdir()) == []
+
+
+def test_a_read_only_folder_or_a_refused_rename_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import os
+    store = OutputStore(tmp_path)
+    store.folder(ALICE)
+
+    def read_only(path, *args, **kwargs):  # as root, chmod would not stop a write: the refusal is injected
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    monkeypatch.setattr(metadata, "open", read_only, raising=False)
+    with pytest.raises(metadata.SaveError, match=f"read-only file system at {tmp_path / ALICE} "):
+        store.save(small_image(), {"seed": 1}, owner=ALICE)
+    monkeypatch.undo()
+
+    def no_rename(source, target):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    monkeypatch.setattr(metadata.os, "replace", no_rename)
+    with pytest.raises(metadata.SaveError, match="no permission to write at"):
+        store.save(small_image(), {"seed": 1}, owner=ALICE)
+    monkeypatch.undo()
+    assert _leftovers(tmp_path) == [] and store.list(ALICE) == []
+    assert store.save(small_image(), {"seed": 1}, owner=ALICE).is_file()

@@ -305,3 +305,81 @@ def test_text_jobs_load_the_prior_image_encoder_once_per_checkpoint_and_interpol
             assert prior_units(engine) == {"": {"prior", "text_encoder"}}
         finally:
             engine.shutdown()
+
+
+def test_a_full_disk_keeps_every_image_and_the_job_ends_with_its_result(engine, monkeypatch):
+    """The outputs disk refuses the input image and the first run's image (ENOSPC after 100 bytes): the job
+    still ends with its Result, the refused image is in it with the reason and the folder, the next run's
+    image is saved (without the input reference), a note says what was lost, and no temporary file is left."""
+    import errno
+    import os
+
+    from backend import metadata
+    from kandinsky_ui import render
+    from kandinsky_ui.gallery import Gallery
+
+    owner, store, writes = "d15c" * 8, engine.store, []
+
+    def write(file, data):
+        writes.append(len(data))
+        if len(writes) <= 2:  # the input image, then the image of seed 21
+            file.write(data[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        file.write(data)
+    monkeypatch.setattr(metadata, "_write", write)
+    landscape = Image.open(f"{SAMPLES}/landscape.png").convert("RGB")
+    events, end = run(engine, Image2ImageRequest(**small(MODEL, seed=21, batch_count=2, num_inference_steps=2),
+                                                 image=landscape, strength=0.5), owner)
+    assert isinstance(end, Result), end
+    lost, saved = end.images
+    folder = store.root / owner
+    assert lost.path is None and lost.image.size == (64, 64)
+    assert lost.save_error == f"disk full at {folder} (No space left on device)"
+    assert saved.path is not None and read_settings(saved.path)["seed"] == 22
+    assert "image" not in read_settings(saved.path)["input_images"]
+    assert any("input image 'image' could not be stored: disk full at" in note for note in end.notes), end.notes
+    assert any(note.startswith(f"the image of seed 21 could not be saved: disk full at {folder}")
+               for note in end.notes), end.notes
+    assert "could not be saved: disk full" in render.event_html(end)
+    assert [p for p in store.root.rglob("*") if p.name.endswith(".tmp")] == []
+    assert store.list(owner) == [saved.path]
+
+    # the page: the unsaved image leads the gallery, can be selected and sent to another tab
+    gallery = Gallery(store, 10)
+    gallery.remember(owner, end.images)
+    gallery.remember(owner, end.images)  # a second follower of the same job
+    items = gallery.items(owner)
+    assert [caption for _, caption in items] == ["seed 21 · not saved", "seed 22"]
+    assert np.array_equal(np.asarray(items[0][0]), np.asarray(lost.image))
+    # what a download from the gallery gives: a PNG that carries the image's settings
+    import gradio as gr
+    shown = gr.Gallery(format="png").postprocess(items[:1]).root[0].image.path
+    assert read_settings(shown)["seed"] == 21 and read_settings(shown)["task"] == "img2img"
+    selected, line = gallery.select(owner, 0)
+    assert gallery.is_unsaved(selected) and "disk full" in line
+    assert np.array_equal(np.asarray(gallery.selected_image(owner, selected)), np.asarray(lost.image))
+    assert gallery.select(owner, 1)[0] == str(saved.path)
+
+    # a read-only disk: every image refused, still a Result
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(metadata, "open", read_only, raising=False)
+    _, end = run(engine, Text2ImageRequest(**small(MODEL, seed=5, batch_size=2, num_inference_steps=2)), owner)
+    assert isinstance(end, Result), end
+    assert [i.path for i in end.images] == [None, None]
+    assert any(note.startswith(f"2 images (seed 5 #1, seed 5 #2) could not be saved: read-only file system at "
+                               f"{folder}") for note in end.notes), end.notes
+    assert store.list(owner) == [saved.path]
+
+    # a stop on that disk: the partial image is kept in the Cancelled event, with the note
+    job = engine.submit(Text2ImageRequest(**small(MODEL, seed=6, num_inference_steps=200)), owner)
+    for event in job.events(timeout=120):
+        if isinstance(event, Step) and event.phase == "denoise" and event.step >= 2:
+            job.cancel()
+            break
+    end = job.wait(timeout=60)
+    assert isinstance(end, Cancelled) and end.partials[0].path is None and end.partials[0].partial
+    assert any(note.startswith("the image of seed 6 (partial) could not be saved: read-only file system")
+               for note in end.notes), end.notes
+    assert "read-only file system" in render.event_html(end)
+    assert [p for p in store.root.rglob("*") if p.name.endswith(".tmp")] == []
