@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
                         help="require this login (repeat for several users)")
     parser.add_argument("--auth-file", help="file with one USER:PASSWORD per line ('#' starts a comment)")
+    parser.add_argument("--login-lockout", type=float, default=None, metavar="SECONDS",
+                        help="how long 10 failed logins in a row lock that user name and address (default 300)")
     parser.add_argument("--allow-unauthenticated", action="store_true",
                         help="serve beyond this machine (--share or a non-loopback --host) without a login")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "ascend"])
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     from backend.engine import Engine
     from backend.limits import MAX_INPUT_PIXELS
     from kandinsky_ui import CSS, build_ui, page_config
+    from kandinsky_ui.login_guard import login_guard_middleware
 
     # PIL refuses to open an image of more than twice this many pixels (a decompression bomb)
     # wherever it is opened; the upload checks (kandinsky_ui/guards.py) refuse beyond it exactly.
@@ -171,7 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         # is the history, and its routes would talk to the Hugging Face Hub.
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=logins or None,
                     allowed_paths=[str(outputs)], blocked_paths=[str(secret_path(outputs))], css=CSS,
-                    show_error=True, max_file_size=MAX_UPLOAD, footer_links=["api"], run_history=False)
+                    show_error=True, max_file_size=MAX_UPLOAD, footer_links=["api"], run_history=False,
+                    # failed logins throttled, then locked with 429 (kandinsky_ui/login_guard.py)
+                    app_kwargs={"middleware": [login_guard_middleware(args.login_lockout)]} if logins else None)
     finally:
         engine.shutdown()
 
