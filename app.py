@@ -17,6 +17,7 @@ import os
 import secrets
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -135,13 +136,33 @@ def browser_secret(outputs_dir: Path) -> str:
     return secret
 
 
+def outputs_folder(text: str) -> Path:
+    """--outputs-dir as a folder this process can write (made if missing), or a one-line SystemExit."""
+    path = Path(text).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"--outputs-dir: {path} is a file, not a folder; give a folder this user can write "
+                         f"(it is made if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise SystemExit(f"--outputs-dir: cannot write images to {path}: {error.strerror or error}; give a "
+                         f"folder this user can write (it is made if missing)") from None
+    return path
+
+
 def engine_config(args: argparse.Namespace):
     from backend.engine import EngineConfig
     from backend.memory import parse_memory
 
+    try:
+        budget = parse_memory(args.memory_budget)
+    except ValueError as error:
+        raise SystemExit(f"--memory-budget: {error}") from None
     return EngineConfig(families=tuple(args.families), demo=args.demo, device=args.device, dtype=args.dtype,
-                        memory_budget=parse_memory(args.memory_budget), models_dir=args.models_dir,
-                        offline=args.offline, outputs_dir=str(Path(args.outputs_dir).resolve()))
+                        memory_budget=budget, models_dir=args.models_dir,
+                        offline=args.offline, outputs_dir=str(outputs_folder(args.outputs_dir)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,12 +6,14 @@ No MindSpore at import: the page formats byte counts with `format_bytes` too.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1}
 _UNITS = {"tib": 2**40, "tb": 10**12, "gib": 2**30, "gb": 10**9, "g": 10**9, "mib": 2**20, "mb": 10**6,
           "m": 10**6, "kib": 2**10, "kb": 10**3, "k": 10**3, "b": 1}
+_FORMS = "12GB, 1.5GiB, 800MB, auto or a byte count"
 DEFAULT_BUDGET_SHARE = 0.7   # of the machine's RAM: weights live in host memory on CPU, pinned copies otherwise
 
 
@@ -19,7 +21,11 @@ def parse_memory(text: str | int | float | None) -> int | None:
     """"12GB", "1.5 GiB", "800MB", "auto" or a byte count -> bytes; "auto"/None -> None."""
     if text is None:
         return None
+    if isinstance(text, bool):
+        raise ValueError(f"memory budget must look like {_FORMS}; got {text!r}")
     if isinstance(text, (int, float)):
+        if not math.isfinite(text):  # int(inf) would be an OverflowError, int(nan) a bare ValueError
+            raise ValueError(f"memory budget must be a finite size like {_FORMS}; got {text}")
         if text <= 0:
             raise ValueError(f"memory budget must be positive; got {text}")
         return int(text)
@@ -35,7 +41,9 @@ def parse_memory(text: str | int | float | None) -> int | None:
     try:
         result = float(number) * scale
     except ValueError:
-        raise ValueError(f"memory budget must look like 12GB, 800MB, auto or a byte count; got {text!r}") from None
+        raise ValueError(f"memory budget must look like {_FORMS}; got {text!r}") from None
+    if not math.isfinite(result):  # "infGB", "nanGB", "1e999"
+        raise ValueError(f"memory budget must be a finite size like {_FORMS}; got {text!r}")
     if result <= 0:
         raise ValueError(f"memory budget must be positive; got {text!r}")
     return int(result)

@@ -14,9 +14,10 @@ import typing
 from dataclasses import fields
 
 import gradio as gr
+from PIL import Image
 
 from backend.limits import MAX_MIX_INPUTS
-from backend.requests import REQUEST_TYPES, TASKS, GenerationRequest, check_sampler
+from backend.requests import REQUEST_TYPES, TASKS, GenerationRequest
 from kandinsky_ui import masks
 
 # Shared controls: request field -> its type (what a control's value is converted to).
@@ -134,22 +135,77 @@ def rows_from_mix(inputs: list, weights: list | None, images: dict) -> dict:
     return values
 
 
-def controls_from_settings(settings: dict, images: dict) -> tuple[dict, str]:
-    """A PNG's settings (and its input images, by field name) -> control values by name, and the tab."""
-    values = {name: kind(settings[name]) for name, kind in SHARED_FIELDS.items() if settings.get(name) is not None}
-    if "scheduler" in values:  # a known sampler as the menu writes it ("ddpm", "default" from older PNGs)
+# A placeholder for the image fields while a PNG's other settings are checked (its images are never checked:
+# they come from the owner's own stored inputs only, never from the PNG's text).
+_PLACEHOLDER = Image.new("RGB", (8, 8))
+_IMAGE_TYPE = typing.Optional[Image.Image]
+
+
+def _image_fields(task: str) -> list[str]:
+    return [name for name, kind in typing.get_type_hints(REQUEST_TYPES[task]).items() if kind == _IMAGE_TYPE]
+
+
+def _checked_request(task: str, **values) -> GenerationRequest:
+    """A request of `task` holding `values` and valid placeholders elsewhere, validated: the request's own
+    checks (backend/requests.py) raise ValueError naming the field of `values` that is not allowed."""
+    base = {name: _PLACEHOLDER for name in _image_fields(task)}
+    if task == "interpolate":
+        base.update(inputs=["a", "b"], weights=[1.0, 1.0])
+    request = REQUEST_TYPES[task](**{**base, **values})
+    request.validate()
+    return request
+
+
+def _mix_controls(settings: dict, images: dict, skipped: list) -> dict:
+    """A PNG's interpolation inputs and weights -> row control values, when the request allows them."""
+    inputs, weights = settings.get("inputs"), settings.get("weights")
+    if inputs is None:
+        return {}
+    if isinstance(inputs, list):
+        weights = [1.0] * len(inputs) if weights is None else weights
+        checked = [images.get(f"inputs[{i}]", _PLACEHOLDER) if item is None else item for i, item in enumerate(inputs)]
+    else:
+        checked = inputs
+    try:
+        request = _checked_request("interpolate", inputs=checked, weights=weights)
+    except (ValueError, TypeError) as error:
+        skipped.append(str(error))
+        return {}
+    return rows_from_mix(inputs, request.weights, images)
+
+
+def controls_from_settings(settings: dict, images: dict) -> tuple[dict, str, list[str]]:
+    """A PNG's settings (and its input images, by field name) -> control values by name, the tab, and the
+    settings left out: each value is checked as a request checks it (a PNG may carry anything), and one that
+    is not allowed is skipped with the request's message, which names the field and what is allowed."""
+    skipped: list[str] = []
+
+    def checked(task: str, name: str, value):
         try:
-            values["scheduler"] = check_sampler("scheduler", values["scheduler"])
-        except ValueError:
-            pass  # shown as it is; Generate then says which names there are
-    task = settings.get("task") if settings.get("task") in TASKS else "text2img"
+            return getattr(_checked_request(task, **{name: value}), name)
+        except (ValueError, TypeError, OverflowError) as error:
+            skipped.append(str(error))
+            return None
+
+    # shared fields as the request writes them: a known sampler as the menu does ("ddpm", "default" of older PNGs)
+    values = {name: checked("text2img", name, settings[name]) for name in SHARED_FIELDS
+              if settings.get(name) is not None}
+    task = settings.get("task", "text2img")
+    if task not in TASKS:
+        skipped.append(f"task must be one of {list(TASKS)}; got {task!r} (read as text to image)")
+        task = "text2img"
     if task == "controlnet" and "hint_source" not in settings:  # made before the estimator: a depth map
         settings = dict(settings, hint_source="depth map")
+    image_fields = _image_fields(task)
     for field in task_fields(task):
-        stored = images.get(field, settings.get(field))
+        control = control_name(task, field)
         if field == "inputs":
-            values.update(rows_from_mix(settings.get("inputs") or [], settings.get("weights"), images))
-        elif field != "weights" and stored is not None:
-            control = control_name(task, field)
-            values.update(TO_CONTROL.get(control, lambda v, c=control: {c: v})(stored))
-    return {name: value for name, value in values.items() if value is not None}, task
+            values.update(_mix_controls(settings, images, skipped))
+        elif field in image_fields:  # the owner's own stored input image, if any
+            if images.get(field) is not None:
+                values.update(TO_CONTROL.get(control, lambda v, c=control: {c: v})(images[field]))
+        elif field != "weights" and settings.get(field) is not None:
+            value = checked(task, field, settings[field])
+            if value is not None:
+                values.update(TO_CONTROL.get(control, lambda v, c=control: {c: v})(value))
+    return {name: value for name, value in values.items() if value is not None}, task, skipped

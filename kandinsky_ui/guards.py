@@ -3,7 +3,10 @@
 Gradio checks and decodes every input before a handler runs, and its messages name neither the
 field nor the reason in words a user reads ("Could not preprocess input component at index 12",
 "Value inf is greater than maximum value 20."). `name_errors` wraps a component's `preprocess`
-so any such error becomes "<field>: <reason>". `guard_image` does that for image inputs and also
+so any such error becomes "<field>: <reason>"; it also answers what an API client may send instead
+of a number (text, a list) or of a file (a string, a dict without the file's fields: Gradio's pydantic
+check runs before `preprocess`, so the component's data model is wrapped too) with the field and what
+it takes. `guard_image` does that for image inputs and also
 - reads the file's header first and refuses an image of more than MAX_INPUT_PIXELS (a PNG of a
   few hundred bytes may claim 20000x20000 pixels: 1.2 GB once decoded) before anything is decoded;
 - keeps the file's own mode (the component is built with image_mode=None) and converts it here:
@@ -13,10 +16,12 @@ so any such error becomes "<field>: <reason>". `guard_image` does that for image
 from __future__ import annotations
 
 import functools
+import math
 from io import BytesIO
 
 import gradio as gr
 import numpy as np
+import pydantic
 from PIL import Image
 
 from backend.limits import MAX_INPUT_PIXELS
@@ -38,12 +43,75 @@ def _reason(error: BaseException) -> str:
     return text
 
 
+# What a file input takes, for the message when an API client sends something else (gradio_client's
+# handle_file(path) makes such a file value).
+FILE_VALUE = "a file as gradio_client's handle_file(path) sends it ({'path': ..., 'meta': {'_type': 'gradio.FileData'}})"
+ALLOWED_VALUES = {gr.ImageEditor: "the image editor's value {'background': file, 'layers': [file, ...], "
+                                  "'composite': file or None}, each file as gradio_client's handle_file(path) sends it",
+                  gr.Image: f"an image file: {FILE_VALUE}", gr.File: FILE_VALUE}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _NamedModel:
+    """A component's data model (ImageData, EditorData, FileData) whose validation errors name the field and
+    what it takes. Gradio validates a payload with it before `preprocess` runs, and its pydantic message
+    names the model ("1 validation error for ImageData"), not the field."""
+
+    def __init__(self, model, field: str, allowed: str):
+        self._model, self._field, self._allowed = model, field, allowed
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def model_validate(self, value, *args, **kwargs):
+        try:
+            return self._model.model_validate(value, *args, **kwargs)
+        except pydantic.ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in first.get("loc", ()))
+            got = f"got {where}={_short(first.get('input'))}" if where else f"got {_short(value)}"
+            raise gr.Error(f"{self._field}: must be {self._allowed}; {got}") from None
+
+
+def _allowed_number(component) -> str:
+    low, high = getattr(component, "minimum", None), getattr(component, "maximum", None)
+    kind = "a finite whole number" if getattr(component, "precision", None) == 0 else "a number"
+    if low is not None and high is not None:
+        return f"{kind} between {low} and {high}"
+    if low is not None or high is not None:
+        return f"{kind} of at least {low}" if low is not None else f"{kind} of at most {high}"
+    return kind
+
+
+def _check_number(component, field: str, payload) -> None:
+    """A number input takes a number: text, a list or a bool (sent by an API client) would reach Gradio's
+    bounds check as `'<' not supported between instances of 'str' and 'int'`; a whole-number input takes a
+    finite one (Gradio rounds it: `cannot convert float NaN to integer`). NaN and infinity in other number
+    inputs go on to the request's own check, which names the field and its range."""
+    if payload is None:
+        return
+    number = isinstance(payload, (int, float)) and not isinstance(payload, bool)
+    if number and (math.isfinite(payload) or getattr(component, "precision", None) != 0):
+        return
+    raise gr.Error(f"{field}: must be {_allowed_number(component)}; got {_short(payload)}")
+
+
 def name_errors(component, field: str):
     """Make `component`'s input errors start with `field` (the request field / API parameter)."""
     original = component.preprocess
+    allowed = next((text for kind, text in ALLOWED_VALUES.items() if isinstance(component, kind)), None)
+    if allowed is not None and getattr(component, "data_model", None) is not None:
+        component.data_model = _NamedModel(component.data_model, field, allowed)
+    numeric = isinstance(component, (gr.Number, gr.Slider))
 
     @functools.wraps(original)
     def preprocess(payload):
+        if numeric:
+            _check_number(component, field, payload)
         try:
             return original(payload)
         except gr.Error as error:
@@ -111,6 +179,8 @@ def guard_image(component, field: str):
     def preprocess(payload):
         if payload is None:
             return None
+        if isinstance(component, gr.Image) and not getattr(payload, "path", None):  # e.g. {"url": "x"} unfetched
+            raise gr.Error(f"{field}: must be {ALLOWED_VALUES[gr.Image]}; the file value has no path")
         for path in _payload_paths(payload):
             check_image_file(field, path)
         value = original(payload)

@@ -117,10 +117,18 @@ class Page:
             raise gr.Error(f"cannot read the PNG's settings: {error}") from None
         if not settings:
             raise gr.Error("This PNG carries no generation settings.")
-        images = self.gallery.input_images(owner_of(owner), settings.get("input_images"))
-        values, task = controls_from_settings(settings, images)
-        if values.get("model") not in self.config.models:
-            values.pop("model", None)
+        references = settings.get("input_images")  # field -> "inputs/<hex>.png"; anything else is no reference
+        references = {name: reference for name, reference in references.items()
+                      if isinstance(name, str) and isinstance(reference, str)} if isinstance(references, dict) else {}
+        images = self.gallery.input_images(owner_of(owner), references)
+        values, task, skipped = controls_from_settings(settings, images)
+        if "model" in values and values["model"] not in self.config.models:
+            skipped.append(f"model must be one of {sorted(self.config.models)}; got {values.pop('model')!r}")
+        if not values:
+            raise gr.Error("None of this PNG's settings can be used" +
+                           (": " + " · ".join(skipped) if skipped else " (it has none of the page's fields)"))
+        for message in skipped:  # what is allowed instead, per field; the rest is applied
+            gr.Warning(f"Not applied from this PNG: {message}")
         return values, task
 
     # ------------------------------------------------------------------ small helpers

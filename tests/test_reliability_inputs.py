@@ -11,10 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
+import warnings
 import zlib
 from pathlib import Path
 
@@ -275,6 +279,16 @@ CASES = {
     "height 100000": (lambda f: _text(height=100_000), "height:"),
     "width not a multiple of 64": (lambda f: _text(width=100), "width must be a multiple of 64"),
     "width 'abc'": (lambda f: _raw("text2img", prompt="x", width="abc"), "width:"),
+    # text in a number field through gradio_client: the field and its range, not Python's comparison error
+    "width 'x' (gradio_client)": (lambda f: _text(width="x"), "width: must be a number between 64 and 2048; got 'x'"),
+    "seed 'abc' (gradio_client)": (lambda f: _text(seed="abc"), "seed: must be a finite whole number; got 'abc'"),
+    "guidance [4] (gradio_client)": (lambda f: _text(guidance_scale=[4]), "guidance_scale: must be a number between"),
+    "strength 'half' (gradio_client)": (lambda f: _img2img(f, "cmyk.jpg", strength="half"),
+                                        "strength: must be a number between 0 and 1; got 'half'"),
+    "mask_grow 'abc' (gradio_client)": (lambda f: _inpaint(f, "mask_white.png", mask_grow="abc"),
+                                        "mask_grow: must be a number between 0 and 64"),
+    "interpolation: input_count 'two'": (lambda f: _interp(input_count="two"), "input_count: must be a number"),
+    "seed -inf": (lambda f: _raw("text2img", prompt="x", seed=float("-inf")), "seed: must be a finite whole number"),
     "guidance NaN": (lambda f: _raw("text2img", prompt="x", guidance_scale=float("nan")), "guidance_scale"),
     "guidance +inf": (lambda f: _raw("text2img", prompt="x", guidance_scale=float("inf")), "guidance_scale"),
     "prior guidance -inf": (lambda f: _raw("text2img", prompt="x", prior_guidance_scale=float("-inf")),
@@ -321,6 +335,25 @@ CASES = {
                                                                file=handle_file(str(f["bomb_with_settings.png"]))),
                                                 None),
     "memory budget 'lots'": (lambda f: dict(api="/set_memory_budget", text="lots"), "memory budget"),
+    "memory budget infGB": (lambda f: dict(api="/set_memory_budget", text="infGB"),
+                            "memory budget must be a finite size like 12GB"),
+    "memory budget nanGB": (lambda f: dict(api="/set_memory_budget", text="nanGB"),
+                            "memory budget must be a finite size like 12GB"),
+    "memory budget 1e999": (lambda f: dict(api="/set_memory_budget", text="1e999"), "memory budget must be a finite"),
+    # a file input given something that is not a file (Gradio's pydantic check runs before our code)
+    "img2img image: a plain string": (lambda f: dict(api="/img2img", prompt="x", image="notafile"),
+                                      "image: must be an image file: a file as gradio_client's handle_file(path)"),
+    "img2img image: path of the wrong type": (lambda f: dict(api="/img2img", prompt="x", image={"path": 5}),
+                                              "image: must be an image file"),
+    "controlnet depth: a dict without a path": (lambda f: _raw("controlnet", prompt="x", depth={"url": "x"}),
+                                                "depth: must be an image file"),
+    "interpolate image_2: a number": (lambda f: _interp(kind_2="Image", image_2=5), "image_2: must be an image file"),
+    "inpaint editor: a plain string": (lambda f: dict(api="/inpaint", prompt="x", editor="notafile"),
+                                       "editor: must be the image editor's value"),
+    "inpaint editor: background not a file": (lambda f: dict(api="/inpaint", prompt="x",
+                                                             editor={"background": 5, "layers": [], "composite": None}),
+                                              "editor: must be the image editor's value"),
+    "PNG info: file not a file": (lambda f: dict(api="/png_info", file="zzz"), "file: must be a file"),
     "memory budget -5GB": (lambda f: dict(api="/set_memory_budget", text="-5GB"), "memory budget must be positive"),
 }
 
@@ -400,6 +433,7 @@ def test_bad_input_gets_a_clear_answer_and_the_next_job_succeeds(name, server, c
         message = str(caught.value)
         assert error in message, message
         assert "Traceback" not in message and "Could not preprocess" not in message, message
+        assert "validation error for" not in message and "not supported between" not in message, message
     if "bomb" in name or "9000" in name:  # refused from the header: nothing of that size was allocated
         grown = psutil.Process(server.process.pid).memory_info().rss - rss_before
         assert grown < 100 * 2**20, f"the server grew by {grown / 2**20:.0f} MB"
@@ -539,3 +573,130 @@ def test_editor_images_sent_as_bytes_are_checked_too():
     sixteen = io.BytesIO()
     Image.new("I;16", (8, 8), 30000).save(sixteen, format="PNG")
     assert editor.convert_and_format_image(sixteen.getvalue()).getpixel((0, 0)) == (117, 117, 117, 255)
+
+
+# ------------------------------------------------------------------------------ PNG info: "Use these settings"
+
+
+def png_with_settings(path: Path, text: str) -> Path:
+    """A small PNG whose Kandinsky Studio chunk holds `text` as it is (any JSON: NaN, Infinity, wrong types)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("kandinsky_studio", text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+BAD_SETTINGS = {
+    # before: each of these raised a bare Python error (IndexError, OverflowError, ValueError) at the user
+    "weights shorter than inputs": ('{"task": "interpolate", "inputs": ["a", "b"], "weights": [1], "seed": 3}',
+                                    "weights must be a list with one weight per input (2)"),
+    "width Infinity": ('{"width": Infinity, "seed": 3}', "width must be an integer between 64 and 2048; got inf"),
+    "height 1e999": ('{"height": 1e999, "seed": 3}', "height must be an integer between 64 and 2048; got inf"),
+    "seed NaN": ('{"seed": NaN, "prompt": "p"}', "seed must be an integer between -1 and 4294967295; got nan"),
+    "width text": ('{"width": "wide", "seed": 3}', "width must be an integer between 64 and 2048; got 'wide'"),
+    # before: passed into the controls as they were
+    "mask_grow text": ('{"task": "inpaint", "mask_grow": "abc", "seed": 3}', "mask_grow must be an integer between 0"),
+    "guidance 1e30": ('{"guidance_scale": 1e30, "seed": 3}', "guidance_scale must be between 0.0 and 20.0"),
+    "inputs a string": ('{"task": "interpolate", "inputs": "abc", "seed": 3}', "inputs must be a list of 2 to 6"),
+    "weight text": ('{"task": "interpolate", "inputs": ["a", "b"], "weights": [1, "x"], "seed": 3}',
+                    "weights[1] must be a number between 0.0 and 1.0; got 'x'"),
+    "unknown sampler": ('{"scheduler": "LMS", "seed": 3}', "scheduler must be one of"),
+    "unknown controlnet mode": ('{"task": "controlnet", "mode": "sideways", "seed": 3}', "mode must be one of"),
+    "unknown task": ('{"task": "video", "seed": 3}', "task must be one of"),
+    "unknown model": ('{"model": "stable-diffusion", "seed": 3}', "model must be one of ['kandinsky-2-2-demo']"),
+    "prompt a list": ('{"prompt": ["x"], "seed": 3}', "prompt must be text; got list"),
+    "input_images a list": ('{"task": "img2img", "input_images": [1], "strength": 0.4, "seed": 3}', None),
+    "input image reference a number": ('{"task": "img2img", "input_images": {"image": 5}, "seed": 3}', None),
+}
+
+
+@pytest.fixture
+def page(tmp_path):
+    from backend.metadata import OutputStore
+    from kandinsky_ui.config import UIConfig
+    from kandinsky_ui.gallery import Gallery
+    from kandinsky_ui.page import Page
+
+    config = UIConfig(models={"kandinsky-2-2-demo": None}, defaults={}, size_presets=[])
+    return Page(config, Gallery(OutputStore(tmp_path / "outputs"), 10))
+
+
+@pytest.mark.parametrize("name", list(BAD_SETTINGS))
+def test_png_settings_that_are_not_allowed_are_named_and_the_rest_applied(name, page, tmp_path):
+    """'Use these settings' on a PNG whose settings are not allowed: each such field is left out with a
+    warning naming it and what is allowed (the request's own check), the other settings are applied."""
+    text, message = BAD_SETTINGS[name]
+    path = png_with_settings(tmp_path / "bad.png", text)
+    with warnings.catch_warnings(record=True) as caught:  # gr.Warning outside a request: warnings.warn
+        warnings.simplefilter("always")
+        values, task = page.settings_from_png(OWNER, str(path))
+    shown = [str(w.message) for w in caught]
+    assert values.get("seed") == 3 or values.get("prompt") == "p", values  # the rest is applied
+    if message is None:
+        assert not [m for m in shown if "Not applied" in m], shown
+    else:
+        assert any(m.startswith("Not applied from this PNG: ") and message in m for m in shown), shown
+
+
+def test_png_settings_none_usable(page, tmp_path):
+    import gradio as gr
+
+    path = png_with_settings(tmp_path / "bad.png", '{"width": "wide", "height": NaN}')
+    with pytest.raises(gr.Error, match="None of this PNG's settings can be used: width must be an integer .* "
+                                       "height must be an integer between 64 and 2048; got nan"):
+        page.settings_from_png(OWNER, str(path))
+
+
+def test_png_settings_still_round_trip():
+    """Good settings come back as the controls show them (a sampler in the menu's spelling, labels)."""
+    from kandinsky_ui.controls import controls_from_settings
+
+    values, task, skipped = controls_from_settings(
+        {"task": "controlnet", "scheduler": "ddpm", "seed": -7, "width": 128, "mode": "img2img", "strength": 0.4,
+         "guidance_scale": 4, "prompt": "p"}, {})
+    assert skipped == [] and task == "controlnet"
+    assert values == {"scheduler": "DDPM", "seed": -1, "width": 128, "controlnet_mode": "Image to image",
+                      "controlnet_strength": 0.4, "guidance_scale": 4.0, "prompt": "p",
+                      "hint_source": "Use my depth map"}
+    values, task, skipped = controls_from_settings(
+        {"task": "interpolate", "inputs": ["a cat", None], "weights": [0.3, 0.7], "walk_steps": 3}, {})
+    assert skipped == [] and values == {"input_count": 2, "kind_1": "Text", "text_1": "a cat", "weight_1": 0.3,
+                                        "kind_2": "Image", "weight_2": 0.7, "walk_steps": 3}
+
+
+# ------------------------------------------------------------------------------ start-up flags
+
+
+def test_bad_outputs_dir_and_memory_budget_stop_with_one_line(tmp_path):
+    import app
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [(["--outputs-dir", str(a_file)], f"--outputs-dir: {a_file} is a file, not a folder"),
+             (["--outputs-dir", str(a_file / "sub")], f"--outputs-dir: cannot write images to {a_file / 'sub'}"),
+             (["--memory-budget", "infGB"], "--memory-budget: memory budget must be a finite size like 12GB"),
+             (["--memory-budget", "nanGB"], "--memory-budget: memory budget must be a finite size"),
+             (["--memory-budget", "lots"], "--memory-budget: memory budget must look like 12GB")]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((["--outputs-dir", str(locked)], f"--outputs-dir: cannot write images to {locked}"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as caught:
+            app.engine_config(app.parse_args(["--demo", "--outputs-dir", str(tmp_path / "out"), *argv]))
+        assert str(caught.value).startswith(message), str(caught.value)
+    assert app.engine_config(app.parse_args(["--demo", "--outputs-dir", str(tmp_path / "new" / "out")])).outputs_dir \
+        == str(tmp_path / "new" / "out")
+
+
+def test_bad_outputs_dir_at_start_is_one_line_without_a_traceback(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--demo", "--outputs-dir", str(a_file)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "KANDINSKY_STUDIO_ARGS": ""})
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (f"--outputs-dir: {a_file} is a file, not a folder; give a folder "
+                                                      f"this user can write (it is made if missing)")
