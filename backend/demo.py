@@ -322,9 +322,45 @@ def demo_key(family: str) -> str:
     return f"{FAMILIES[family].key}-demo"
 
 
+def _roles(family: str) -> list[str]:
+    return [*DEMO_FOLDERS[family], *MODEL_REPOS.get(family, {})]
+
+
+def _build_role(folder: Path, family: str, role: str) -> None:
+    seed = _roles(family).index(role) + 1      # the same seed whether built with the family or alone
+    if role in MODEL_REPOS.get(family, {}):
+        MODEL_REPOS[family][role](folder, seed)
+    else:
+        build_folder(folder, role, seed, family)
+
+
+def role_files(family: str, role: str) -> list[str]:
+    """The files (relative to the role's folder) a demo role needs to load."""
+    if role in MODEL_REPOS.get(family, {}):
+        return ["config.json", "preprocessor_config.json", "model.safetensors"]
+    spec = DEMO_FOLDERS[family][role]
+    files = ["model_index.json", *(f"{name}/scheduler_config.json" for name in spec.schedulers)]
+    if spec.tokenizer is not None:
+        files += ["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"]
+    if spec.image_processor:
+        files.append("image_processor/preprocessor_config.json")
+    for name, (_, _, _, weights_name) in spec.components.items():
+        files += [f"{name}/config.json", f"{name}/{weights_name}.safetensors"]
+    return files
+
+
+def missing_roles(base: Path, family: str) -> list[str]:
+    """The roles whose folder under `base` lacks a file it needs (or has it empty)."""
+    def present(path: Path) -> bool:
+        return path.is_file() and path.stat().st_size > 0
+    return [role for role in _roles(family) if not all(present(base / role / name) for name in role_files(family, role))]
+
+
 def ensure_demo_models(root: str | os.PathLike, family: str = "2.2") -> ModelSpec:
     """Build one family's demo folders under `root` (once; reused while DEMO_VERSION is unchanged).
 
+    A built family whose role folder has gone or lost a file it needs (model_index.json, a
+    config, weights) gets that role rebuilt, with the seed it was first built with.
     Engine thread only: the models are built as MindSpore cells to learn their parameter names.
     """
     base = Path(root) / f"{demo_key(family)}-v{DEMO_VERSION}"
@@ -332,13 +368,17 @@ def ensure_demo_models(root: str | os.PathLike, family: str = "2.2") -> ModelSpe
     if not done.is_file():
         tmp = base.with_name(base.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        for seed, role in enumerate(DEMO_FOLDERS[family], start=1):
-            build_folder(tmp / role, role, seed, family)
-        for seed, (role, build) in enumerate(MODEL_REPOS.get(family, {}).items(), len(DEMO_FOLDERS[family]) + 1):
-            build(tmp / role, seed)
+        for role in _roles(family):
+            _build_role(tmp / role, family, role)
         _write_json(tmp / "complete.json", {"version": DEMO_VERSION})
         shutil.rmtree(base, ignore_errors=True)
         tmp.rename(base)
+    for role in missing_roles(base, family):
+        tmp = base / f"{role}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _build_role(tmp, family, role)
+        shutil.rmtree(base / role, ignore_errors=True)
+        tmp.rename(base / role)
     return demo_spec(base, family)
 
 
