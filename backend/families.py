@@ -24,6 +24,7 @@ No MindSpore here: the page reads the families too (what a model offers, its def
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
@@ -289,6 +290,17 @@ FAST_SETTINGS = {"scheduler": "DPM++ 2M Karras", "num_inference_steps": 20}
 
 # ------------------------------------------------------------------------------------ models
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def public_source(source: str | Path) -> str:
+    """How a saved image's settings name a model folder: a repo id as it is ("owner/name"); a local
+    folder by its own name only, never the server's path to it."""
+    text = str(source)
+    if _REPO_ID.fullmatch(text) and not Path(text).is_dir():
+        return text
+    return re.split(r"[\\/]", text.rstrip("\\/"))[-1]
+
 
 @dataclass(frozen=True)
 class ModelStage:
@@ -352,6 +364,10 @@ class ModelSpec:
         if stage is None or stage.role not in self.repos:
             raise ValueError(f"{self.label} has no {name} stage (it has {sorted(self.family.stages)})")
         return ModelStage(str(self.repos[stage.role]), stage, self.variant)
+
+    def public_repos(self) -> dict:
+        """role -> repo id, or a local folder's name (public_source): what saved settings store."""
+        return {role: public_source(source) for role, source in self.repos.items()}
 
 
 # The published models, in the order the model selector lists them.

@@ -235,7 +235,7 @@ class Run:
         settings = self.request.settings()
         settings.update(seed=seed, batch_index=batch, batch_position=position, partial=partial,
                         app=APP_NAME, created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                        repos=dict(self.model.repos), dtype=self.manager.dtype, device=self.manager.device,
+                        repos=self.model.public_repos(), dtype=self.manager.dtype, device=self.manager.device,
                         input_images=self._input_references())
         settings.update(extra or {})
         return settings
