@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     from backend.engine import Engine
     from backend.limits import MAX_INPUT_PIXELS
     from kandinsky_ui import CSS, build_ui, page_config
+    from kandinsky_ui.headers import security_headers_middleware
     from kandinsky_ui.login_guard import login_guard_middleware
 
     # PIL refuses to open an image of more than twice this many pixels (a decompression bomb)
@@ -196,8 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=logins or None,
                     allowed_paths=[str(outputs)], blocked_paths=[str(secret_path(outputs))], css=CSS,
                     show_error=True, max_file_size=MAX_UPLOAD, footer_links=["api"], run_history=False,
-                    # failed logins throttled, then locked with 429 (kandinsky_ui/login_guard.py)
-                    app_kwargs={"middleware": [login_guard_middleware(args.login_lockout)]} if logins else None)
+                    # security headers on every response (kandinsky_ui/headers.py); failed logins
+                    # throttled, then locked with 429 (kandinsky_ui/login_guard.py)
+                    app_kwargs={"middleware": [security_headers_middleware(),
+                                               *([login_guard_middleware(args.login_lockout)] if logins else [])]})
     finally:
         engine.shutdown()
 
