@@ -12,12 +12,16 @@ it takes. `guard_image` does that for image inputs and also
 - keeps the file's own mode (the component is built with image_mode=None) and converts it here:
   16-bit and float images are scaled to 8 bits (Gradio's convert clips them, so a 16-bit depth
   map became white), CMYK and other colour spaces become RGB, palettes keep their transparency.
+A file that is not an image by its content (PIL reads its header; `guard_png` reads the PNG
+signature) is refused naming the field and deleted from Gradio's cache at once (kandinsky_ui/cache.py
+bounds the rest).
 """
 from __future__ import annotations
 
 import functools
 import math
 from io import BytesIO
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -26,6 +30,7 @@ from PIL import Image
 
 from backend.limits import MAX_INPUT_PIXELS
 from backend.fields import check_image_size
+from kandinsky_ui import cache
 
 # Kept as they are: what the requests and pipelines take (alpha is handled where it matters).
 PLAIN_MODES = ("RGB", "RGBA", "L", "LA")
@@ -38,6 +43,9 @@ def _reason(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     if isinstance(error, Image.UnidentifiedImageError):
         return "not an image file that can be read (PNG, JPEG, WebP, ...)"
+    if isinstance(error, FileNotFoundError):
+        return (f"the uploaded file is no longer on the server (uploads are kept for "
+                f"{cache.DELETE_CACHE[1] // 60} minutes, less when the cache is full); upload it again")
     if isinstance(error, (OSError, SyntaxError)):
         return f"the image file is damaged or cut short ({text})"
     return text
@@ -131,6 +139,8 @@ def check_image_file(field: str, path) -> None:
         with Image.open(path) as image:  # lazy: the header only
             width, height = image.size
     except Exception as error:  # noqa: BLE001
+        if isinstance(error, Image.UnidentifiedImageError) and isinstance(path, (str, Path)):
+            cache.remove_file(path, cache.cache_folder())  # not an image: no reason to keep it
         raise gr.Error(f"{field}: {_reason(error)}") from None
     try:
         check_image_size("the image", width, height)
@@ -212,4 +222,31 @@ def guard_image(component, field: str):
             return convert(file, flatten_on_white)
 
         component.convert_and_format_image = convert_and_format_image
+    return name_errors(component, field)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def guard_png(component, field: str):
+    """A file input that takes PNGs (PNG info): the content must start with the PNG signature, whatever the
+    file is called; anything else is refused naming `field` and deleted from Gradio's cache."""
+    original = component.preprocess
+
+    def preprocess(payload):
+        value = original(payload)  # Gradio's own checks first (a name not ending in .png: 'Invalid file type')
+        path = getattr(payload, "path", None)
+        if isinstance(path, str):
+            try:
+                with open(path, "rb") as file:
+                    head = file.read(len(PNG_SIGNATURE))
+            except FileNotFoundError as error:
+                raise gr.Error(f"{field}: {_reason(error)}") from None
+            if head != PNG_SIGNATURE:
+                cache.remove_file(path, cache.cache_folder())
+                raise gr.Error(f"{field}: not a PNG file (it does not start with the PNG signature); "
+                               f"PNG info reads PNG images only")
+        return value
+
+    component.preprocess = preprocess
     return name_errors(component, field)

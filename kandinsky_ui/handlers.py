@@ -37,6 +37,7 @@ class Studio:
         self.engine, self.config = engine, config
         self.gallery = Gallery(engine.store, config.gallery_limit)
         self.step_times = StepTimes()   # each model's last finished job: the steps slider's estimate
+        self.previews = None            # kandinsky_ui/cache.py Previews: step previews as small files, retired
 
     # ------------------------------------------------------------------ page load
     def on_load(self, stored):
@@ -140,11 +141,15 @@ class Studio:
     def _follow(self, owner: str, job):
         skip = gr.skip()
         events = job.events()
+        previews = self.previews.follow() if self.previews is not None else None
         try:
             for event in events:
                 text = render.event_html(event)
                 if isinstance(event, Step):
-                    yield owner, text, event.preview if event.preview is not None else skip, skip, skip
+                    preview = event.preview
+                    if preview is not None and previews is not None:
+                        preview = previews.add(preview)  # a small WebP; the one before is deleted soon after
+                    yield owner, text, preview if preview is not None else skip, skip, skip
                 elif isinstance(event, Result):
                     self.step_times.record(job.request, event.step_seconds)
                     self.gallery.remember(owner, event.images)  # those the disk refused (no path)
@@ -161,6 +166,8 @@ class Studio:
                     yield owner, text, skip, skip, skip
         finally:
             events.close()
+            if previews is not None:
+                previews.close()
             # Nobody follows a job that has not started (the tab was closed): drop it.
             if not job.done and job.started_at is None and job.subscriber_count() == 0:
                 job.cancel()

@@ -11,7 +11,7 @@ import inspect
 
 import gradio as gr
 
-from kandinsky_ui import guards, tabs
+from kandinsky_ui import cache, guards, tabs
 from kandinsky_ui.config import UIConfig
 from kandinsky_ui.controls import PRIOR_FIELDS, SHARED_FIELDS
 from kandinsky_ui.handlers import Studio
@@ -36,7 +36,8 @@ def build_ui(engine, config: UIConfig) -> gr.Blocks:
     studio = Studio(engine, config)
     page = Page(config, studio.gallery, studio.step_times)
     spec = config.models[config.defaults["model"]]
-    with gr.Blocks(title=config.title, fill_width=True) as demo:
+    # Gradio's cache folder bounded by age (delete_cache) and size (CacheBound): kandinsky_ui/cache.py
+    with gr.Blocks(title=config.title, fill_width=True, delete_cache=cache.DELETE_CACHE) as demo:
         browser_owner = gr.BrowserState("", storage_key="kandinsky-studio-owner", secret=config.browser_secret)
         owner = gr.Textbox("", visible="hidden", label="owner", elem_id="owner")
         selected = gr.State(None)
@@ -74,6 +75,7 @@ def build_ui(engine, config: UIConfig) -> gr.Blocks:
         _png_info(page, owner, png, shared, settings, task_tabs, tab_set)
         _model_choice(demo, page, shared, settings, task_tabs)
         _models_panel(studio, models, tab_set)
+    studio.previews = cache.CacheBound(demo).start().previews
     return demo
 
 
@@ -86,6 +88,8 @@ def _guard_inputs(owner, shared, task_tabs, png, models) -> None:
     for name, component in named.items():
         if isinstance(component, (gr.Image, gr.ImageEditor)):
             guards.guard_image(component, name)
+        elif isinstance(component, gr.File):  # PNG info: PNGs only, by content
+            guards.guard_png(component, name)
         else:
             guards.name_errors(component, name)
 
