@@ -9,7 +9,7 @@ itself it never deletes any of it while the server runs. Here:
   (KANDINSKY_CACHE_LIMIT, default 256MB) go oldest first; an upload that is not an image by its
   content (PIL reads its header) is deleted at the first sweep after it arrived, since every file
   input of the app takes an image;
-- previews: `Previews` writes each step's preview as a small WebP under a random folder name and
+- previews: `CacheBound.follow_previews()` writes each step's preview as a small WebP under a random folder name and
   deletes a job's earlier previews PREVIEW_GRACE_S seconds after the next one (time for the browser
   to fetch the file it was sent), and the last one that long after the job ends.
 Only files inside the cache folder that this app's Blocks created (Gradio's temp_file_sets) are
@@ -97,7 +97,6 @@ class CacheBound:
         self.blocks = blocks
         self.limit = cache_limit() if limit is None else limit
         self.folder = folder or cache_folder()
-        self.previews = Previews(self)
         self._retired: list[tuple[float, str]] = []     # (delete after, path)
         self._checked: set[str] = set()                 # uploads already sniffed
         self._lock = threading.Lock()
@@ -184,6 +183,18 @@ class CacheBound:
         self._forget(removed)
         return deleted, freed
 
+    # ------------------------------------------------------------------ step previews
+    def write_preview(self, image: Image.Image) -> str:
+        """A step preview as a small WebP in a folder of its own (a random name) in the cache folder."""
+        folder = self.folder / f"preview-{secrets.token_hex(16)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "preview.webp"
+        image.save(path, format="WEBP", quality=PREVIEW_QUALITY, method=0)
+        return str(path)
+
+    def follow_previews(self) -> "JobPreviews":
+        return JobPreviews(self)
+
     def start(self) -> "CacheBound":
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="cache-bound", daemon=True)
@@ -199,35 +210,18 @@ class CacheBound:
                 logger.exception("sweeping Gradio's cache failed")
 
 
-class Previews:
-    """Step previews as files: small WebPs in the cache folder, each job's earlier ones retired."""
-
-    def __init__(self, bound: CacheBound):
-        self.bound = bound
-
-    def write(self, image: Image.Image) -> str:
-        folder = self.bound.folder / f"preview-{secrets.token_hex(16)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "preview.webp"
-        image.save(path, format="WEBP", quality=PREVIEW_QUALITY, method=0)
-        return str(path)
-
-    def follow(self) -> "JobPreviews":
-        return JobPreviews(self)
-
-
 class JobPreviews:
     """The previews one handler streams: `add(image)` -> the file to show; `close()` at the end."""
 
-    def __init__(self, previews: Previews):
-        self.previews, self.shown = previews, []
+    def __init__(self, bound: CacheBound):
+        self.bound, self.shown = bound, []
 
     def add(self, image: Image.Image) -> str:
-        path = self.previews.write(image)
-        self.previews.bound.retire(self.shown)   # the browser has PREVIEW_GRACE_S to fetch the last one
+        path = self.bound.write_preview(image)
+        self.bound.retire(self.shown)   # the browser has PREVIEW_GRACE_S to fetch the last one
         self.shown = [path]
         return path
 
     def close(self) -> None:
-        self.previews.bound.retire(self.shown)
+        self.bound.retire(self.shown)
         self.shown = []

@@ -37,7 +37,7 @@ class Studio:
         self.engine, self.config = engine, config
         self.gallery = Gallery(engine.store, config.gallery_limit)
         self.step_times = StepTimes()   # each model's last finished job: the steps slider's estimate
-        self.previews = None            # kandinsky_ui/cache.py Previews: step previews as small files, retired
+        self.cache = None               # kandinsky_ui/cache.py CacheBound: step previews as small files, retired
 
     # ------------------------------------------------------------------ page load
     def on_load(self, stored):
@@ -141,7 +141,7 @@ class Studio:
     def _follow(self, owner: str, job):
         skip = gr.skip()
         events = job.events()
-        previews = self.previews.follow() if self.previews is not None else None
+        previews = self.cache.follow_previews() if self.cache is not None else None
         try:
             for event in events:
                 text = render.event_html(event)

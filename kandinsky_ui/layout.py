@@ -75,7 +75,7 @@ def build_ui(engine, config: UIConfig) -> gr.Blocks:
         _png_info(page, owner, png, shared, settings, task_tabs, tab_set)
         _model_choice(demo, page, shared, settings, task_tabs)
         _models_panel(studio, models, tab_set)
-    studio.previews = cache.CacheBound(demo).start().previews
+    studio.cache = cache.CacheBound(demo).start()
     return demo
 
 

@@ -149,7 +149,7 @@ def test_the_sweep_deletes_oldest_first_and_only_this_apps_files_in_the_folder(t
     assert count == 3 and freed == 2 * size + len(b"not an image")
     assert str(files["old"]) not in blocks.temp_file_sets[1] and str(junk) not in uploads
     # previews: each job's earlier preview retired, the last one when the job ends
-    job = bound.previews.follow()
+    job = bound.follow_previews()
     first = job.add(Image.new("RGB", (256, 256), "red"))
     second = job.add(Image.new("RGB", (256, 256), "blue"))
     assert Path(first).suffix == ".webp" and Path(first).stat().st_size < 4096
