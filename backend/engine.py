@@ -43,13 +43,14 @@ class EngineConfig:
     outputs_dir: str = "outputs"             # where images are saved, one folder per owner
     cache_dir: str = str(DEFAULT_CACHE)      # demo models (without models_dir) and preview colours
     max_waiting: int = 256                   # jobs in line before submit refuses more
+    max_per_owner: int = 4                   # running + waiting jobs of one owner (browser or API client)
 
 
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.store = OutputStore(config.outputs_dir)
-        self._runner = JobRunner(self._execute, config.max_waiting).start()
+        self._runner = JobRunner(self._execute, config.max_waiting, config.max_per_owner).start()
         try:
             # MindSpore's context belongs to the thread that runs it
             self.device = self._runner.call(select_device, config.device)

@@ -11,12 +11,20 @@ A stop is a flag: `Job.cancel()` sets it, the running job's step callback calls
 job as Cancelled. A job stopped while it waits never starts.
 
 Several readers may follow one job (a browser tab that reloaded re-attaches to its running
-job); each `Job.events()` call gets the latest status first, then everything after it.
+job); each `Job.events()` call (or `Job.aevents()`, for an asyncio reader that must not hold a
+thread while it waits) gets the latest status first, then everything after it.
+
+Fairness: one owner may have `max_per_owner` jobs running or waiting; beyond that `submit` raises
+OwnerLimit. Waiting jobs run round-robin across owners (the owner served longest ago first, each
+owner's jobs in the order sent), so one client's queue delays another client's job by at most the
+job that is running; every waiting job is told its true place in that order.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
+import heapq
 import itertools
 import logging
 import queue
@@ -34,6 +42,10 @@ class JobCancelled(Exception):
     """Raised inside the engine (by the step callback) when a job's stop was requested."""
 
 
+class OwnerLimit(RuntimeError):
+    """Raised by submit when the owner already has as many jobs running or waiting as one owner may."""
+
+
 # ----------------------------------------------------------------------------------- jobs
 
 
@@ -48,12 +60,13 @@ class Job:
         self.request = request                  # a backend.requests dataclass, validated
         self.owner = owner
         self.submitted_at = time.monotonic()
+        self.sent = 0                           # its place in the runner's order of submissions
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.cancel_requested_at: float | None = None
         self._cancel = threading.Event()
         self._lock = threading.Lock()
-        self._subscribers: list[queue.SimpleQueue] = []
+        self._subscribers: list[Callable[[Event], None]] = []   # each reader's put
         self._status: Event | None = None      # the latest non-terminal event, for late readers
         self._terminal: Event | None = None
 
@@ -69,8 +82,8 @@ class Job:
                 self.finished_at = time.monotonic()
             else:
                 self._status = event
-            for subscriber in self._subscribers:
-                subscriber.put(event)
+            for put in self._subscribers:
+                put(event)
 
     def check_cancelled(self) -> None:
         if self._cancel.is_set():
@@ -115,32 +128,59 @@ class Job:
         Raises TimeoutError when no event comes within `timeout` seconds.
         """
         inbox: queue.SimpleQueue = queue.SimpleQueue()
-        with self._lock:
-            if self._status is not None:
-                inbox.put(self._status)
-            if self._terminal is not None:
-                inbox.put(self._terminal)
-            self._subscribers.append(inbox)
+        self._subscribe(inbox.put)
         try:
             while True:
                 try:
                     batch = [inbox.get(timeout=timeout)]
                 except queue.Empty:
                     raise TimeoutError(f"job {self.id}: no event for {timeout} s") from None
-                while True:
-                    try:
-                        batch.append(inbox.get_nowait())
-                    except queue.Empty:
-                        break
-                if coalesce:
-                    batch = _coalesce(batch)
-                for event in batch:
+                while not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                for event in _coalesce(batch) if coalesce else batch:
                     yield event
                     if isinstance(event, TERMINAL):
                         return
         finally:
-            with self._lock:
-                self._subscribers.remove(inbox)
+            self._unsubscribe(inbox.put)
+
+    async def aevents(self, coalesce: bool = True):
+        """`events()` for an asyncio reader: waits without holding a thread (Gradio runs a sync
+        generator's every step on its 40-thread pool, so 40 waiting readers would starve it)."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        def put(event: Event) -> None:  # called on the engine thread (or any other)
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
+            except RuntimeError:
+                pass  # the reader's event loop has closed
+
+        self._subscribe(put)
+        try:
+            while True:
+                batch = [await inbox.get()]
+                while not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                for event in _coalesce(batch) if coalesce else batch:
+                    yield event
+                    if isinstance(event, TERMINAL):
+                        return
+        finally:
+            self._unsubscribe(put)
+
+    def _subscribe(self, put: Callable[[Event], None]) -> None:
+        """Add a reader: it gets the latest status (and the end, if the job has ended) at once."""
+        with self._lock:
+            if self._status is not None:
+                put(self._status)
+            if self._terminal is not None:
+                put(self._terminal)
+            self._subscribers.append(put)
+
+    def _unsubscribe(self, put: Callable[[Event], None]) -> None:
+        with self._lock:
+            self._subscribers.remove(put)
 
     def wait(self, timeout: float | None = None) -> Event:
         """Block until the job ends; returns its terminal event."""
@@ -165,11 +205,15 @@ class JobRunner:
     the runner emits Failed: the engine survives any job.
     """
 
-    def __init__(self, execute: Callable[[Job], None], max_waiting: int = 256):
+    def __init__(self, execute: Callable[[Job], None], max_waiting: int = 256, max_per_owner: int = 4):
         self._execute = execute
         self._max_waiting = max_waiting
+        self._max_per_owner = max_per_owner
         self._lock = threading.Condition()
-        self._waiting: collections.deque[Job] = collections.deque()
+        self._waiting: list[Job] = []                   # in the order they were sent
+        self._sent = itertools.count()                  # each waiting job's place in that order
+        self._started = 0                               # jobs started so far
+        self._last_start: dict[str, int] = {}           # owner -> _started when its last job started
         self._calls: collections.deque = collections.deque()
         self._running: Job | None = None
         self._stopping = False
@@ -207,9 +251,15 @@ class JobRunner:
                 raise RuntimeError("the engine is shutting down")
             if len(self._waiting) >= self._max_waiting:
                 raise RuntimeError(f"the queue is full ({self._max_waiting} jobs waiting); try again later")
-            ahead = len(self._waiting) + (1 if self._running is not None else 0)
+            mine = sum(j.owner == owner for j in self._waiting) + (self._running is not None and
+                                                                    self._running.owner == owner)
+            if mine >= self._max_per_owner:
+                raise OwnerLimit(f"you already have {mine} jobs running or waiting, as many as one user may "
+                                 f"({self._max_per_owner}); this one was not queued. Wait for one to finish, "
+                                 f"or press Stop")
+            job.sent = next(self._sent)
             self._waiting.append(job)
-            job.emit(Queued(ahead))
+            self._announce_positions()
             self._lock.notify_all()
         return job
 
@@ -234,7 +284,7 @@ class JobRunner:
     def jobs_of(self, owner: str) -> list[Job]:
         """The running and waiting jobs of `owner`, in run order."""
         with self._lock:
-            jobs = ([self._running] if self._running is not None else []) + list(self._waiting)
+            jobs = ([self._running] if self._running is not None else []) + self._run_order()
         return [job for job in jobs if job.owner == owner]
 
     def cancel_owner(self, owner: str) -> int:
@@ -263,10 +313,28 @@ class JobRunner:
             self._announce_positions()
         job.emit(Cancelled(latency_s=0.0))
 
+    def _run_order(self) -> list[Job]:
+        """The waiting jobs in the order they will start (caller holds the lock): round-robin over
+        owners, the owner whose last job started longest ago (or never) first, ties by the time
+        sent; each owner's own jobs in the order sent."""
+        mine: dict[str, collections.deque[Job]] = {}
+        for job in self._waiting:
+            mine.setdefault(job.owner, collections.deque()).append(job)
+        turns = [(self._last_start.get(owner, -1), jobs[0].sent, owner) for owner, jobs in mine.items()]
+        heapq.heapify(turns)
+        order, tick = [], self._started
+        while turns:
+            _, _, owner = heapq.heappop(turns)
+            order.append(mine[owner].popleft())
+            tick += 1
+            if mine[owner]:
+                heapq.heappush(turns, (tick, mine[owner][0].sent, owner))
+        return order
+
     def _announce_positions(self) -> None:
-        """Tell every waiting job its place in line (caller holds the lock)."""
+        """Tell every waiting job its true place in line (caller holds the lock)."""
         base = 1 if self._running is not None else 0
-        for index, job in enumerate(self._waiting):
+        for index, job in enumerate(self._run_order()):
             job.emit(Queued(base + index))
 
     def _loop(self) -> None:
@@ -280,8 +348,11 @@ class JobRunner:
                     future, fn, args, kwargs = self._calls.popleft()
                     job = None
                 else:
-                    job = self._waiting.popleft()
+                    job = self._run_order()[0]
+                    self._waiting.remove(job)
                     self._running = job
+                    self._started += 1
+                    self._last_start[job.owner] = self._started
                     self._announce_positions()
             if job is None:
                 _run_into(future, fn, args, kwargs)
