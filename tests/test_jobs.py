@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from backend.events import Cancelled, Failed, Loading, Queued, Result, Step
-from backend.jobs import JobCancelled, JobRunner
+from backend.jobs import JobCancelled, JobRunner, OwnerLimit
 from backend.requests import (ControlNetRequest, Image2ImageRequest, InpaintRequest, InterpolateRequest,
                               Text2ImageRequest)
 
@@ -176,6 +176,86 @@ def test_owner_jobs_and_cancel_owner(runner):
     assert runner.cancel_owner("alice") == 2
     assert isinstance(a1.wait(10), Cancelled) and isinstance(a2.wait(10), Cancelled)
     assert isinstance(b1.wait(10), Result)
+
+
+def test_one_owner_may_have_a_few_jobs_and_is_told_so():
+    engine = SteppingEngine(steps=50, delay=0.02)
+    runner = JobRunner(engine, max_per_owner=3).start()
+    try:
+        jobs = [runner.submit(request(f"a{i}"), "alice") for i in range(3)]
+        with pytest.raises(OwnerLimit, match=r"already have 3 jobs running or waiting, as many as one user may "
+                                             r"\(3\).*Wait for one to finish, or press Stop"):
+            runner.submit(request("a3"), "alice")
+        other = runner.submit(request("b0"), "bob")  # the limit is per owner
+        jobs[1].cancel()
+        assert isinstance(jobs[1].wait(5), Cancelled)
+        again = runner.submit(request("a3"), "alice")  # room again once one has ended
+        assert runner.cancel_owner("alice") == 3
+        for job in (jobs[0], jobs[2], again):
+            assert isinstance(job.wait(10), Cancelled)
+        assert isinstance(other.wait(10), Result)
+    finally:
+        runner.shutdown()
+
+
+def test_sixty_requests_of_one_client_delay_another_by_the_running_job_only():
+    """The issue's probe: one client sends 60 requests, another one; round-robin over owners starts the
+    other's job right after the first client's running job, and positions say so."""
+    engine = SteppingEngine(steps=10, delay=0.02)
+    runner = JobRunner(engine, max_waiting=256, max_per_owner=64).start()
+    try:
+        greedy = [runner.submit(request(f"a{i}"), "alice") for i in range(60)]
+        engine.started.wait(5)
+        polite = runner.submit(request("b"), "bob")
+        assert next(e for e in polite.events(timeout=5) if isinstance(e, Queued)).position == 1
+        assert isinstance(polite.wait(timeout=30), Result)
+        started = engine.order.index("b")
+        assert started == 1, f"bob's job started after {started} of alice's"
+        # alice's jobs keep their own order
+        assert [name for name in engine.order if name.startswith("a")] == [f"a{i}" for i in range(len(engine.order) - 1)]
+        runner.cancel_owner("alice")
+        for job in greedy:
+            job.wait(timeout=30)
+    finally:
+        runner.shutdown()
+
+
+def test_round_robin_order_and_true_positions():
+    engine = SteppingEngine(steps=3, delay=0.02)
+    runner = JobRunner(engine, max_per_owner=10).start()
+    try:
+        gate = runner.submit(request("gate"), "carol")
+        engine.started.wait(5)
+        a = [runner.submit(request(f"a{i}"), "alice") for i in range(3)]
+        b = [runner.submit(request(f"b{i}"), "bob") for i in range(2)]
+        c = runner.submit(request("c0"), "carol")  # carol's job is running: her next one waits its turn
+        expected = ["a0", "b0", "c0", "a1", "b1", "a2"]
+        assert [j.request.prompt for j in runner.jobs_of("alice")] == ["a0", "a1", "a2"]
+        by_name = {j.request.prompt: j for j in [*a, *b, c]}
+        positions = {name: job.events(timeout=5).__next__().position for name, job in by_name.items()}
+        assert sorted(positions, key=positions.get) == expected
+        assert sorted(positions.values()) == list(range(1, 7))  # 1: the running gate job is ahead of all
+        for job in [gate, *a, *b, c]:
+            assert isinstance(job.wait(timeout=10), Result)
+        assert engine.order == ["gate", *expected]
+    finally:
+        runner.shutdown()
+
+
+def test_an_asyncio_reader_gets_the_same_events_without_a_thread(runner):
+    import asyncio
+
+    async def read(job):
+        return [event async for event in job.aevents(coalesce=False)]
+
+    runner.engine.delay = 0.02
+    job = runner.submit(request(), OWNER)
+    threads = threading.active_count()
+    events = asyncio.run(read(job))
+    assert isinstance(events[0], Queued) and isinstance(events[-1], Result)
+    assert [e.step for e in events if isinstance(e, Step)] == [1, 2, 3, 4, 5]
+    assert threading.active_count() == threads
+    assert job.subscriber_count() == 0  # the reader left when the job ended
 
 
 def test_bad_requests_name_the_field():
