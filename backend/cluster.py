@@ -1,0 +1,555 @@
+"""The Engine on a Ray cluster: the same interface as backend/engine.py, the work on worker actors.
+
+    connect("local")                                     # or "auto", "10.0.0.5:6379" (ClusterError if not)
+    engine = ClusterEngine(EngineConfig(demo=True), cpu_workers_per_node=2)
+    job = engine.submit(Text2ImageRequest(prompt="a red fox"), owner)   # a backend.jobs.Job, as in process
+    for event in job.events(): ...
+
+One worker actor per device (backend/ray_worker.py; `plan_workers`): a GPU (num_gpus=1), an Ascend NPU
+(its Ray resource, "NPU"), or a CPU node (its cores, or a share of them). Each owns an Engine with its
+models, memory budget and engine thread, and runs one job at a time, so the line is here, in the front
+end, and positions count the whole cluster. A job goes to a free worker that already holds its folders,
+else to the free worker that has run the fewest jobs; one thread per running job reads the worker's
+events (a Ray streaming generator) into the front end's Job, which every reader of events uses
+unchanged. The images of a job's last event are saved here, in this process's OutputStore, under
+the owner, with the same settings (and input images) as in process: galleries and PNG info work as
+they do without Ray.
+
+Stop: the Job's on_cancel drops a waiting job, or forwards the cancel to the worker (a threaded
+actor serves it while the job runs): the job ends after its current step, as in process.
+Faults: a worker whose process dies mid-job is restarted by Ray (max_restarts); its job runs again
+once on another worker (with the seed fixed before the first try: the same images), or fails with a
+message naming the workers. Nothing of a job is saved before its last event, so no image is lost.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.engine import EngineConfig
+from backend.events import TERMINAL, Cancelled, Failed, GeneratedImage, Queued, Result
+from backend.fields import check_image, check_owner
+from backend.jobs import Job
+from backend.limits import MAX_SEED
+from backend.memory import parse_memory
+from backend.metadata import OutputStore, write_file
+from backend.ray_worker import EngineWorker, Shipped
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# What the workers need of this checkout (shipped to every node by Ray's runtime_env working_dir).
+NOT_SHIPPED = ["tests/", "docs/", "tools/", "outputs/", "assets/screenshots/", ".git/"]
+NPU_RESOURCE = "NPU"             # the Ray resource of an Ascend NPU (the ray-ascend plugin's name)
+MAX_RESTARTS = 3                 # Ray restarts a dead worker this many times
+ATTEMPTS = 2                     # a job whose worker died runs once more
+WORKER_START_S = 600.0           # a worker's Engine starts (MindSpore, the demo models) within this
+STATUS_TIMEOUT_S = 2.0           # the Models tab does not wait longer for a busy worker's status
+TIMINGS_KEPT = 1000
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be used: one line for people, saying what to do."""
+
+
+START_HINT = ("start one with `ray start --head` (then `ray start --address=HEAD:6379` on each worker machine; "
+              "docs/SCALING.md), or use --ray local to start one on this machine")
+
+
+def runtime_env() -> dict:
+    """Ray's runtime_env that ships this checkout's code to every worker (Ray takes a folder only in
+    ray.init: a process that calls ray.init itself passes this)."""
+    return {"working_dir": str(REPO_ROOT), "excludes": NOT_SHIPPED}
+
+
+def connect(address: str) -> bool:
+    """Connect this process to the Ray cluster at `address`: "auto" (the one running on this machine),
+    "local" (start one here) or HOST:PORT / ray://HOST:PORT. True when it started one here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address == "local":
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env())
+        return True
+    if address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            raise ClusterError(f"--ray: expected auto, local or HOST:PORT (e.g. 10.0.0.5:6379); got {address!r}")
+        try:  # Ray would retry for a minute; an address nobody answers at fails now
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as error:
+            raise ClusterError(f"--ray {address}: no Ray cluster answers there ({error.strerror or error}); "
+                               f"{START_HINT}") from None
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env())
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ClusterError(f"--ray {address}: cannot connect ({first_line}); {START_HINT}") from None
+    return False
+
+
+# ----------------------------------------------------------------------------------- workers
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker actor to start: where, on which device, with what Ray resources."""
+
+    name: str
+    node_id: str
+    node: str                                        # the node's address, for people
+    device: str                                      # EngineConfig.device: cpu | gpu | ascend
+    num_cpus: float = 0
+    num_gpus: float = 0
+    resources: dict = field(default_factory=dict)    # e.g. {"NPU": 1}
+    memory_share: int = 1                            # workers sharing this node's memory
+
+
+def plan_workers(nodes: list[dict], device: str = "auto", cpu_workers_per_node: int = 1) -> list[WorkerPlan]:
+    """One worker per GPU, per Ascend NPU, or per CPU node (its cores, split among `cpu_workers_per_node`
+    workers), from `ray.nodes()`. `device` (EngineConfig.device) limits the kinds; auto prefers a
+    node's accelerators to its cores. ClusterError when no node has a device the models can use."""
+    plans: list[WorkerPlan] = []
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        cpus, gpus, npus = (int(resources.get(kind, 0)) for kind in ("CPU", "GPU", NPU_RESOURCE))
+        where = dict(node_id=node["NodeID"], node=node.get("NodeManagerAddress", "?"))
+        if gpus and device in ("auto", "gpu"):
+            plans += [WorkerPlan("", device="gpu", num_gpus=1, memory_share=gpus, **where) for _ in range(gpus)]
+        elif npus and device in ("auto", "ascend"):
+            plans += [WorkerPlan("", device="ascend", resources={NPU_RESOURCE: 1}, memory_share=npus, **where)
+                      for _ in range(npus)]
+        elif cpus and device in ("auto", "cpu"):
+            count = max(1, min(cpu_workers_per_node, cpus))
+            plans += [WorkerPlan("", device="cpu", num_cpus=cpus // count, memory_share=count, **where)
+                      for _ in range(count)]
+    if not plans:
+        seen = "; ".join(f"{n.get('NodeManagerAddress', '?')}: {int(n['Resources'].get('CPU', 0))} CPU, "
+                         f"{int(n['Resources'].get('GPU', 0))} GPU, {int(n['Resources'].get(NPU_RESOURCE, 0))} NPU"
+                         for n in nodes if n.get("Alive")) or "no live node"
+        raise ClusterError(f"the Ray cluster has no device the models can use with --device {device} ({seen}); "
+                           f"add a node with CPUs, GPUs or Ascend NPUs (`ray start --address=HEAD:6379`, "
+                           f"docs/SCALING.md)")
+    return [dataclasses.replace(plan, name=f"worker-{i}") for i, plan in enumerate(plans, 1)]
+
+
+@dataclass
+class _Worker:
+    """The front end's record of one worker actor."""
+
+    plan: WorkerPlan
+    handle: object                          # the Ray actor handle
+    info: dict = field(default_factory=dict)   # EngineWorker.describe()
+    state: str = "starting"                 # starting | ready | restarting | dead
+    running: "_Dispatch | None" = None
+    loaded: set = field(default_factory=set)   # folders it held after its last job
+    jobs_done: int = 0
+    last_status: dict | None = None         # EngineWorker.status(), the last answer
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.info.get('device', self.plan.device)} on {self.plan.node})"
+
+
+@dataclass
+class _Dispatch:
+    """A job of the front end, and what it takes to run it on a worker."""
+
+    job: Job
+    request: object                         # job.request with its seed drawn (a retry draws the same noise)
+    tried: list = field(default_factory=list)   # the workers that ran it, in order
+    notes: list = field(default_factory=list)
+    dispatched_at: float = 0.0
+
+
+# ----------------------------------------------------------------------------------- the engine
+
+class ClusterEngine:
+    """backend.engine.Engine's interface over the worker actors of the Ray cluster this process is
+    connected to (`connect`, or ray.init with `runtime_env()`). The page and the API use it unchanged."""
+
+    def __init__(self, config: EngineConfig, cpu_workers_per_node: int = 1, started_ray: bool = False):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.config = config
+        self._started_ray = started_ray
+        self.store = OutputStore(config.outputs_dir)
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[_Dispatch] = collections.deque()
+        self._threads: set[threading.Thread] = set()
+        self._stopping = False
+        self.timings: collections.deque = collections.deque(maxlen=TIMINGS_KEPT)   # per job, see _record
+        self.event_delays: collections.deque = collections.deque(maxlen=100 * TIMINGS_KEPT)  # seconds
+
+        plans = plan_workers(ray.nodes(), config.device, cpu_workers_per_node)
+        # relative folders mean this process's; the workers run in the shipped copy of the code
+        worker_config = dataclasses.replace(config, models_dir=config.models_dir and str(Path(config.models_dir).resolve()),
+                                            cache_dir=str(Path(config.cache_dir).resolve()))
+        actor = ray.remote(EngineWorker)
+        self.workers = [_Worker(plan, actor.options(
+            name=None, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, resources=plan.resources,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(plan.node_id, soft=False),
+            max_restarts=MAX_RESTARTS, max_task_retries=0, max_concurrency=16,
+        ).remote(dataclasses.replace(worker_config, device=plan.device), plan.name, plan.memory_share))
+            for plan in plans]
+        try:
+            for worker in self.workers:
+                worker.info, worker.state = self._describe(worker, WORKER_START_S), "ready"
+        except BaseException:
+            self._kill_workers()
+            raise
+        self.models = self.workers[0].info["models"]
+        for worker in self.workers[1:]:
+            if list(worker.info["models"]) != list(self.models):
+                self._kill_workers()
+                raise ClusterError(f"{worker.label} offers {list(worker.info['models'])}, {self.workers[0].label} "
+                                   f"{list(self.models)}: give every node the same models (--models, --models-dir)")
+        first = self.workers[0].info
+        self.dtype = first["dtype"]
+        kinds = collections.Counter(w.info["device"] for w in self.workers)
+        self.device = (f"a Ray cluster of {len(self.workers)} worker{'s' if len(self.workers) > 1 else ''} "
+                       f"({', '.join(f'{count} {kind}' for kind, count in kinds.items())})")
+        self.dtype_note = "; ".join(dict.fromkeys(w.info["dtype_note"] for w in self.workers))
+        logger.info("Ray workers: %s", ", ".join(w.label for w in self.workers))
+
+    def _describe(self, worker: _Worker, timeout: float) -> dict:
+        import ray
+
+        try:
+            return ray.get(worker.handle.describe.remote(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"{worker.name} on {worker.plan.node} did not start within {timeout:.0f} s (`ray status` "
+                               f"shows whether its resources are free)") from None
+        except ray.exceptions.RayError as error:
+            raise ClusterError(f"{worker.name} on {worker.plan.node} could not start its engine: "
+                               f"{_cause(error)}") from None
+
+    # ------------------------------------------------------------------ jobs
+    def model(self, key: str):
+        if key not in self.models:
+            raise ValueError(f"model must be one of {sorted(self.models)}; got {key!r}")
+        return self.models[key]
+
+    def submit(self, request, owner: str) -> Job:
+        """Check a request (as Engine.submit does) and queue it for the cluster; returns its job at once."""
+        check_owner(owner)
+        request.validate()
+        model = self.model(request.model)
+        model.check_task(request.task)
+        if request.depth_photo() is not None and "depth_estimator" not in model.repos:
+            raise ValueError(f"model: {model.label} has no depth estimator to make a ControlNet hint from a "
+                             f"photo; give a depth map (hint_source 'depth map') or use Kandinsky 2.2")
+        seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED - request.batch_count)
+        job = Job(request, owner, on_cancel=self._on_cancel)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise RuntimeError(f"the queue is full ({self.config.max_waiting} jobs waiting); try again later")
+            self._waiting.append(_Dispatch(job, dataclasses.replace(request, seed=seed)))
+            self._dispatch_locked()
+        return job
+
+    def jobs_of(self, owner: str) -> list[Job]:
+        """The running and waiting jobs of `owner`, in run order."""
+        with self._lock:
+            running = sorted((w.running for w in self.workers if w.running), key=lambda d: d.dispatched_at)
+            return [d.job for d in [*running, *self._waiting] if d.job.owner == owner]
+
+    def cancel(self, owner: str) -> int:
+        """Stop every running or waiting job of `owner`; returns how many were asked to stop."""
+        jobs = self.jobs_of(owner)
+        for job in jobs:
+            job.cancel()
+        return len(jobs)
+
+    def _on_cancel(self, job: Job) -> None:
+        with self._lock:
+            waiting = next((d for d in self._waiting if d.job is job), None)
+            if waiting is not None:
+                self._waiting.remove(waiting)
+                self._announce_locked()
+            worker = next((w for w in self.workers if w.running and w.running.job is job), None)
+        if waiting is not None:
+            job.emit(Cancelled(latency_s=0.0))
+        elif worker is not None:
+            worker.handle.cancel.remote(job.id)  # served while the job runs: the actor is threaded
+
+    # ------------------------------------------------------------------ dispatching
+    def _dispatch_locked(self) -> None:
+        """Start waiting jobs on free workers, in line order; tell the others their place."""
+        if self._waiting and all(w.state == "dead" for w in self.workers):
+            failed, self._waiting = list(self._waiting), collections.deque()
+            for dispatch in failed:
+                dispatch.job.emit(Failed("no worker is left: every worker of the Ray cluster stopped and Ray gave up "
+                                         "restarting it (see `ray logs`); restart the app or add workers"))
+        while self._waiting:
+            worker = self._pick_worker(self._waiting[0])
+            if worker is None:
+                break
+            dispatch = self._waiting.popleft()
+            worker.running, dispatch.dispatched_at = dispatch, time.monotonic()
+            dispatch.tried.append(worker)
+            dispatch.job.started_at = dispatch.job.started_at or dispatch.dispatched_at
+            thread = threading.Thread(target=self._run, args=(dispatch, worker), daemon=True,
+                                      name=f"dispatch-{dispatch.job.id}")
+            self._threads.add(thread)
+            thread.start()
+        self._announce_locked()
+
+    def _pick_worker(self, dispatch: _Dispatch) -> _Worker | None:
+        """A free worker holding the job's folders, else the free one that ran the fewest jobs. A retry
+        avoids the workers that already failed it, unless no other is left."""
+        others = [w for w in self.workers if w not in dispatch.tried and w.state != "dead"]
+        pool = others if others else [w for w in self.workers if w.state != "dead"]
+        free = [w for w in pool if w.state == "ready" and w.running is None]
+        if not free:
+            return None
+        needed = self._folders(dispatch.request)
+        return min(free, key=lambda w: (not needed <= w.loaded, w.jobs_done))
+
+    def _folders(self, request) -> set:
+        model = self.models[request.model]
+        return {model.stage(model.family.text_stage).source, model.stage(request.decoder_stage).source}
+
+    def _announce_locked(self) -> None:
+        busy = sum(1 for w in self.workers if w.running is not None)
+        for index, dispatch in enumerate(self._waiting):
+            dispatch.job.emit(Queued(busy + index))
+
+    def _run(self, dispatch: _Dispatch, worker: _Worker) -> None:
+        """One job on one worker (its own thread): the worker's events into the job, then the next job."""
+        import ray
+
+        job, lost = dispatch.job, None
+        try:
+            if job.cancel_requested:  # stopped between leaving the line and starting
+                job.emit(Cancelled(latency_s=job.stop_latency()))
+                return
+            stream = worker.handle.run.options(num_returns="streaming").remote(job.id, dispatch.request, job.owner)
+            for reference in stream:
+                self._deliver(dispatch, worker, ray.get(reference))
+            if not job.done:
+                job.emit(Failed(f"{worker.label} ended the job without a result"))
+        except ray.exceptions.RayActorError as error:   # the worker's process died (or is out of reach)
+            lost = error
+        except ray.exceptions.RayTaskError as error:    # the job raised on the worker: bad input found there
+            job.emit(Failed(_cause(error)))
+        except Exception as error:  # the front end must survive any job
+            logger.exception("job %s on %s", job.id, worker.name)
+            job.emit(Failed(f"{type(error).__name__}: {error}"))
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+                worker.running = None
+                worker.jobs_done += lost is None
+                if lost is not None:
+                    worker.state, worker.loaded = "restarting", set()
+                    self._retry_locked(dispatch, worker, lost)
+                    threading.Thread(target=self._await_restart, args=(worker,), daemon=True).start()
+                self._dispatch_locked()
+
+    def _deliver(self, dispatch: _Dispatch, worker: _Worker, shipped: Shipped) -> None:
+        self.event_delays.append(time.time() - shipped.sent_at)
+        event, job = shipped.event, dispatch.job
+        if isinstance(event, TERMINAL):
+            worker.loaded = set(shipped.loaded)
+            event = self._saved(event, job.owner, shipped.input_files, dispatch.notes)
+            if isinstance(event, Cancelled):
+                event = dataclasses.replace(event, latency_s=job.stop_latency())
+            self.timings.append({"job": job.id, "worker": worker.name, "engine_s": shipped.engine_s,
+                                 "front_s": time.monotonic() - dispatch.dispatched_at})
+        job.emit(event)
+
+    def _retry_locked(self, dispatch: _Dispatch, worker: _Worker, error: Exception) -> None:
+        job = dispatch.job
+        logger.warning("%s stopped during job %s: %s", worker.label, job.id, _cause(error))
+        if job.cancel_requested:
+            job.emit(Cancelled(latency_s=job.stop_latency(), notes=(f"{worker.label} stopped too, before it "
+                                                                     f"could keep the last preview",)))
+        elif len(dispatch.tried) < ATTEMPTS:
+            dispatch.notes.append(f"{worker.label} stopped during this job (its process ended); the job ran "
+                                  f"again from the start with the same seed")
+            self._waiting.appendleft(dispatch)
+        else:
+            names = ", ".join(w.label for w in dispatch.tried)
+            job.emit(Failed(f"the workers running this job stopped ({names}): their process ended (killed, out of "
+                            f"memory or crashed); Ray restarts them. Try again; `ray logs` on their node says why"))
+
+    def _await_restart(self, worker: _Worker) -> None:
+        """Ray restarts a dead worker (MAX_RESTARTS); it takes jobs again once its Engine is up."""
+        try:
+            info, state = self._describe(worker, WORKER_START_S), "ready"
+        except ClusterError as error:
+            logger.error("%s is gone: %s", worker.label, error)
+            info, state = worker.info, "dead"
+        with self._lock:
+            worker.info, worker.state = info, state
+            self._dispatch_locked()
+
+    # ------------------------------------------------------------------ saving, as in process
+    def _saved(self, event, owner: str, input_files: dict, notes: list):
+        """The terminal event with its images saved here under `owner` (the worker's copies are gone)."""
+        if not isinstance(event, (Result, Cancelled)):
+            return event
+        missing = set()
+        for reference, data in input_files.items():
+            try:
+                path = self.store.input_path(owner, reference)
+                if not path.exists():
+                    path.parent.mkdir(exist_ok=True)
+                    write_file(path, data)
+            except (OSError, ValueError) as error:  # SaveError names the problem and the folder
+                missing.add(reference)
+                notes.append(f"the input image {reference} could not be stored: {error}; the saved settings lack "
+                             f"that reference")
+        worker_errors = {g.save_error for g in [*event.images, *getattr(event, "partials", [])] if g.save_error}
+        kept = [n for n in event.notes if not any(e in n for e in worker_errors)]  # the worker's scratch, not ours
+
+        def save(generated: GeneratedImage) -> GeneratedImage:
+            settings = dict(generated.settings)
+            if missing:
+                settings["input_images"] = {k: v for k, v in settings.get("input_images", {}).items()
+                                            if v not in missing}
+            try:
+                path = self.store.save(generated.image, settings, owner)
+            except OSError as error:  # SaveError: names the problem and the folder; the image stays in memory
+                notes.append(f"the image of seed {settings.get('seed')}{' (partial)' if generated.partial else ''} "
+                             f"could not be saved: {error}. It is shown here and kept in the gallery only until the "
+                             f"app restarts: download it from there")
+                return dataclasses.replace(generated, settings=settings, path=None, save_error=str(error))
+            return dataclasses.replace(generated, settings=settings, path=path, save_error=None)
+
+        changes = {"images": [save(g) for g in event.images]}
+        if isinstance(event, Cancelled):
+            changes["partials"] = [save(g) for g in event.partials]
+        return dataclasses.replace(event, **changes, notes=tuple(kept + notes))
+
+    # ------------------------------------------------------------------ models and memory
+    def status(self) -> dict:
+        """Engine.status()'s keys summed over the workers, and "workers": each one's node, device,
+        dtype, loaded folders, memory and state (the last known, when a busy worker does not answer)."""
+        import ray
+
+        asked = {w.name: w.handle.status.remote() for w in self.workers if w.state == "ready"}
+        ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=STATUS_TIMEOUT_S)
+        workers = []
+        with self._lock:
+            waiting, running = len(self._waiting), [w for w in self.workers if w.running]
+        for worker in self.workers:
+            reference = asked.get(worker.name)
+            status = None
+            if reference is not None and reference in ready:
+                try:
+                    status = ray.get(reference)
+                except ray.exceptions.RayError:
+                    pass
+            if status is not None:
+                worker.last_status = status
+            status = worker.last_status or {"units": [], "used": 0, "budget": worker.info.get("memory_budget", 0)}
+            dispatch = worker.running
+            workers.append({"name": worker.name, "node": worker.plan.node, "device": worker.info.get("device", "?"),
+                            "dtype": worker.info.get("dtype", "?"), "state": worker.state if worker.state != "ready"
+                            else ("running " + dispatch.job.request.task if dispatch else "idle"),
+                            "units": status["units"], "used": status["used"], "budget": status["budget"],
+                            "jobs_done": worker.jobs_done})
+        used, budget = sum(w["used"] for w in workers), sum(w["budget"] for w in workers)
+        return {"device": self.device, "dtype": self.dtype, "dtype_note": self.dtype_note, "budget": budget,
+                "used": used, "over_budget": used > budget, "units": [], "waiting": waiting,
+                "running": ", ".join(f"{w.running.job.request.task} ({w.running.job.id}) on {w.name}"
+                                     for w in running) or None, "workers": workers}
+
+    @property
+    def memory_budget(self) -> int:
+        return self.workers[0].info.get("memory_budget", 0)
+
+    def _each_worker(self, method: str, *args, timeout: float) -> list:
+        import ray
+
+        ready = [w for w in self.workers if w.state == "ready"]
+        return ray.get([getattr(w.handle, method).remote(*args) for w in ready], timeout=timeout + 10)
+
+    def unload(self, source: str | None = None, timeout: float = 3.0) -> list[str] | None:
+        """Engine.unload on every worker: the units freed, or None when a running job holds one longer
+        than `timeout` s (they are freed when it ends)."""
+        answers = self._each_worker("unload", source, timeout, timeout=timeout)
+        return None if any(a is None for a in answers) else [unit for a in answers for unit in a]
+
+    def set_memory_budget(self, budget, timeout: float = 3.0):
+        """Each worker's budget ("12GB", "auto": 70% of its own machine's RAM)."""
+        parse_memory(budget)  # a bad value is refused here, naming it, before any worker sees it
+        answers = self._each_worker("set_memory_budget", budget, timeout, timeout=timeout)
+        for worker, (applied, _) in zip([w for w in self.workers if w.state == "ready"], answers):
+            worker.info["memory_budget"] = applied
+        evicted = None if any(e is None for _, e in answers) else [unit for _, e in answers for unit in e]
+        return answers[0][0], evicted
+
+    def estimate_depth(self, model: str, photo, name: str = "hint"):
+        """The depth image of `photo` by `model`'s estimator, on a free worker if there is one."""
+        import ray
+
+        spec = self.model(model)
+        check_image(name, photo)
+        with self._lock:
+            ready = [w for w in self.workers if w.state == "ready"] or self.workers
+            worker = min(ready, key=lambda w: (w.running is not None, w.jobs_done))
+        try:
+            return ray.get(worker.handle.estimate_depth.remote(spec.key, photo, name))
+        except ray.exceptions.RayTaskError as error:
+            raise _cause_exception(error) from None
+        except ray.exceptions.RayActorError:
+            raise RuntimeError(f"{worker.label} stopped while estimating the depth; try again") from None
+
+    def shutdown(self) -> None:
+        """Stop every job and the workers (and Ray, when this process started it)."""
+        with self._lock:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            running = [w.running.job for w in self.workers if w.running]
+            threads = list(self._threads)
+        for dispatch in waiting:
+            dispatch.job.emit(Cancelled())
+        for job in running:
+            job.cancel()
+        for thread in threads:
+            thread.join(10.0)
+        self._kill_workers()
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+
+    def _kill_workers(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker.handle, no_restart=True)
+            worker.state = "dead"
+
+
+def _cause_exception(error) -> BaseException:
+    """The exception a worker raised (a ValueError naming a field), without Ray's wrapping."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else RuntimeError(_cause(error))
+
+
+def _cause(error) -> str:
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException) and not hasattr(cause, "cause"):
+        return str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
