@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
+import itertools
 import logging
 import secrets
 import socket
@@ -36,7 +38,7 @@ from pathlib import Path
 from backend.engine import EngineConfig
 from backend.events import TERMINAL, Cancelled, Failed, GeneratedImage, Queued, Result
 from backend.fields import check_image, check_owner
-from backend.jobs import Job
+from backend.jobs import Job, OwnerLimit
 from backend.limits import MAX_SEED
 from backend.memory import parse_memory
 from backend.metadata import OutputStore, write_file
@@ -74,12 +76,7 @@ def connect(address: str) -> bool:
     "local" (start one here) or HOST:PORT / ray://HOST:PORT. True when it started one here."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    if address == "local":
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env())
-        return True
-    if address != "auto":
+    if address not in ("auto", "local"):
         host, _, port = address.removeprefix("ray://").rpartition(":")
         if not host or not port.isdigit():
             raise ClusterError(f"--ray: expected auto, local or HOST:PORT (e.g. 10.0.0.5:6379); got {address!r}")
@@ -88,6 +85,11 @@ def connect(address: str) -> bool:
         except OSError as error:
             raise ClusterError(f"--ray {address}: no Ray cluster answers there ({error.strerror or error}); "
                                f"{START_HINT}") from None
+    if ray.is_initialized():  # this process is connected already (a test that called ray.init)
+        return False
+    if address == "local":
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env())
+        return True
     try:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env())
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -172,6 +174,7 @@ class _Dispatch:
     request: object                         # job.request with its seed drawn (a retry draws the same noise)
     tried: list = field(default_factory=list)   # the workers that ran it, in order
     notes: list = field(default_factory=list)
+    sent: int = 0                           # its place in the order jobs were sent
     dispatched_at: float = 0.0
 
 
@@ -189,7 +192,10 @@ class ClusterEngine:
         self._started_ray = started_ray
         self.store = OutputStore(config.outputs_dir)
         self._lock = threading.Condition()
-        self._waiting: collections.deque[_Dispatch] = collections.deque()
+        self._waiting: list[_Dispatch] = []            # in the order sent (_run_order_locked: the order run)
+        self._sent = itertools.count()
+        self._started = 0                               # jobs started so far
+        self._last_start: dict[str, int] = {}           # owner -> _started when its last job started
         self._threads: set[threading.Thread] = set()
         self._stopping = False
         self.timings: collections.deque = collections.deque(maxlen=TIMINGS_KEPT)   # per job, see _record
@@ -260,7 +266,13 @@ class ClusterEngine:
                 raise RuntimeError("the engine is shutting down")
             if len(self._waiting) >= self.config.max_waiting:
                 raise RuntimeError(f"the queue is full ({self.config.max_waiting} jobs waiting); try again later")
-            self._waiting.append(_Dispatch(job, dataclasses.replace(request, seed=seed)))
+            mine = len([d for d in self._waiting if d.job.owner == owner]) + \
+                len([w for w in self.workers if w.running and w.running.job.owner == owner and not w.running.job.done])
+            if mine >= self.config.max_per_owner:
+                raise OwnerLimit(f"you already have {mine} jobs running or waiting, as many as one user may "
+                                 f"({self.config.max_per_owner}); this one was not queued. Wait for one to finish, "
+                                 f"or press Stop")
+            self._waiting.append(_Dispatch(job, dataclasses.replace(request, seed=seed), sent=next(self._sent)))
             self._dispatch_locked()
         return job
 
@@ -268,7 +280,8 @@ class ClusterEngine:
         """The running and waiting jobs of `owner`, in run order."""
         with self._lock:
             running = sorted((w.running for w in self.workers if w.running), key=lambda d: d.dispatched_at)
-            return [d.job for d in [*running, *self._waiting] if d.job.owner == owner]
+            # a job whose last event came is done, though its thread may not have freed the worker yet
+            return [d.job for d in [*running, *self._run_order_locked()] if d.job.owner == owner and not d.job.done]
 
     def cancel(self, owner: str) -> int:
         """Stop every running or waiting job of `owner`; returns how many were asked to stop."""
@@ -293,15 +306,18 @@ class ClusterEngine:
     def _dispatch_locked(self) -> None:
         """Start waiting jobs on free workers, in line order; tell the others their place."""
         if self._waiting and all(w.state == "dead" for w in self.workers):
-            failed, self._waiting = list(self._waiting), collections.deque()
+            failed, self._waiting = self._waiting, []
             for dispatch in failed:
                 dispatch.job.emit(Failed("no worker is left: every worker of the Ray cluster stopped and Ray gave up "
                                          "restarting it (see `ray logs`); restart the app or add workers"))
         while self._waiting:
-            worker = self._pick_worker(self._waiting[0])
+            dispatch = self._run_order_locked()[0]
+            worker = self._pick_worker(dispatch)
             if worker is None:
                 break
-            dispatch = self._waiting.popleft()
+            self._waiting.remove(dispatch)
+            self._started += 1
+            self._last_start[dispatch.job.owner] = self._started
             worker.running, dispatch.dispatched_at = dispatch, time.monotonic()
             dispatch.tried.append(worker)
             dispatch.job.started_at = dispatch.job.started_at or dispatch.dispatched_at
@@ -326,13 +342,33 @@ class ClusterEngine:
         model = self.models[request.model]
         return {model.stage(model.family.text_stage).source, model.stage(request.decoder_stage).source}
 
+    def _run_order_locked(self) -> list[_Dispatch]:
+        """The waiting jobs in the order they will start, by backend/jobs.py JobRunner's rule: round-robin
+        over owners, the owner whose last job started longest ago (or never) first, ties by the time sent,
+        each owner's jobs in the order sent; a job whose worker died goes first (it was started before)."""
+        mine: dict[str, collections.deque[_Dispatch]] = {}
+        for dispatch in sorted(self._waiting, key=lambda d: (not d.tried, d.sent)):
+            mine.setdefault(dispatch.job.owner, collections.deque()).append(dispatch)
+        turns = [(-1 if jobs[0].tried else self._last_start.get(owner, -1), jobs[0].sent, owner)
+                 for owner, jobs in mine.items()]
+        heapq.heapify(turns)
+        order, tick = [], self._started
+        while turns:
+            _, _, owner = heapq.heappop(turns)
+            order.append(mine[owner].popleft())
+            tick += 1
+            if mine[owner]:
+                heapq.heappush(turns, (tick, mine[owner][0].sent, owner))
+        return order
+
     def _announce_locked(self) -> None:
+        """Tell every waiting job its place: the jobs running on the cluster, then those before it."""
         busy = sum(1 for w in self.workers if w.running is not None)
-        for index, dispatch in enumerate(self._waiting):
+        for index, dispatch in enumerate(self._run_order_locked()):
             dispatch.job.emit(Queued(busy + index))
 
     def _run(self, dispatch: _Dispatch, worker: _Worker) -> None:
-        """One job on one worker (its own thread): the worker's events into the job, then the next job."""
+        """One job on one worker (its own thread): the worker's events into the job."""
         import ray
 
         job, lost = dispatch.job, None
@@ -355,25 +391,31 @@ class ClusterEngine:
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())
-                worker.running = None
-                worker.jobs_done += lost is None
                 if lost is not None:
                     worker.state, worker.loaded = "restarting", set()
-                    self._retry_locked(dispatch, worker, lost)
                     threading.Thread(target=self._await_restart, args=(worker,), daemon=True).start()
+                if worker.running is dispatch:  # no last event came: free the worker here
+                    worker.running = None
+                    if lost is not None:
+                        self._retry_locked(dispatch, worker, lost)
                 self._dispatch_locked()
 
     def _deliver(self, dispatch: _Dispatch, worker: _Worker, shipped: Shipped) -> None:
         self.event_delays.append(time.time() - shipped.sent_at)
         event, job = shipped.event, dispatch.job
-        if isinstance(event, TERMINAL):
-            worker.loaded = set(shipped.loaded)
-            event = self._saved(event, job.owner, shipped.input_files, dispatch.notes)
-            if isinstance(event, Cancelled):
-                event = dataclasses.replace(event, latency_s=job.stop_latency())
-            self.timings.append({"job": job.id, "worker": worker.name, "engine_s": shipped.engine_s,
-                                 "front_s": time.monotonic() - dispatch.dispatched_at})
+        if not isinstance(event, TERMINAL):
+            job.emit(event)
+            return
+        event = self._saved(event, job.owner, shipped.input_files, dispatch.notes)
+        if isinstance(event, Cancelled):
+            event = dataclasses.replace(event, latency_s=job.stop_latency())
+        self.timings.append({"job": job.id, "worker": worker.name, "engine_s": shipped.engine_s,
+                             "front_s": time.monotonic() - dispatch.dispatched_at})
         job.emit(event)
+        with self._lock:  # the worker takes its next job now, not after its stream has closed
+            worker.loaded, worker.running = set(shipped.loaded), None
+            worker.jobs_done += 1
+            self._dispatch_locked()
 
     def _retry_locked(self, dispatch: _Dispatch, worker: _Worker, error: Exception) -> None:
         job = dispatch.job
@@ -384,7 +426,7 @@ class ClusterEngine:
         elif len(dispatch.tried) < ATTEMPTS:
             dispatch.notes.append(f"{worker.label} stopped during this job (its process ended); the job ran "
                                   f"again from the start with the same seed")
-            self._waiting.appendleft(dispatch)
+            self._waiting.append(dispatch)  # first in the run order: it has been tried
         else:
             names = ", ".join(w.label for w in dispatch.tried)
             job.emit(Failed(f"the workers running this job stopped ({names}): their process ended (killed, out of "
@@ -392,14 +434,28 @@ class ClusterEngine:
 
     def _await_restart(self, worker: _Worker) -> None:
         """Ray restarts a dead worker (MAX_RESTARTS); it takes jobs again once its Engine is up."""
-        try:
-            info, state = self._describe(worker, WORKER_START_S), "ready"
-        except ClusterError as error:
-            logger.error("%s is gone: %s", worker.label, error)
-            info, state = worker.info, "dead"
+        import ray
+
+        deadline, info, state = time.monotonic() + WORKER_START_S, worker.info, "dead"
+        while time.monotonic() < deadline:
+            try:
+                info = ray.get(worker.handle.describe.remote(), timeout=deadline - time.monotonic())
+                state = "ready"
+                break
+            except ray.exceptions.ActorUnavailableError:  # still restarting: Ray has no event to wait on
+                time.sleep(1.0)
+            except ray.exceptions.RayError as error:  # ActorDiedError: Ray gave up restarting it; or too slow
+                logger.error("%s is gone: %s", worker.label, _cause(error))
+                break
         with self._lock:
             worker.info, worker.state = info, state
+            self._lock.notify_all()
             self._dispatch_locked()
+
+    def wait_for_workers(self, timeout: float) -> bool:
+        """Block until no worker is restarting (each is ready, or dead for good); False after `timeout` s."""
+        with self._lock:
+            return self._lock.wait_for(lambda: all(w.state in ("ready", "dead") for w in self.workers), timeout)
 
     # ------------------------------------------------------------------ saving, as in process
     def _saved(self, event, owner: str, input_files: dict, notes: list):
@@ -518,7 +574,7 @@ class ClusterEngine:
         """Stop every job and the workers (and Ray, when this process started it)."""
         with self._lock:
             self._stopping = True
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting, self._waiting = self._waiting, []
             running = [w.running.job for w in self.workers if w.running]
             threads = list(self._threads)
         for dispatch in waiting:

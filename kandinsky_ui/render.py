@@ -130,6 +130,9 @@ def status_markdown(status: dict) -> str:
     if status["over_budget"]:
         lines.append("\n⚠️ Over budget: one model folder is larger than the whole budget and was loaded alone.")
     lines.append(f"\n**Jobs** running: {status['running'] or 'none'} · waiting: {status['waiting']}")
+    if "workers" in status:  # a Ray cluster (backend/cluster.py): each worker's models, not one engine's
+        lines.append(workers_markdown(status["workers"]))
+        return "\n".join(lines)
     if not status["units"]:
         lines.append("\nNo model loaded yet: models load on first use.")
         return "\n".join(lines)
@@ -152,3 +155,19 @@ def status_markdown(status: dict) -> str:
 
 def seeds_text(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in seeds)
+
+
+def workers_markdown(workers: list[dict]) -> str:
+    """The workers of a Ray cluster (backend/cluster.py ClusterEngine.status()["workers"]), one row each."""
+    lines = ["\n| Worker | Node | Device | dtype | Loaded models | Memory | State |", "|---|---|---|---|---|---|---|"]
+    for worker in workers:
+        loaded = []
+        for unit in worker["units"]:
+            parts = unit["source"].rstrip("/").split("/")
+            # a repo id or a folder named like one; the demo's role folders also need their parent's name
+            name = "/".join(parts[-2:]) if parts[-1] == unit["role"] else parts[-1]
+            loaded.append(f"{name} ({unit['part']})" if unit["part"] else name)
+        lines.append(f"| {worker['name']} | {worker['node']} | {worker['device']} | {worker['dtype']} | "
+                     f"{', '.join(loaded) or 'none yet'} | {format_bytes(worker['used'])} of "
+                     f"{format_bytes(worker['budget'])} | {worker['state']} |")
+    return "\n".join(lines)
