@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "2.1, 3, comma-separated (default 2.2,2.1,3)")
     parser.add_argument("--demo", action="store_true",
                         help="run on tiny random-weight models built locally (offline; images are noise)")
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="run the models on the workers of a Ray cluster (docs/SCALING.md): auto (the cluster "
+                             "running on this machine), local (start one here) or HOST:PORT of its head")
+    parser.add_argument("--ray-cpu-workers", type=int, default=1, metavar="N",
+                        help="with --ray: workers per CPU node, sharing its cores (default 1; each GPU or NPU "
+                             "has its own worker)")
     parser.add_argument("--log-level", default="INFO")
     extra = shlex.split(os.environ.get("KANDINSKY_STUDIO_ARGS", ""))
     args = parser.parse_args(extra + list(sys.argv[1:] if argv is None else argv))
@@ -165,6 +171,19 @@ def engine_config(args: argparse.Namespace):
                         offline=args.offline, outputs_dir=str(outputs_folder(args.outputs_dir)))
 
 
+def ray_engine(args: argparse.Namespace):
+    """--ray: the Engine's interface over the worker actors of a Ray cluster (backend/cluster.py).
+    Ray is imported here only: without --ray the app never loads it."""
+    from backend.cluster import ClusterEngine, ClusterError, connect
+
+    config = engine_config(args)
+    try:
+        started = connect(args.ray)
+        return ClusterEngine(config, cpu_workers_per_node=args.ray_cpu_workers, started_ray=started)
+    except ClusterError as error:
+        raise SystemExit(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -184,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     # PIL refuses to open an image of more than twice this many pixels (a decompression bomb)
     # wherever it is opened; the upload checks (kandinsky_ui/guards.py) refuse beyond it exactly.
     Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
-    engine = Engine(engine_config(args))
+    engine = ray_engine(args) if args.ray else Engine(engine_config(args))
     outputs = engine.store.root
     demo = build_ui(engine, page_config(engine.models, browser_secret(outputs)))
     demo.queue(default_concurrency_limit=1)
