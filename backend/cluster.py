@@ -206,15 +206,22 @@ class ClusterEngine:
         worker_config = dataclasses.replace(config, models_dir=config.models_dir and str(Path(config.models_dir).resolve()),
                                             cache_dir=str(Path(config.cache_dir).resolve()))
         actor = ray.remote(EngineWorker)
-        self.workers = [_Worker(plan, actor.options(
-            name=None, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, resources=plan.resources,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(plan.node_id, soft=False),
-            max_restarts=MAX_RESTARTS, max_task_retries=0, max_concurrency=16,
-        ).remote(dataclasses.replace(worker_config, device=plan.device), plan.name, plan.memory_share))
-            for plan in plans]
+
+        def start(plan: WorkerPlan) -> _Worker:
+            return _Worker(plan, actor.options(
+                num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, resources=plan.resources,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(plan.node_id, soft=False),
+                max_restarts=MAX_RESTARTS, max_task_retries=0, max_concurrency=16,
+            ).remote(dataclasses.replace(worker_config, device=plan.device), plan.name, plan.memory_share))
+
+        # The demo models are built by the first worker alone: two builds into one cache folder would race.
+        self.workers = [start(plans[0])]
         try:
+            if config.demo:
+                self.workers[0].info = self._describe(self.workers[0], WORKER_START_S)
+            self.workers += [start(plan) for plan in plans[1:]]
             for worker in self.workers:
-                worker.info, worker.state = self._describe(worker, WORKER_START_S), "ready"
+                worker.info, worker.state = worker.info or self._describe(worker, WORKER_START_S), "ready"
         except BaseException:
             self._kill_workers()
             raise
