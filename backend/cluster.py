@@ -5,15 +5,16 @@
     job = engine.submit(Text2ImageRequest(prompt="a red fox"), owner)   # a backend.jobs.Job, as in process
     for event in job.events(): ...
 
-One worker actor per device (backend/ray_worker.py; `plan_workers`): a GPU (num_gpus=1), an Ascend NPU
-(its Ray resource, "NPU"), or a CPU node (its cores, or a share of them). Each owns an Engine with its
-models, memory budget and engine thread, and runs one job at a time, so the line is here, in the front
-end, and positions count the whole cluster. A job goes to a free worker that already holds its folders,
+One worker actor per device (backend/ray_worker.py, planned by backend/ray_setup.py): a GPU
+(num_gpus=1), an Ascend NPU (its Ray resource, "NPU"), or a CPU node (its cores, or a share of them).
+Each owns an Engine with its models, memory budget and engine thread, and runs one job at a time, so
+the line is here, in the front end (the JobRunner's order: round-robin over owners), and positions
+count the whole cluster. A job goes to a free worker that already holds its folders,
 else to the free worker that has run the fewest jobs; one thread per running job reads the worker's
 events (a Ray streaming generator) into the front end's Job, which every reader of events uses
 unchanged. The images of a job's last event are saved here, in this process's OutputStore, under
-the owner, with the same settings (and input images) as in process: galleries and PNG info work as
-they do without Ray.
+the owner, with the same settings (and input images) as in process (backend/shipping.py): galleries
+and PNG info work as they do without Ray.
 
 Stop: the Job's on_cancel drops a waiting job, or forwards the cancel to the worker (a threaded
 actor serves it while the job runs): the job ends after its current step, as in process.
@@ -29,119 +30,29 @@ import heapq
 import itertools
 import logging
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.engine import EngineConfig
-from backend.events import TERMINAL, Cancelled, Failed, GeneratedImage, Queued, Result
+from backend.events import TERMINAL, Cancelled, Failed, Queued
 from backend.fields import check_image, check_owner
 from backend.jobs import Job, OwnerLimit
 from backend.limits import MAX_SEED
 from backend.memory import parse_memory
-from backend.metadata import OutputStore, write_file
-from backend.ray_worker import EngineWorker, Shipped
+from backend.metadata import OutputStore
+from backend.ray_setup import ClusterError, WorkerPlan, connect, plan_workers  # noqa: F401 (connect: app.py's)
+from backend.ray_worker import EngineWorker
+from backend.shipping import Shipped, save_last_event
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# What the workers need of this checkout (shipped to every node by Ray's runtime_env working_dir).
-NOT_SHIPPED = ["tests/", "docs/", "tools/", "outputs/", "assets/screenshots/", ".git/"]
-NPU_RESOURCE = "NPU"             # the Ray resource of an Ascend NPU (the ray-ascend plugin's name)
 MAX_RESTARTS = 3                 # Ray restarts a dead worker this many times
 ATTEMPTS = 2                     # a job whose worker died runs once more
 WORKER_START_S = 600.0           # a worker's Engine starts (MindSpore, the demo models) within this
 STATUS_TIMEOUT_S = 2.0           # the Models tab does not wait longer for a busy worker's status
 TIMINGS_KEPT = 1000
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot be used: one line for people, saying what to do."""
-
-
-START_HINT = ("start one with `ray start --head` (then `ray start --address=HEAD:6379` on each worker machine; "
-              "docs/SCALING.md), or use --ray local to start one on this machine")
-
-
-def runtime_env() -> dict:
-    """Ray's runtime_env that ships this checkout's code to every worker (Ray takes a folder only in
-    ray.init: a process that calls ray.init itself passes this)."""
-    return {"working_dir": str(REPO_ROOT), "excludes": NOT_SHIPPED}
-
-
-def connect(address: str) -> bool:
-    """Connect this process to the Ray cluster at `address`: "auto" (the one running on this machine),
-    "local" (start one here) or HOST:PORT / ray://HOST:PORT. True when it started one here."""
-    import ray
-
-    if address not in ("auto", "local"):
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        if not host or not port.isdigit():
-            raise ClusterError(f"--ray: expected auto, local or HOST:PORT (e.g. 10.0.0.5:6379); got {address!r}")
-        try:  # Ray would retry for a minute; an address nobody answers at fails now
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except OSError as error:
-            raise ClusterError(f"--ray {address}: no Ray cluster answers there ({error.strerror or error}); "
-                               f"{START_HINT}") from None
-    if ray.is_initialized():  # this process is connected already (a test that called ray.init)
-        return False
-    if address == "local":
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env())
-        return True
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env())
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ClusterError(f"--ray {address}: cannot connect ({first_line}); {START_HINT}") from None
-    return False
-
-
-# ----------------------------------------------------------------------------------- workers
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """One worker actor to start: where, on which device, with what Ray resources."""
-
-    name: str
-    node_id: str
-    node: str                                        # the node's address, for people
-    device: str                                      # EngineConfig.device: cpu | gpu | ascend
-    num_cpus: float = 0
-    num_gpus: float = 0
-    resources: dict = field(default_factory=dict)    # e.g. {"NPU": 1}
-    memory_share: int = 1                            # workers sharing this node's memory
-
-
-def plan_workers(nodes: list[dict], device: str = "auto", cpu_workers_per_node: int = 1) -> list[WorkerPlan]:
-    """One worker per GPU, per Ascend NPU, or per CPU node (its cores, split among `cpu_workers_per_node`
-    workers), from `ray.nodes()`. `device` (EngineConfig.device) limits the kinds; auto prefers a
-    node's accelerators to its cores. ClusterError when no node has a device the models can use."""
-    plans: list[WorkerPlan] = []
-    for node in nodes:
-        if not node.get("Alive"):
-            continue
-        resources = node.get("Resources", {})
-        cpus, gpus, npus = (int(resources.get(kind, 0)) for kind in ("CPU", "GPU", NPU_RESOURCE))
-        where = dict(node_id=node["NodeID"], node=node.get("NodeManagerAddress", "?"))
-        if gpus and device in ("auto", "gpu"):
-            plans += [WorkerPlan("", device="gpu", num_gpus=1, memory_share=gpus, **where) for _ in range(gpus)]
-        elif npus and device in ("auto", "ascend"):
-            plans += [WorkerPlan("", device="ascend", resources={NPU_RESOURCE: 1}, memory_share=npus, **where)
-                      for _ in range(npus)]
-        elif cpus and device in ("auto", "cpu"):
-            count = max(1, min(cpu_workers_per_node, cpus))
-            plans += [WorkerPlan("", device="cpu", num_cpus=cpus // count, memory_share=count, **where)
-                      for _ in range(count)]
-    if not plans:
-        seen = "; ".join(f"{n.get('NodeManagerAddress', '?')}: {int(n['Resources'].get('CPU', 0))} CPU, "
-                         f"{int(n['Resources'].get('GPU', 0))} GPU, {int(n['Resources'].get(NPU_RESOURCE, 0))} NPU"
-                         for n in nodes if n.get("Alive")) or "no live node"
-        raise ClusterError(f"the Ray cluster has no device the models can use with --device {device} ({seen}); "
-                           f"add a node with CPUs, GPUs or Ascend NPUs (`ray start --address=HEAD:6379`, "
-                           f"docs/SCALING.md)")
-    return [dataclasses.replace(plan, name=f"worker-{i}") for i, plan in enumerate(plans, 1)]
 
 
 @dataclass
@@ -198,13 +109,14 @@ class ClusterEngine:
         self._last_start: dict[str, int] = {}           # owner -> _started when its last job started
         self._threads: set[threading.Thread] = set()
         self._stopping = False
-        self.timings: collections.deque = collections.deque(maxlen=TIMINGS_KEPT)   # per job, see _record
+        # per job: front_s (dispatched -> its last event delivered) and engine_s (the worker Engine's own time)
+        self.timings: collections.deque = collections.deque(maxlen=TIMINGS_KEPT)
         self.event_delays: collections.deque = collections.deque(maxlen=100 * TIMINGS_KEPT)  # seconds
 
         plans = plan_workers(ray.nodes(), config.device, cpu_workers_per_node)
         # relative folders mean this process's; the workers run in the shipped copy of the code
-        worker_config = dataclasses.replace(config, models_dir=config.models_dir and str(Path(config.models_dir).resolve()),
-                                            cache_dir=str(Path(config.cache_dir).resolve()))
+        models_dir = config.models_dir and str(Path(config.models_dir).resolve())
+        worker_config = dataclasses.replace(config, models_dir=models_dir, cache_dir=str(Path(config.cache_dir).resolve()))
         actor = ray.remote(EngineWorker)
 
         def start(plan: WorkerPlan) -> _Worker:
@@ -245,8 +157,8 @@ class ClusterEngine:
         try:
             return ray.get(worker.handle.describe.remote(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            raise ClusterError(f"{worker.name} on {worker.plan.node} did not start within {timeout:.0f} s (`ray status` "
-                               f"shows whether its resources are free)") from None
+            raise ClusterError(f"{worker.name} on {worker.plan.node} did not start within {timeout:.0f} s "
+                               f"(`ray status` shows whether its resources are free)") from None
         except ray.exceptions.RayError as error:
             raise ClusterError(f"{worker.name} on {worker.plan.node} could not start its engine: "
                                f"{_cause(error)}") from None
@@ -413,7 +325,7 @@ class ClusterEngine:
         if not isinstance(event, TERMINAL):
             job.emit(event)
             return
-        event = self._saved(event, job.owner, shipped.input_files, dispatch.notes)
+        event = save_last_event(self.store, event, job.owner, shipped.input_files, dispatch.notes)
         if isinstance(event, Cancelled):
             event = dataclasses.replace(event, latency_s=job.stop_latency())
         self.timings.append({"job": job.id, "worker": worker.name, "engine_s": shipped.engine_s,
@@ -463,44 +375,6 @@ class ClusterEngine:
         """Block until no worker is restarting (each is ready, or dead for good); False after `timeout` s."""
         with self._lock:
             return self._lock.wait_for(lambda: all(w.state in ("ready", "dead") for w in self.workers), timeout)
-
-    # ------------------------------------------------------------------ saving, as in process
-    def _saved(self, event, owner: str, input_files: dict, notes: list):
-        """The terminal event with its images saved here under `owner` (the worker's copies are gone)."""
-        if not isinstance(event, (Result, Cancelled)):
-            return event
-        missing = set()
-        for reference, data in input_files.items():
-            try:
-                path = self.store.input_path(owner, reference)
-                if not path.exists():
-                    path.parent.mkdir(exist_ok=True)
-                    write_file(path, data)
-            except (OSError, ValueError) as error:  # SaveError names the problem and the folder
-                missing.add(reference)
-                notes.append(f"the input image {reference} could not be stored: {error}; the saved settings lack "
-                             f"that reference")
-        worker_errors = {g.save_error for g in [*event.images, *getattr(event, "partials", [])] if g.save_error}
-        kept = [n for n in event.notes if not any(e in n for e in worker_errors)]  # the worker's scratch, not ours
-
-        def save(generated: GeneratedImage) -> GeneratedImage:
-            settings = dict(generated.settings)
-            if missing:
-                settings["input_images"] = {k: v for k, v in settings.get("input_images", {}).items()
-                                            if v not in missing}
-            try:
-                path = self.store.save(generated.image, settings, owner)
-            except OSError as error:  # SaveError: names the problem and the folder; the image stays in memory
-                notes.append(f"the image of seed {settings.get('seed')}{' (partial)' if generated.partial else ''} "
-                             f"could not be saved: {error}. It is shown here and kept in the gallery only until the "
-                             f"app restarts: download it from there")
-                return dataclasses.replace(generated, settings=settings, path=None, save_error=str(error))
-            return dataclasses.replace(generated, settings=settings, path=path, save_error=None)
-
-        changes = {"images": [save(g) for g in event.images]}
-        if isinstance(event, Cancelled):
-            changes["partials"] = [save(g) for g in event.partials]
-        return dataclasses.replace(event, **changes, notes=tuple(kept + notes))
 
     # ------------------------------------------------------------------ models and memory
     def status(self) -> dict:

@@ -9,8 +9,8 @@ talks to the Engine's API: the Engine's own thread is the only one running MindS
 The front end saves the images (its OutputStore, one folder per owner), so the worker's Engine
 saves into a scratch folder of its own: a job's PNGs are deleted from it as soon as they are
 shipped, and the input images its settings reference travel with the job's last event as PNG
-bytes, under the same `inputs/<hash>.png` names. The class is plain Python (Ray is imported only
-to name the node), so it runs the same in the actor's process and in a unit test.
+bytes, under the same `inputs/<hash>.png` names (backend/shipping.py). The class is plain Python:
+Ray is imported only to name the node.
 """
 from __future__ import annotations
 
@@ -24,28 +24,16 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Iterator
 
 from backend.engine import Engine, EngineConfig
-from backend.events import TERMINAL, Cancelled, Event, Result
+from backend.events import TERMINAL, Cancelled, Result
 from backend.memory import default_memory_budget
+from backend.shipping import Shipped
 
 logger = logging.getLogger(__name__)
 
 EARLY_CANCELS_KEPT = 1024     # cancels that arrived before their job: remembered for this many jobs
-
-
-@dataclass
-class Shipped:
-    """One event of a job on its way from a worker to the front end."""
-
-    event: Event
-    sent_at: float                          # time.time() when it left the worker (per-event overhead)
-    # the job's last event only:
-    input_files: dict = field(default_factory=dict)   # "inputs/<hash>.png" -> the PNG bytes the settings name
-    loaded: tuple = ()                      # the folders the worker holds after the job (dispatch affinity)
-    engine_s: float | None = None           # the job on the worker's Engine: submitted -> its last event
 
 
 class EngineWorker:

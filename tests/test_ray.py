@@ -13,10 +13,11 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")  # requirements.txt installs it: this only spares a bare checkout
 
-from backend.cluster import ClusterEngine, ClusterError, connect, plan_workers, runtime_env  # noqa: E402
+from backend.cluster import ClusterEngine  # noqa: E402
 from backend.engine import EngineConfig  # noqa: E402
 from backend.events import Cancelled, Failed, Result, Step  # noqa: E402
 from backend.metadata import read_settings  # noqa: E402
+from backend.ray_setup import ClusterError, connect, plan_workers, runtime_env  # noqa: E402
 from backend.requests import Image2ImageRequest, Text2ImageRequest  # noqa: E402
 from kandinsky_ui.render import status_markdown  # noqa: E402
 
@@ -149,7 +150,8 @@ def test_stop_across_the_boundary_keeps_the_partial_image_in_the_owners_gallery(
 
 
 def test_a_waiting_job_stopped_before_a_worker_took_it_never_runs(cluster):
-    long = [cluster.submit(Text2ImageRequest(**small(seed=s, num_inference_steps=200, batch_count=4)), OWNERS[s]) for s in (0, 1)]
+    long = [cluster.submit(Text2ImageRequest(**small(seed=s, num_inference_steps=200, batch_count=4)), OWNERS[s])
+            for s in (0, 1)]
     waiting = cluster.submit(Text2ImageRequest(**small(seed=7)), STOPPER)
     assert first_event(waiting).position == 2  # both workers busy: two jobs ahead
     waiting.cancel()
@@ -220,7 +222,8 @@ def test_one_worker_per_gpu_per_npu_or_per_cpu_node():
     plans = plan_workers([node(cpus=8, gpus=2, address="gpu"), node(cpus=4, npus=1, address="npu"),
                           node(cpus=16, address="cpu"), node(cpus=64, alive=False, address="gone")])
     assert [(p.name, p.node, p.device) for p in plans] == [
-        ("worker-1", "gpu", "gpu"), ("worker-2", "gpu", "gpu"), ("worker-3", "npu", "ascend"), ("worker-4", "cpu", "cpu")]
+        ("worker-1", "gpu", "gpu"), ("worker-2", "gpu", "gpu"), ("worker-3", "npu", "ascend"),
+        ("worker-4", "cpu", "cpu")]
     assert plans[0].num_gpus == 1 and plans[2].resources == {"NPU": 1} and plans[3].num_cpus == 16
     split = plan_workers([node(cpus=16)], cpu_workers_per_node=4)
     assert [(p.num_cpus, p.memory_share) for p in split] == [(4, 4)] * 4

@@ -68,7 +68,8 @@ def main() -> None:
 
     import ray
 
-    from backend.cluster import ClusterEngine, runtime_env
+    from backend.cluster import ClusterEngine
+    from backend.ray_setup import runtime_env
 
     outputs = Path("/tmp/bench-ray-outputs")
     config = EngineConfig(demo=True, outputs_dir=str(outputs))
