@@ -5,16 +5,16 @@
     job = engine.submit(Text2ImageRequest(prompt="a red fox"), owner)   # a backend.jobs.Job, as in process
     for event in job.events(): ...
 
-One worker actor per device (backend/ray_worker.py, planned by backend/ray_setup.py): a GPU
-(num_gpus=1), an Ascend NPU (its Ray resource, "NPU"), or a CPU node (its cores, or a share of them).
-Each owns an Engine with its models, memory budget and engine thread, and runs one job at a time, so
-the line is here, in the front end (the JobRunner's order: round-robin over owners), and positions
-count the whole cluster. A job goes to a free worker that already holds its folders,
-else to the free worker that has run the fewest jobs; one thread per running job reads the worker's
-events (a Ray streaming generator) into the front end's Job, which every reader of events uses
-unchanged. The images of a job's last event are saved here, in this process's OutputStore, under
-the owner, with the same settings (and input images) as in process (backend/shipping.py): galleries
-and PNG info work as they do without Ray.
+One worker actor per device (backend/ray_worker.py; planned by backend/ray_setup.py, started and
+asked by backend/ray_pool.py): a GPU (num_gpus=1), an Ascend NPU (its Ray resource, "NPU"), or a CPU
+node (its cores, or a share of them). Each owns an Engine with its models, memory budget and engine
+thread, and runs one job at a time, so the line is here, in the front end (the JobRunner's order:
+round-robin over owners), and positions count the whole cluster. A job goes to a free worker that
+already holds its folders, else to the free worker that has run the fewest jobs; one thread per
+running job reads the worker's events (a Ray streaming generator) into the front end's Job, which
+every reader of events uses unchanged. The images of a job's last event are saved here, in this
+process's OutputStore, under the owner, with the same settings (and input images) as in process
+(backend/shipping.py): galleries and PNG info work as they do without Ray.
 
 Stop: the Job's on_cancel drops a waiting job, or forwards the cancel to the worker (a threaded
 actor serves it while the job runs): the job ends after its current step, as in process.
@@ -42,39 +42,15 @@ from backend.jobs import Job, OwnerLimit
 from backend.limits import MAX_SEED
 from backend.memory import parse_memory
 from backend.metadata import OutputStore
-from backend.ray_setup import ClusterError, WorkerPlan, connect, plan_workers  # noqa: F401 (connect: app.py's)
-from backend.ray_worker import EngineWorker
+from backend import ray_pool
+from backend.ray_pool import Worker
+from backend.ray_setup import ClusterError, connect, plan_workers  # noqa: F401 (connect: app.py's)
 from backend.shipping import Shipped, save_last_event
 
 logger = logging.getLogger(__name__)
 
-MAX_RESTARTS = 3                 # Ray restarts a dead worker this many times
 ATTEMPTS = 2                     # a job whose worker died runs once more
-WORKER_START_S = 600.0           # a worker's Engine starts (MindSpore, the demo models) within this
-STATUS_TIMEOUT_S = 2.0           # the Models tab does not wait longer for a busy worker's status
 TIMINGS_KEPT = 1000
-
-
-@dataclass
-class _Worker:
-    """The front end's record of one worker actor."""
-
-    plan: WorkerPlan
-    handle: object                          # the Ray actor handle
-    info: dict = field(default_factory=dict)   # EngineWorker.describe()
-    state: str = "starting"                 # starting | ready | restarting | dead
-    running: "_Dispatch | None" = None
-    loaded: set = field(default_factory=set)   # folders it held after its last job
-    jobs_done: int = 0
-    last_status: dict | None = None         # EngineWorker.status(), the last answer
-
-    @property
-    def name(self) -> str:
-        return self.plan.name
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.info.get('device', self.plan.device)} on {self.plan.node})"
 
 
 @dataclass
@@ -97,7 +73,6 @@ class ClusterEngine:
 
     def __init__(self, config: EngineConfig, cpu_workers_per_node: int = 1, started_ray: bool = False):
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.config = config
         self._started_ray = started_ray
@@ -116,31 +91,13 @@ class ClusterEngine:
         plans = plan_workers(ray.nodes(), config.device, cpu_workers_per_node)
         # relative folders mean this process's; the workers run in the shipped copy of the code
         models_dir = config.models_dir and str(Path(config.models_dir).resolve())
-        worker_config = dataclasses.replace(config, models_dir=models_dir, cache_dir=str(Path(config.cache_dir).resolve()))
-        actor = ray.remote(EngineWorker)
-
-        def start(plan: WorkerPlan) -> _Worker:
-            return _Worker(plan, actor.options(
-                num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, resources=plan.resources,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(plan.node_id, soft=False),
-                max_restarts=MAX_RESTARTS, max_task_retries=0, max_concurrency=16,
-            ).remote(dataclasses.replace(worker_config, device=plan.device), plan.name, plan.memory_share))
-
-        # The demo models are built by the first worker alone: two builds into one cache folder would race.
-        self.workers = [start(plans[0])]
-        try:
-            if config.demo:
-                self.workers[0].info = self._describe(self.workers[0], WORKER_START_S)
-            self.workers += [start(plan) for plan in plans[1:]]
-            for worker in self.workers:
-                worker.info, worker.state = worker.info or self._describe(worker, WORKER_START_S), "ready"
-        except BaseException:
-            self._kill_workers()
-            raise
+        cache_dir = str(Path(config.cache_dir).resolve())
+        worker_config = dataclasses.replace(config, models_dir=models_dir, cache_dir=cache_dir)
+        self.workers = ray_pool.start_workers(plans, worker_config)
         self.models = self.workers[0].info["models"]
         for worker in self.workers[1:]:
             if list(worker.info["models"]) != list(self.models):
-                self._kill_workers()
+                ray_pool.stop(self.workers)
                 raise ClusterError(f"{worker.label} offers {list(worker.info['models'])}, {self.workers[0].label} "
                                    f"{list(self.models)}: give every node the same models (--models, --models-dir)")
         first = self.workers[0].info
@@ -150,18 +107,6 @@ class ClusterEngine:
                        f"({', '.join(f'{count} {kind}' for kind, count in kinds.items())})")
         self.dtype_note = "; ".join(dict.fromkeys(w.info["dtype_note"] for w in self.workers))
         logger.info("Ray workers: %s", ", ".join(w.label for w in self.workers))
-
-    def _describe(self, worker: _Worker, timeout: float) -> dict:
-        import ray
-
-        try:
-            return ray.get(worker.handle.describe.remote(), timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise ClusterError(f"{worker.name} on {worker.plan.node} did not start within {timeout:.0f} s "
-                               f"(`ray status` shows whether its resources are free)") from None
-        except ray.exceptions.RayError as error:
-            raise ClusterError(f"{worker.name} on {worker.plan.node} could not start its engine: "
-                               f"{_cause(error)}") from None
 
     # ------------------------------------------------------------------ jobs
     def model(self, key: str):
@@ -246,7 +191,7 @@ class ClusterEngine:
             thread.start()
         self._announce_locked()
 
-    def _pick_worker(self, dispatch: _Dispatch) -> _Worker | None:
+    def _pick_worker(self, dispatch: _Dispatch) -> Worker | None:
         """A free worker holding the job's folders, else the free one that ran the fewest jobs. A retry
         avoids the workers that already failed it, unless no other is left."""
         others = [w for w in self.workers if w not in dispatch.tried and w.state != "dead"]
@@ -286,7 +231,7 @@ class ClusterEngine:
         for index, dispatch in enumerate(self._run_order_locked()):
             dispatch.job.emit(Queued(busy + index))
 
-    def _run(self, dispatch: _Dispatch, worker: _Worker) -> None:
+    def _run(self, dispatch: _Dispatch, worker: Worker) -> None:
         """One job on one worker (its own thread): the worker's events into the job."""
         import ray
 
@@ -303,7 +248,7 @@ class ClusterEngine:
         except ray.exceptions.RayActorError as error:   # the worker's process died (or is out of reach)
             lost = error
         except ray.exceptions.RayTaskError as error:    # the job raised on the worker: bad input found there
-            job.emit(Failed(_cause(error)))
+            job.emit(Failed(ray_pool.cause(error)))
         except Exception as error:  # the front end must survive any job
             logger.exception("job %s on %s", job.id, worker.name)
             job.emit(Failed(f"{type(error).__name__}: {error}"))
@@ -319,7 +264,7 @@ class ClusterEngine:
                         self._retry_locked(dispatch, worker, lost)
                 self._dispatch_locked()
 
-    def _deliver(self, dispatch: _Dispatch, worker: _Worker, shipped: Shipped) -> None:
+    def _deliver(self, dispatch: _Dispatch, worker: Worker, shipped: Shipped) -> None:
         self.event_delays.append(time.time() - shipped.sent_at)
         event, job = shipped.event, dispatch.job
         if not isinstance(event, TERMINAL):
@@ -336,9 +281,9 @@ class ClusterEngine:
             worker.jobs_done += 1
             self._dispatch_locked()
 
-    def _retry_locked(self, dispatch: _Dispatch, worker: _Worker, error: Exception) -> None:
+    def _retry_locked(self, dispatch: _Dispatch, worker: Worker, error: Exception) -> None:
         job = dispatch.job
-        logger.warning("%s stopped during job %s: %s", worker.label, job.id, _cause(error))
+        logger.warning("%s stopped during job %s: %s", worker.label, job.id, ray_pool.cause(error))
         if job.cancel_requested:
             job.emit(Cancelled(latency_s=job.stop_latency(), notes=(f"{worker.label} stopped too, before it "
                                                                      f"could keep the last preview",)))
@@ -351,21 +296,8 @@ class ClusterEngine:
             job.emit(Failed(f"the workers running this job stopped ({names}): their process ended (killed, out of "
                             f"memory or crashed); Ray restarts them. Try again; `ray logs` on their node says why"))
 
-    def _await_restart(self, worker: _Worker) -> None:
-        """Ray restarts a dead worker (MAX_RESTARTS); it takes jobs again once its Engine is up."""
-        import ray
-
-        deadline, info, state = time.monotonic() + WORKER_START_S, worker.info, "dead"
-        while time.monotonic() < deadline:
-            try:
-                info = ray.get(worker.handle.describe.remote(), timeout=deadline - time.monotonic())
-                state = "ready"
-                break
-            except ray.exceptions.ActorUnavailableError:  # still restarting: Ray has no event to wait on
-                time.sleep(1.0)
-            except ray.exceptions.RayError as error:  # ActorDiedError: Ray gave up restarting it; or too slow
-                logger.error("%s is gone: %s", worker.label, _cause(error))
-                break
+    def _await_restart(self, worker: Worker) -> None:
+        info, state = ray_pool.await_restart(worker)
         with self._lock:
             worker.info, worker.state = info, state
             self._lock.notify_all()
@@ -380,23 +312,11 @@ class ClusterEngine:
     def status(self) -> dict:
         """Engine.status()'s keys summed over the workers, and "workers": each one's node, device,
         dtype, loaded folders, memory and state (the last known, when a busy worker does not answer)."""
-        import ray
-
-        asked = {w.name: w.handle.status.remote() for w in self.workers if w.state == "ready"}
-        ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=STATUS_TIMEOUT_S)
+        ray_pool.refresh_statuses(self.workers)
         workers = []
         with self._lock:
             waiting, running = len(self._waiting), [w for w in self.workers if w.running]
         for worker in self.workers:
-            reference = asked.get(worker.name)
-            status = None
-            if reference is not None and reference in ready:
-                try:
-                    status = ray.get(reference)
-                except ray.exceptions.RayError:
-                    pass
-            if status is not None:
-                worker.last_status = status
             status = worker.last_status or {"units": [], "used": 0, "budget": worker.info.get("memory_budget", 0)}
             dispatch = worker.running
             workers.append({"name": worker.name, "node": worker.plan.node, "device": worker.info.get("device", "?"),
@@ -414,22 +334,16 @@ class ClusterEngine:
     def memory_budget(self) -> int:
         return self.workers[0].info.get("memory_budget", 0)
 
-    def _each_worker(self, method: str, *args, timeout: float) -> list:
-        import ray
-
-        ready = [w for w in self.workers if w.state == "ready"]
-        return ray.get([getattr(w.handle, method).remote(*args) for w in ready], timeout=timeout + 10)
-
     def unload(self, source: str | None = None, timeout: float = 3.0) -> list[str] | None:
         """Engine.unload on every worker: the units freed, or None when a running job holds one longer
         than `timeout` s (they are freed when it ends)."""
-        answers = self._each_worker("unload", source, timeout, timeout=timeout)
+        answers = ray_pool.call_each(self.workers, "unload", source, timeout, timeout=timeout + 10)
         return None if any(a is None for a in answers) else [unit for a in answers for unit in a]
 
     def set_memory_budget(self, budget, timeout: float = 3.0):
         """Each worker's budget ("12GB", "auto": 70% of its own machine's RAM)."""
         parse_memory(budget)  # a bad value is refused here, naming it, before any worker sees it
-        answers = self._each_worker("set_memory_budget", budget, timeout, timeout=timeout)
+        answers = ray_pool.call_each(self.workers, "set_memory_budget", budget, timeout, timeout=timeout + 10)
         for worker, (applied, _) in zip([w for w in self.workers if w.state == "ready"], answers):
             worker.info["memory_budget"] = applied
         evicted = None if any(e is None for _, e in answers) else [unit for _, e in answers for unit in e]
@@ -447,7 +361,7 @@ class ClusterEngine:
         try:
             return ray.get(worker.handle.estimate_depth.remote(spec.key, photo, name))
         except ray.exceptions.RayTaskError as error:
-            raise _cause_exception(error) from None
+            raise ray_pool.cause_exception(error) from None
         except ray.exceptions.RayActorError:
             raise RuntimeError(f"{worker.label} stopped while estimating the depth; try again") from None
 
@@ -464,29 +378,8 @@ class ClusterEngine:
             job.cancel()
         for thread in threads:
             thread.join(10.0)
-        self._kill_workers()
+        ray_pool.stop(self.workers)
         if self._started_ray:
             import ray
 
             ray.shutdown()
-
-    def _kill_workers(self) -> None:
-        import ray
-
-        for worker in self.workers:
-            ray.kill(worker.handle, no_restart=True)
-            worker.state = "dead"
-
-
-def _cause_exception(error) -> BaseException:
-    """The exception a worker raised (a ValueError naming a field), without Ray's wrapping."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else RuntimeError(_cause(error))
-
-
-def _cause(error) -> str:
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, BaseException) and not hasattr(cause, "cause"):
-        return str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}"
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(error).__name__
