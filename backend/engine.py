@@ -27,6 +27,7 @@ from backend.metadata import OutputStore
 from backend.fields import check_image, check_owner
 from backend.requests import GenerationRequest
 from backend.tasks import TaskExecutor
+from backend.working_memory import MemoryEstimate, WorkingMemory
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kandinsky-studio"
 
@@ -44,6 +45,9 @@ class EngineConfig:
     cache_dir: str = str(DEFAULT_CACHE)      # demo models (without models_dir) and preview colours
     max_waiting: int = 256                   # jobs in line before submit refuses more
     max_per_owner: int = 4                   # running + waiting jobs of one owner (browser or API client)
+    # bytes a job's peak (app + weights of the unit that decodes + its working memory) must fit in; None: the
+    # machine's RAM. A request beyond it is refused by submit (backend/working_memory.py)
+    memory_limit: int | None = None
 
 
 class Engine:
@@ -61,6 +65,7 @@ class Engine:
                                          cache_dir=config.models_dir, offline=config.offline, device=self.device,
                                          factors_dir=root / "preview-factors")
             self._executor = TaskExecutor(self.models, self._manager, self.store)
+            self._working_memory = WorkingMemory(self.dtype, config.memory_limit)
         except BaseException:
             self._runner.shutdown()
             raise
@@ -85,14 +90,22 @@ class Engine:
 
     def submit(self, request: GenerationRequest, owner: str) -> Job:
         """Check a request and queue it; returns its job at once. ValueError names the field that is
-        out of range or the model that cannot do the task; RuntimeError when the queue is full."""
+        out of range, the model that cannot do the task, or width/height/batch_size when the job would
+        not fit in memory (with what would); RuntimeError when the queue is full."""
         check_owner(owner)
         request.validate()
         model = self.model(request.model)
         model.check_task(request.task)
+        self._working_memory.check(model, request)
         if request.depth_photo() is not None:
             self._depth_stage(model)
         return self._runner.submit(request, owner)
+
+    def estimate_memory(self, request: GenerationRequest) -> MemoryEstimate:
+        """The peak memory `request`'s job would need, and the limit submit holds it to (its `fits`,
+        `needed`, `working`, `as_dict()`); ValueError names a field out of range."""
+        request.validate()
+        return self._working_memory.estimate(self.model(request.model), request)
 
     def estimate_depth(self, model: str, photo, name: str = "hint"):
         """The depth image (white = near) of `photo` by `model`'s depth estimator, on the engine thread

@@ -63,6 +63,17 @@ class Stage:
     on_demand: tuple = ()
 
 
+@dataclass(frozen=True)
+class DecoderFigures:
+    """What the working-memory estimate (backend/working_memory.py) reads of a family's published decoder
+    when its folders are not on this machine yet (before the first download): the real configs'
+    widths (../shared/reference-configs) and the parameter counts of docs/MEMORY.md."""
+
+    movq_channels: tuple            # the MoVQ's block_out_channels (its decoder runs them in reverse)
+    unet_channels: int              # the UNet's first block_out_channels: its width at latent resolution
+    parameters: int                 # the largest unit that decodes (a decoder folder; K3's UNet + MoVQ)
+
+
 @dataclass(frozen=True, kw_only=True, repr=False)
 class Family:
     name: str                       # "2.2", as --models names it
@@ -77,6 +88,7 @@ class Family:
     decoder_text_reader: str = ""   # the same for a decoder that reads the prompt too ("": it does not)
     unavailable: dict = field(default_factory=dict)   # task -> why this family does not offer it
     variant: str | None = None      # weights file variant the repos are read in ("fp16")
+    decoder_figures: DecoderFigures | None = None   # the published decoder's widths and size
     # True: the text stage runs for every run of a batch (it samples with the run's generator);
     # False: once per job.
     text_per_run: ClassVar[bool]
@@ -241,6 +253,8 @@ KANDINSKY_2_2 = PriorFamily(
             DEPTH_STAGE: Stage("DepthEstimationPipeline", "depth_estimator")},
     defaults={"num_inference_steps": 50, "guidance_scale": 4.0, "width": 768, "height": 768},
     repo_scheduler="DDPM",
+    # the ControlNet folder is the largest decoder: 1,321,261,707 parameters (decoder 1,320,889,783)
+    decoder_figures=DecoderFigures(movq_channels=(128, 256, 256, 512), unet_channels=384, parameters=1_321_261_707),
 )
 KANDINSKY_2_1 = PriorFamily(
     name="2.1", label="Kandinsky 2.1",
@@ -253,6 +267,8 @@ KANDINSKY_2_1 = PriorFamily(
             "inpaint": Stage("KandinskyInpaintPipeline", "inpaint")},
     defaults={"num_inference_steps": 100, "guidance_scale": 4.0, "width": 768, "height": 768},
     repo_scheduler="DDIM",
+    # the inpainting folder, with its MultilingualCLIP: 1,857,189,175 parameters (decoder 1,857,171,895)
+    decoder_figures=DecoderFigures(movq_channels=(128, 256, 256, 512), unet_channels=384, parameters=1_857_189_175),
     decoder_text_reader="The decoder's MultilingualCLIP reads 77 tokens",
     unavailable={"controlnet": CONTROLNET_2_2_ONLY},
 )
@@ -278,6 +294,8 @@ KANDINSKY_3 = TextEncoderFamily(
     # The repo ships fp16 files only (unet/diffusion_pytorch_model.fp16.safetensors, text_encoder/
     # model.fp16-0000N-of-00005.safetensors); they load into the app's dtype (float32 by default).
     variant="fp16",
+    # the UNet + MoVQ unit: 3,055,348,228 + 270,669,103 parameters
+    decoder_figures=DecoderFigures(movq_channels=(256, 512, 512, 1024), unet_channels=384, parameters=3_326_017_331),
 )
 # The families --models may name, in the order the model selector lists them.
 FAMILIES = {family.name: family for family in (KANDINSKY_2_2, KANDINSKY_2_1, KANDINSKY_3)}
