@@ -18,7 +18,7 @@ from backend.engine import EngineConfig  # noqa: E402
 from backend.events import Cancelled, Failed, Result, Step  # noqa: E402
 from backend.metadata import read_settings  # noqa: E402
 from backend.ray_setup import ClusterError, connect, plan_workers, runtime_env  # noqa: E402
-from backend.requests import Image2ImageRequest, Text2ImageRequest  # noqa: E402
+from backend.requests import Image2ImageRequest, InpaintRequest, Text2ImageRequest  # noqa: E402
 from kandinsky_ui.render import status_markdown  # noqa: E402
 
 MODEL = "kandinsky-2-2-demo"
@@ -122,6 +122,19 @@ def test_six_jobs_of_three_owners_equal_the_in_process_images_and_spread_over_bo
 
     workers = {timing["worker"] for timing in cluster.timings if timing["job"] in {job.id for job in jobs}}
     assert workers == {"worker-1", "worker-2"}
+
+
+def test_a_model_a_worker_cannot_load_fails_its_job_naming_the_file(cluster):
+    weights = Path(cluster.models[MODEL].repos["inpaint"]) / "unet" / "diffusion_pytorch_model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])  # the workers' own copy: this machine's cache folder
+    try:
+        image = Image.new("RGB", (64, 64), "gray")
+        end = cluster.submit(InpaintRequest(**small(seed=1, image=image, mask=image)), OWNERS[0]).wait(timeout=120)
+    finally:
+        weights.write_bytes(intact)
+    assert isinstance(end, Failed), end
+    assert str(weights) in end.message and "truncated" in end.message, end.message
 
 
 def test_status_lists_each_worker_with_its_node_device_and_models(cluster):
