@@ -318,10 +318,10 @@ class ClusterEngine:
             waiting, running = len(self._waiting), [w for w in self.workers if w.running]
         for worker in self.workers:
             status = worker.last_status or {"units": [], "used": 0, "budget": worker.info.get("memory_budget", 0)}
-            dispatch = worker.running
+            # whose job a worker runs is not said: the page names only the reader's own jobs
+            state = worker.state if worker.state != "ready" else "running a job" if worker.running else "idle"
             workers.append({"name": worker.name, "node": worker.plan.node, "device": worker.info.get("device", "?"),
-                            "dtype": worker.info.get("dtype", "?"), "state": worker.state if worker.state != "ready"
-                            else ("running " + dispatch.job.request.task if dispatch else "idle"),
+                            "dtype": worker.info.get("dtype", "?"), "state": state,
                             "units": status["units"], "used": status["used"], "budget": status["budget"],
                             "jobs_done": worker.jobs_done})
         used, budget = sum(w["used"] for w in workers), sum(w["budget"] for w in workers)
