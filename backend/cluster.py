@@ -275,11 +275,11 @@ class ClusterEngine:
             event = dataclasses.replace(event, latency_s=job.stop_latency())
         self.timings.append({"job": job.id, "worker": worker.name, "engine_s": shipped.engine_s,
                              "front_s": time.monotonic() - dispatch.dispatched_at})
-        job.emit(event)
-        with self._lock:  # the worker takes its next job now, not after its stream has closed
+        with self._lock:  # free before the job is seen done; not only once the worker's stream has closed
             worker.loaded, worker.running = set(shipped.loaded), None
             worker.jobs_done += 1
             self._dispatch_locked()
+        job.emit(event)
 
     def _retry_locked(self, dispatch: _Dispatch, worker: Worker, error: Exception) -> None:
         job = dispatch.job

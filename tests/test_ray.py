@@ -16,6 +16,7 @@ ray = pytest.importorskip("ray")  # requirements.txt installs it: this only spar
 from backend.cluster import ClusterEngine  # noqa: E402
 from backend.engine import EngineConfig  # noqa: E402
 from backend.events import Cancelled, Failed, Result, Step  # noqa: E402
+from backend.jobs import OwnerLimit  # noqa: E402
 from backend.metadata import read_settings  # noqa: E402
 from backend.ray_setup import ClusterError, connect, plan_workers, runtime_env  # noqa: E402
 from backend.requests import Image2ImageRequest, InpaintRequest, Text2ImageRequest  # noqa: E402
@@ -173,6 +174,17 @@ def test_a_waiting_job_stopped_before_a_worker_took_it_never_runs(cluster):
         job.cancel()
         assert isinstance(job.wait(timeout=30), Cancelled)
     assert waiting.started_at is None
+
+
+def test_one_owner_may_have_as_many_jobs_on_the_cluster_as_in_process(cluster):
+    jobs = [cluster.submit(Text2ImageRequest(**small(seed=s, num_inference_steps=200, batch_count=4)), STOPPER)
+            for s in range(cluster.config.max_per_owner)]
+    with pytest.raises(OwnerLimit, match="as many as one user may"):
+        cluster.submit(Text2ImageRequest(**small(seed=9)), STOPPER)
+    assert cluster.jobs_of(STOPPER) == jobs  # the two running (one per worker), then the two waiting, in order
+    assert cluster.cancel(STOPPER) == len(jobs)
+    for job in jobs:
+        assert isinstance(job.wait(timeout=30), Cancelled)
 
 
 def test_a_worker_killed_mid_job_hands_the_job_to_the_other_one_with_the_same_image(cluster, engine):

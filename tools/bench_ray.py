@@ -7,6 +7,8 @@ A local Ray instance with this machine's cores. Prints, for docs/SCALING.md:
 - dispatch overhead per job: the front end's time for a job (dispatched -> its last event delivered, its
   images saved) minus the worker Engine's own (submitted -> last event), over sequential jobs on 1 worker;
 - overhead per event: worker sent -> front end delivered (same machine: one clock), every event of those jobs;
+- Stop: from job.cancel() to the Cancelled event delivered (its partial image saved), in process and on
+  1 worker;
 - a burst of --burst jobs sent at once: wall time and CPU time (every worker process + the front end), in
   process (the Engine of backend/engine.py), on 1 worker (all cores) and on 2 workers (half the cores each).
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.engine import Engine, EngineConfig  # noqa: E402
-from backend.events import Result  # noqa: E402
+from backend.events import Cancelled, Result, Step  # noqa: E402
 from backend.fields import new_owner  # noqa: E402
 from backend.requests import Text2ImageRequest  # noqa: E402
 
@@ -44,6 +46,11 @@ def run_all(engine, batch: list) -> float:
     return time.perf_counter() - started
 
 
+def stop_text(latencies: list[float]) -> str:
+    return (f"Stop -> Cancelled: median {1000 * statistics.median(latencies):.0f} ms, max {1000 * max(latencies):.0f} ms "
+            f"over {len(latencies)} stops")
+
+
 def burst(engine, batch: list, workers=()) -> tuple[float, float]:
     """(wall s, CPU s) of a burst; CPU: this process plus each worker process."""
     def cpu() -> float:
@@ -57,6 +64,24 @@ def burst(engine, batch: list, workers=()) -> tuple[float, float]:
     return wall, cpu() - before
 
 
+def stop_latencies(engine, size: int, stops: int) -> list[float]:
+    """Seconds from Stop (job.cancel) to the job's Cancelled event delivered, a few times, each stop
+    made at the job's 5th denoising step."""
+    latencies = []
+    for seed in range(stops):
+        job = engine.submit(requests(1, size, 200, first_seed=seed)[0], new_owner())
+        events = job.events(timeout=120)
+        for event in events:
+            if isinstance(event, Step) and event.phase == "denoise" and event.step >= 5:
+                break
+        events.close()
+        job.cancel()
+        end = job.wait(timeout=60)
+        assert isinstance(end, Cancelled), end
+        latencies.append(end.latency_s)
+    return latencies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
@@ -64,6 +89,7 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=8, help="jobs one after another, for the overheads")
     parser.add_argument("--burst", type=int, default=4)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--stops", type=int, default=5, help="Stops timed in process and on 1 worker")
     args = parser.parse_args()
 
     import ray
@@ -81,6 +107,7 @@ def main() -> None:
     run_all(engine, requests(1, args.size, args.steps))  # loads the models
     wall, cpu = burst(engine, batch)
     print(f"in process (1 Engine, all cores): burst wall {wall:.2f} s, CPU {cpu:.2f} s")
+    print(stop_text(stop_latencies(engine, args.size, args.stops)))
     engine.shutdown()
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, runtime_env=runtime_env(), logging_level="WARNING")
@@ -104,6 +131,7 @@ def main() -> None:
             print(f"overhead per event: median {statistics.median(per_event):.2f} ms, mean "
                   f"{statistics.mean(per_event):.2f} ms, p95 {sorted(per_event)[int(0.95 * len(per_event))]:.2f} ms "
                   f"over {len(per_event)} events")
+            print(stop_text(stop_latencies(cluster, args.size, args.stops)))
         wall, cpu = burst(cluster, batch, cluster.workers)
         spread = sorted(t["worker"] for t in list(cluster.timings)[-args.burst:])
         print(f"burst wall {wall:.2f} s, CPU {cpu:.2f} s (jobs per worker: "
