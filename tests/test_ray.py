@@ -9,18 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from PIL import Image
 
-ray = pytest.importorskip("ray")  # requirements.txt installs it: this only spares a bare checkout
-
-from backend.cluster import ClusterEngine  # noqa: E402
-from backend.engine import EngineConfig  # noqa: E402
-from backend.events import Cancelled, Failed, Result, Step  # noqa: E402
-from backend.jobs import OwnerLimit  # noqa: E402
-from backend.metadata import read_settings  # noqa: E402
-from backend.ray_setup import ClusterError, connect, plan_workers, runtime_env  # noqa: E402
-from backend.requests import Image2ImageRequest, InpaintRequest, Text2ImageRequest  # noqa: E402
-from kandinsky_ui.render import status_markdown  # noqa: E402
+from backend.cluster import ClusterEngine
+from backend.engine import EngineConfig
+from backend.events import Cancelled, Failed, Result, Step
+from backend.jobs import OwnerLimit
+from backend.metadata import read_settings
+from backend.ray_setup import ClusterError, connect, plan_workers, runtime_env
+from backend.requests import Image2ImageRequest, InpaintRequest, Text2ImageRequest
+from kandinsky_ui.render import status_markdown
 
 MODEL = "kandinsky-2-2-demo"
 OWNERS = ["a1" * 16, "b2" * 16, "c3" * 16]
