@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # What the workers need of this checkout (shipped to every node by Ray's runtime_env working_dir).
 NOT_SHIPPED = ["tests/", "docs/", "tools/", "outputs/", "assets/screenshots/", ".git/"]
 NPU_RESOURCE = "NPU"             # the Ray resource of an Ascend NPU (the ray-ascend plugin's name)
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"   # where `ray start` keeps the cluster's token
 
 
 class ClusterError(RuntimeError):
@@ -36,6 +38,10 @@ def runtime_env() -> dict:
 def connect(address: str) -> bool:
     """Connect this process to the Ray cluster at `address`: "auto" (the one running on this machine),
     "local" (start one here) or HOST:PORT / ray://HOST:PORT. True when it started one here."""
+    if address != "local" and "RAY_AUTH_MODE" not in os.environ and TOKEN_FILE.is_file():
+        # Ray 2.60 starts clusters with token authentication on and keeps the token there, but a driver
+        # joining one at an address sends it only in token mode, read when Ray is imported
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     if address not in ("auto", "local"):
@@ -56,7 +62,9 @@ def connect(address: str) -> bool:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env())
     except (ConnectionError, RuntimeError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ClusterError(f"--ray {address}: cannot connect ({first_line}); {START_HINT}") from None
+        token = (" (a cluster with token authentication, Ray's default, also needs its token in "
+                 f"{TOKEN_FILE}: `ray get-auth-token` on the head)") if not TOKEN_FILE.is_file() else ""
+        raise ClusterError(f"--ray {address}: cannot connect ({first_line}){token}; {START_HINT}") from None
     return False
 
 
