@@ -38,12 +38,6 @@ def runtime_env() -> dict:
 def connect(address: str) -> bool:
     """Connect this process to the Ray cluster at `address`: "auto" (the one running on this machine),
     "local" (start one here) or HOST:PORT / ray://HOST:PORT. True when it started one here."""
-    if address != "local" and "RAY_AUTH_MODE" not in os.environ and TOKEN_FILE.is_file():
-        # Ray 2.60 starts clusters with token authentication on and keeps the token there, but a driver
-        # joining one at an address sends it only in token mode, read when Ray is imported
-        os.environ["RAY_AUTH_MODE"] = "token"
-    import ray
-
     if address not in ("auto", "local"):
         host, _, port = address.removeprefix("ray://").rpartition(":")
         if not host or not port.isdigit():
@@ -53,6 +47,12 @@ def connect(address: str) -> bool:
         except OSError as error:
             raise ClusterError(f"--ray {address}: no Ray cluster answers there ({error.strerror or error}); "
                                f"{START_HINT}") from None
+    if address != "local" and "RAY_AUTH_MODE" not in os.environ and TOKEN_FILE.is_file():
+        # Ray 2.60 starts clusters with token authentication on and keeps the token there, but a driver
+        # joining one at an address sends it only in token mode, read when Ray is imported
+        os.environ["RAY_AUTH_MODE"] = "token"
+    import ray
+
     if ray.is_initialized():  # this process is connected already (a test that called ray.init)
         return False
     if address == "local":
