@@ -7,7 +7,8 @@ talks to the Engine's API: the Engine's own thread is the only one running MindS
 (DESIGN.md, "One thread runs MindSpore").
 
 The front end saves the images (its OutputStore, one folder per owner), so the worker's Engine
-saves into a scratch folder of its own: a job's PNGs are deleted from it as soon as they are
+saves into a scratch folder of its own (removed when the worker shuts down; a killed worker's, by the
+next worker that starts on that machine): a job's PNGs are deleted from it as soon as they are
 shipped, and the input images its settings reference travel with the job's last event as PNG
 bytes, under the same `inputs/<hash>.png` names (backend/shipping.py). The class is plain Python:
 Ray is imported only to name the node.
@@ -24,6 +25,7 @@ import tempfile
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Iterator
 
 from backend.engine import Engine, EngineConfig
@@ -34,6 +36,7 @@ from backend.shipping import Shipped
 logger = logging.getLogger(__name__)
 
 EARLY_CANCELS_KEPT = 1024     # cancels that arrived before their job: remembered for this many jobs
+SCRATCH_ROOT = "kandinsky-workers"   # under the temporary folder: one scratch folder per worker process
 
 
 class EngineWorker:
@@ -43,7 +46,7 @@ class EngineWorker:
         """`memory_share`: how many workers share this machine's memory; with the default budget
         (None: 70% of RAM) each takes that share of it."""
         self.name = name
-        self._scratch = tempfile.mkdtemp(prefix=f"kandinsky-{name}-")
+        self._scratch = _scratch_folder(name)
         weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         budget = config.memory_budget
         if budget is None and memory_share > 1:
@@ -132,8 +135,33 @@ class EngineWorker:
         return time.process_time()
 
     def shutdown(self) -> None:
+        """Stop the Engine and remove the scratch folder (the front end then kills the actor)."""
         self.engine.shutdown()
         shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _scratch_folder(name: str) -> str:
+    """A new scratch folder for this worker process, `<tmp>/kandinsky-workers/<name>-<pid>`; those of worker
+    processes that are gone (killed: Ray restarted them) are removed first."""
+    root = Path(tempfile.gettempdir()) / SCRATCH_ROOT
+    root.mkdir(exist_ok=True)
+    for folder in root.iterdir():
+        pid = folder.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    folder = root / f"{name}-{os.getpid()}"
+    folder.mkdir(exist_ok=True)
+    return str(folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _node_address() -> str:
@@ -141,5 +169,5 @@ def _node_address() -> str:
         import ray  # the actor's process has it; the module itself does not need it
 
         return ray.util.get_node_ip_address()
-    except Exception:  # outside Ray (a unit test of this class)
+    except Exception:  # not in a Ray process
         return socket.gethostname()
