@@ -349,21 +349,33 @@ class ClusterEngine:
         evicted = None if any(e is None for _, e in answers) else [unit for _, e in answers for unit in e]
         return answers[0][0], evicted
 
+    def estimate_memory(self, request):
+        """Engine.estimate_memory on a worker (its machine's memory is what the job must fit in; a request
+        beyond it is refused by that worker's Engine when the job starts: the job fails naming the field)."""
+        request.validate()
+        self.model(request.model)
+        return self._ask_one("estimate_memory", request)
+
     def estimate_depth(self, model: str, photo, name: str = "hint"):
         """The depth image of `photo` by `model`'s estimator, on a free worker if there is one."""
-        import ray
-
         spec = self.model(model)
         check_image(name, photo)
+        return self._ask_one("estimate_depth", spec.key, photo, name)
+
+    def _ask_one(self, method: str, *args):
+        """`method(*args)` on a free worker if there is one (its Engine runs it between jobs otherwise);
+        the worker's own exception (a ValueError naming a field) is raised here as it is."""
+        import ray
+
         with self._lock:
             ready = [w for w in self.workers if w.state == "ready"] or self.workers
             worker = min(ready, key=lambda w: (w.running is not None, w.jobs_done))
         try:
-            return ray.get(worker.handle.estimate_depth.remote(spec.key, photo, name))
+            return ray.get(getattr(worker.handle, method).remote(*args))
         except ray.exceptions.RayTaskError as error:
             raise ray_pool.cause_exception(error) from None
         except ray.exceptions.RayActorError:
-            raise RuntimeError(f"{worker.label} stopped while estimating the depth; try again") from None
+            raise RuntimeError(f"{worker.label} stopped while answering; try again") from None
 
     def shutdown(self) -> None:
         """Stop every job and the workers (and Ray, when this process started it)."""

@@ -130,6 +130,9 @@ class EngineWorker:
     def estimate_depth(self, model: str, photo, name: str = "hint"):
         return self.engine.estimate_depth(model, photo, name)
 
+    def estimate_memory(self, request):
+        return self.engine.estimate_memory(request)
+
     def cpu_seconds(self) -> float:
         """CPU time of this worker's process so far, every thread (tools/bench_ray.py)."""
         return time.process_time()

@@ -149,6 +149,17 @@ def test_status_lists_each_worker_with_its_node_device_and_models(cluster):
     assert any("kandinsky-2-2-demo" in source for source in loaded), loaded
 
 
+def test_depth_and_memory_estimates_come_from_a_worker_as_in_process(cluster, engine):
+    photo = Image.open("assets/samples/landscape.png").convert("RGB").resize((128, 96))
+    depth, reference = cluster.estimate_depth(MODEL, photo, "hint"), engine.estimate_depth(MODEL, photo, "hint")
+    assert depth.size == reference.size
+    assert np.abs(np.asarray(depth, np.int16) - np.asarray(reference, np.int16)).max() <= 1
+    with pytest.raises(ValueError, match="hint"):  # the worker's own error, naming the field
+        cluster.estimate_depth(MODEL, Image.new("RGB", (4, 4)), "hint")
+    request = Text2ImageRequest(**small(width=512, height=512, batch_size=2))
+    assert cluster.estimate_memory(request).as_dict() == engine.estimate_memory(request).as_dict()
+
+
 def test_stop_across_the_boundary_keeps_the_partial_image_in_the_owners_gallery(cluster):
     job = cluster.submit(Text2ImageRequest(**small(seed=3, num_inference_steps=200, batch_count=4)), STOPPER)
     denoising_worker(cluster, job)
