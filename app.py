@@ -11,7 +11,6 @@ Hugging Face Space, where the command line is fixed).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import secrets
@@ -20,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MAX_UPLOAD = "50mb"      # Gradio refuses larger uploads; backend/metadata.py reads PNGs up to the same size
 
 logger = logging.getLogger("kandinsky_studio")
@@ -36,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
                         help="require this login (repeat for several users)")
     parser.add_argument("--auth-file", help="file with one USER:PASSWORD per line ('#' starts a comment)")
+    parser.add_argument("--admin", action="append", default=[], metavar="USER",
+                        help="a --auth user who may unload models and set the memory budget for everyone (repeat "
+                             "for several); without --auth only a browser on this machine may")
+    parser.add_argument("--max-jobs-per-user", type=int, default=4, metavar="N",
+                        help="jobs one user (browser, API client or login) may have running or waiting (default 4)")
     parser.add_argument("--login-lockout", type=float, default=None, metavar="SECONDS",
                         help="how long 10 failed logins in a row lock that user name and address (default 300)")
     parser.add_argument("--allow-unauthenticated", action="store_true",
@@ -81,15 +84,6 @@ def parse_families(parser: argparse.ArgumentParser, text: str) -> list[str]:
     return list(dict.fromkeys(families))
 
 
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def read_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
     pairs = list(args.auth)
     if args.auth_file:
@@ -107,10 +101,28 @@ def read_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
     return logins
 
 
+def exposed(args: argparse.Namespace) -> bool:
+    """Served beyond this machine: a share link or an address other than loopback."""
+    from kandinsky_ui.sessions import is_loopback
+
+    return args.share or not is_loopback(args.host)
+
+
+def check_admins(args: argparse.Namespace, logins: list) -> None:
+    users = {user for user, _ in logins}
+    if args.admin and not logins:
+        raise SystemExit("--admin: admins are --auth users; add --auth USER:PASSWORD (or --auth-file) for them")
+    unknown = [user for user in args.admin if user not in users]
+    if unknown:
+        raise SystemExit(f"--admin: {', '.join(map(repr, unknown))} is not a --auth/--auth-file user "
+                         f"(users: {', '.join(sorted(users))})")
+    if args.max_jobs_per_user < 1:
+        raise SystemExit(f"--max-jobs-per-user: must be 1 or more; got {args.max_jobs_per_user}")
+
+
 def check_exposure(args: argparse.Namespace, logins: list) -> None:
     """Refuse to serve beyond this machine without a login unless told explicitly."""
-    exposed = args.share or not is_loopback(args.host)
-    if not exposed or logins:
+    if not exposed(args) or logins:
         return
     if args.allow_unauthenticated:
         logger.warning("serving on %s without a login (--allow-unauthenticated)",
@@ -167,7 +179,7 @@ def engine_config(args: argparse.Namespace):
     except ValueError as error:
         raise SystemExit(f"--memory-budget: {error}") from None
     return EngineConfig(families=tuple(args.families), demo=args.demo, device=args.device, dtype=args.dtype,
-                        memory_budget=budget, models_dir=args.models_dir,
+                        memory_budget=budget, models_dir=args.models_dir, max_per_owner=args.max_jobs_per_user,
                         offline=args.offline, outputs_dir=str(outputs_folder(args.outputs_dir)))
 
 
@@ -188,24 +200,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logins = read_auth(args)
+    check_admins(args, logins)
     check_exposure(args, logins)
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
     from PIL import Image
 
-    from backend.engine import Engine
+    from backend.engine import Engine, EngineConfig
     from backend.limits import MAX_INPUT_PIXELS
     from kandinsky_ui import CSS, build_ui, page_config
     from kandinsky_ui.headers import security_headers_middleware
+    from kandinsky_ui.layout import OTHER_EVENTS
     from kandinsky_ui.login_guard import login_guard_middleware
+    from kandinsky_ui.sessions import request_stamps_middleware
 
     # PIL refuses to open an image of more than twice this many pixels (a decompression bomb)
     # wherever it is opened; the upload checks (kandinsky_ui/guards.py) refuse beyond it exactly.
     Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
     engine = ray_engine(args) if args.ray else Engine(engine_config(args))
     outputs = engine.store.root
-    demo = build_ui(engine, page_config(engine.models, browser_secret(outputs)))
+    capacity = EngineConfig.max_waiting + 1  # jobs the engine holds at once: the generation handlers' limit
+    demo = build_ui(engine, page_config(engine.models, browser_secret(outputs), logins=bool(logins),
+                                        admins=tuple(args.admin), local_admin=not exposed(args),
+                                        engine_capacity=capacity))
     demo.queue(default_concurrency_limit=1)
     logger.info("device %s, dtype %s, outputs in %s%s", engine.device, engine.dtype_note, outputs,
                 ", DEMO models" if args.demo else "")
@@ -216,9 +234,13 @@ def main(argv: list[str] | None = None) -> None:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=logins or None,
                     allowed_paths=[str(outputs)], blocked_paths=[str(secret_path(outputs))], css=CSS,
                     show_error=True, max_file_size=MAX_UPLOAD, footer_links=["api"], run_history=False,
-                    # security headers on every response (kandinsky_ui/headers.py); failed logins
-                    # throttled, then locked with 429 (kandinsky_ui/login_guard.py)
-                    app_kwargs={"middleware": [security_headers_middleware(),
+                    # Gradio runs at most max_threads events at once (default 40, fewer than the jobs
+                    # the engine takes); sync handlers also draw threads from a pool of this size
+                    max_threads=capacity + OTHER_EVENTS,
+                    # security headers on every response (kandinsky_ui/headers.py); each request's
+                    # arrival time and each cancel, for Stop (kandinsky_ui/sessions.py); failed logins throttled, then
+                    # locked with 429 (kandinsky_ui/login_guard.py)
+                    app_kwargs={"middleware": [security_headers_middleware(), request_stamps_middleware(),
                                                *([login_guard_middleware(args.login_lockout)] if logins else [])]})
     finally:
         engine.shutdown()

@@ -22,6 +22,10 @@ class UIConfig:
     gallery_limit: int = 100
     notes: list = field(default_factory=list)      # lines for the header
     browser_secret: str | None = None              # key of the owner id in localStorage (None: per start)
+    logins: bool = False                           # --auth: owners are the users (kandinsky_ui/sessions.py)
+    admins: tuple = ()                             # --admin: users who may unload models or set the budget
+    local_admin: bool = True                       # without logins: a client on this machine may (serving only here)
+    engine_capacity: int = 257                     # jobs the Engine holds at once (EngineConfig.max_waiting + 1 running)
 
     @property
     def demo(self) -> bool:
@@ -39,11 +43,12 @@ class UIConfig:
         return dict(spec.family.defaults)
 
 
-def page_config(models: dict, browser_secret: str | None = None) -> UIConfig:
-    """The page for the Engine's `models`: the request defaults, with the first model's family settings."""
+def page_config(models: dict, browser_secret: str | None = None, **access) -> UIConfig:
+    """The page for the Engine's `models`: the request defaults, with the first model's family settings;
+    `access`: logins, admins, local_admin (UIConfig)."""
     defaults = {f.name: getattr(GenerationRequest(), f.name) for f in fields(GenerationRequest)}
     config = UIConfig(models=dict(models), defaults=defaults, size_presets=list(SIZE_PRESETS),
-                      browser_secret=browser_secret)
+                      browser_secret=browser_secret, **access)
     config.defaults["model"] = next(iter(models))
     if config.demo:
         config.defaults.update(DEMO_SETTINGS)

@@ -1,15 +1,19 @@
 """What the generation events do: typed requests to the Engine, and its jobs' events to the page.
 
-Generation handlers are generators: each event of the job becomes one update of (owner, progress,
-preview, gallery, seeds). A browser is identified by a random "owner" id kept in its localStorage;
-its images live in their own outputs folder, so sessions never see each other's previews (each job
-streams to the handler that submitted it) or images. The page talks to the Engine only
-(backend/engine.py): `submit`, `jobs_of`, `cancel`, `status`, `unload`, `set_memory_budget`.
+Generation handlers are async generators: each event of the job becomes one update of (owner,
+progress, preview, gallery, seeds), and a handler waiting for the next event holds no thread (Gradio
+runs sync generators on a 40-thread pool that Stop and every other click also need). A browser is
+identified by a random "owner" id kept in its localStorage (with logins: one per user,
+kandinsky_ui/sessions.py); its images live in their own outputs folder, so sessions never see each
+other's previews (each job streams to the handlers that follow it) or images. The page talks to the
+Engine only (backend/engine.py): `submit`, `jobs_of`, `cancel`, `status`, `unload`, `set_memory_budget`.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import anyio
 import gradio as gr
 from PIL import Image
 
@@ -17,19 +21,14 @@ from backend.events import Cancelled, Failed, Result, Step
 from backend.limits import MAX_MIX_INPUTS
 from backend.memory import format_bytes
 from backend.progress import StepTimes
-from backend.fields import is_owner, new_owner
 from backend.requests import depth_map_warning
 from kandinsky_ui import masks, render
 from kandinsky_ui.config import UIConfig
 from kandinsky_ui.controls import HINT_LABELS, MODE_LABELS, mix_from_rows, request_from_controls, row_names
 from kandinsky_ui.gallery import Gallery
+from kandinsky_ui.sessions import CANCELLED, Access, Followers, StopBook, received_at
 
 logger = logging.getLogger(__name__)
-
-
-def owner_of(owner) -> str:
-    """A valid owner id: the browser's own, or a fresh one."""
-    return owner if is_owner(owner) else new_owner()
 
 
 class Studio:
@@ -38,10 +37,17 @@ class Studio:
         self.gallery = Gallery(engine.store, config.gallery_limit)
         self.step_times = StepTimes()   # each model's last finished job: the steps slider's estimate
         self.cache = None               # kandinsky_ui/cache.py CacheBound: step previews as small files, retired
+        self.access = Access(config.logins, config.admins, config.local_admin, config.browser_secret)
+        self.stops = StopBook()         # a Stop also stops requests received before it that have not started
+        self.followers = Followers()    # a job whose pages have all gone is cancelled
+
+    def owner(self, owner, request=None) -> str:
+        """The owner a request speaks for (kandinsky_ui/sessions.py Access): gr.Error for another user's id."""
+        return self.access.owner(owner, request)
 
     # ------------------------------------------------------------------ page load
-    def on_load(self, stored):
-        owner = owner_of(stored)
+    def on_load(self, stored, request: gr.Request):
+        owner = self.access.page_owner(stored, request)
         items = self.gallery.items(owner)
         if self.engine.jobs_of(owner):
             text = render.progress_html("Your job from before the reload is still running…", None, "running")
@@ -52,23 +58,30 @@ class Studio:
             text = render.progress_html("Ready.", None, "idle")
         return owner, owner, items, text
 
-    def resume(self, owner):
+    async def resume(self, owner, request: gr.Request):
         """After a reload: follow this browser's running job again, if there is one."""
-        owner = owner_of(owner)
+        owner = self.owner(owner, request)
         jobs = self.engine.jobs_of(owner)
         if jobs:
-            yield from self._follow(owner, jobs[0])
+            async for update in self._follow(owner, jobs[0], request):
+                yield update
         else:  # a generator that yields nothing would blank every output
             yield (gr.skip(),) * 5
 
+    def session_closed(self, request: gr.Request):
+        """Gradio's unload: the page's heartbeat ended (a closed tab, a killed client, or a reload)."""
+        self.followers.page_closed(getattr(request, "session_hash", None))
+
     # ------------------------------------------------------------------ generation
-    def text2img(self, owner="", **values):
-        yield from self._generate(owner, lambda: self._request("text2img", values))
+    async def text2img(self, owner="", request=None, **values):
+        async for update in self._generate(request, owner, lambda: self._request("text2img", values)):
+            yield update
 
-    def img2img(self, owner="", **values):
-        yield from self._generate(owner, lambda: self._request("img2img", values))
+    async def img2img(self, owner="", request=None, **values):
+        async for update in self._generate(request, owner, lambda: self._request("img2img", values)):
+            yield update
 
-    def inpaint(self, owner="", **values):
+    async def inpaint(self, owner="", request=None, **values):
         def build():
             image = masks.editor_background(values.get("editor"))
             if image is None:
@@ -78,9 +91,10 @@ class Studio:
             if mask.getextrema()[1] == 0 and not values.get("mask_invert"):
                 raise ValueError("mask is empty: paint over the part of the image to repaint")
             return self._request("inpaint", dict(values, mask_upload=mask))
-        yield from self._generate(owner, build)
+        async for update in self._generate(request, owner, build):
+            yield update
 
-    def interpolate(self, owner="", input_count=2, **values):
+    async def interpolate(self, owner="", request=None, input_count=2, **values):
         """Inputs 1..input_count, each a row of controls (kind_i, text_i, image_i, weight_i): a text or
         an image by its kind, and its weight."""
         rows = [tuple(values.pop(name, None) for name in row_names(i)) for i in range(1, MAX_MIX_INPUTS + 1)]
@@ -88,10 +102,12 @@ class Studio:
         def build():
             inputs, weights = mix_from_rows(input_count, rows)
             return self._request("interpolate", dict(values, inputs=inputs, weights=weights))
-        yield from self._generate(owner, build)
+        async for update in self._generate(request, owner, build):
+            yield update
 
-    def controlnet(self, owner="", **values):
-        yield from self._generate(owner, lambda: self._request("controlnet", values))
+    async def controlnet(self, owner="", request=None, **values):
+        async for update in self._generate(request, owner, lambda: self._request("controlnet", values)):
+            yield update
 
     # ------------------------------------------------------------------ ControlNet hint
     def hint_view(self, model, depth, source, mode, start_image, width, height):
@@ -130,20 +146,30 @@ class Studio:
     def _request(self, task: str, values: dict):
         return request_from_controls(task, values, self.config.defaults)
 
-    def _generate(self, owner, build):
-        owner = owner_of(owner)
+    async def _generate(self, request, owner, build):
+        owner = self.owner(owner, request)
+        if self.stops.stopped(owner, received_at(request)):  # Stop was pressed after this was sent
+            yield owner, render.progress_html("Stopped before it started.", None, "stopped"), *(gr.skip(),) * 3
+            return
         try:
-            job = self.engine.submit(build(), owner)
+            # decoding and checking the inputs (images, masks) off the event loop
+            job = self.engine.submit(await anyio.to_thread.run_sync(build), owner)
         except (ValueError, TypeError, RuntimeError) as error:
             raise gr.Error(str(error)) from None
-        yield from self._follow(owner, job)
+        if self.stops.stopped(owner, received_at(request)):  # a Stop came while the inputs were read
+            job.cancel()
+        async for update in self._follow(owner, job, request):
+            yield update
 
-    def _follow(self, owner: str, job):
+    async def _follow(self, owner: str, job, request):
         skip = gr.skip()
-        events = job.events()
+        session = getattr(request, "session_hash", None)
+        self.followers.follow(job, session)
+        events = job.aevents()
         previews = self.cache.follow_previews() if self.cache is not None else None
+        cancelled = False
         try:
-            for event in events:
+            async for event in events:
                 text = render.event_html(event)
                 if isinstance(event, Step):
                     preview = event.preview
@@ -164,16 +190,25 @@ class Studio:
                     raise gr.Error(event.message)
                 else:
                     yield owner, text, skip, skip, skip
+        except asyncio.CancelledError:
+            # the client cancelled its request (Gradio cancels the task awaiting the next event)
+            cancelled = True
+            raise
         finally:
-            events.close()
+            # (a cancel that finds this handler at a yield closes it like a lost page's: the
+            # middleware's note of the cancel tells them apart)
+            cancelled = cancelled or CANCELLED.recent(session)
+            await events.aclose()
             if previews is not None:
                 previews.close()
-            # Nobody follows a job that has not started (the tab was closed): drop it.
-            if not job.done and job.started_at is None and job.subscriber_count() == 0:
-                job.cancel()
+            # This page no longer follows the job: a job nobody follows any more is stopped, its
+            # partial image kept (kandinsky_ui/sessions.py Followers)
+            self.followers.leave(job, session, cancelled)
 
-    def stop(self, owner=""):
-        count = self.engine.cancel(owner_of(owner))
+    async def stop(self, owner="", request: gr.Request = None):
+        owner = self.owner(owner, request)
+        self.stops.stop(owner)
+        count = self.engine.cancel(owner)
         # Not written to the progress line: this answer may reach the page after the job's own
         # "stopped" update and would overwrite it.
         if count:
@@ -181,32 +216,44 @@ class Studio:
         return "Nothing of yours is running."
 
     # ------------------------------------------------------------------ gallery
-    def select(self, owner, evt: gr.SelectData):
-        return self.gallery.select(owner_of(owner), evt.index)
+    def select(self, owner, evt: gr.SelectData, request: gr.Request):
+        return self.gallery.select(self.owner(owner, request), evt.index)
 
-    def send_to_img2img(self, owner, selected):
-        return self.gallery.selected_image(owner_of(owner), selected), gr.Tabs(selected="img2img")
+    def send_to_img2img(self, owner, selected, request: gr.Request):
+        return self.gallery.selected_image(self.owner(owner, request), selected), gr.Tabs(selected="img2img")
 
-    def send_to_inpaint(self, owner, selected):
-        image = self.gallery.selected_image(owner_of(owner), selected)
+    def send_to_inpaint(self, owner, selected, request: gr.Request):
+        image = self.gallery.selected_image(self.owner(owner, request), selected)
         return {"background": image, "layers": [], "composite": image}, gr.Tabs(selected="inpaint")
 
-    def send_to_controlnet(self, owner, selected):
-        return (self.gallery.selected_image(owner_of(owner), selected), "Image to image",
+    def send_to_controlnet(self, owner, selected, request: gr.Request):
+        return (self.gallery.selected_image(self.owner(owner, request), selected), "Image to image",
                 gr.Tabs(selected="controlnet"))
 
-    def send_to_png_info(self, owner, selected):
+    def send_to_png_info(self, owner, selected, request: gr.Request):
         if self.gallery.is_unsaved(selected):
             raise gr.Error("This image was not saved (see the note of its job), so there is no PNG file here to "
                            "read. Download it from the gallery (that PNG carries its settings) and drop it on PNG info.")
-        self.gallery.selected_image(owner_of(owner), selected)
+        self.gallery.selected_image(self.owner(owner, request), selected)
         return selected, gr.Tabs(selected="pnginfo")
 
     # ------------------------------------------------------------------ models panel
-    def models_status(self) -> str:
-        return render.status_markdown(self.engine.status())
+    def models_status(self, owner=None, request: gr.Request = None) -> str:
+        """The models panel: the server's loaded models and queue; of the jobs, only the caller's are named."""
+        mine = self.engine.jobs_of(self.owner(owner, request)) if owner else []
+        return render.status_markdown(self.engine.status(), mine)
 
-    def unload_all(self):
+    def server_actions_view(self, request: gr.Request):
+        """The Models tab's unload and budget controls: usable only by who may act on the whole server."""
+        allowed = self.access.may_act_on_server(request)
+        note = "" if allowed else ("Unloading models and the memory budget affect every user of this server: " +
+                                   ("only an admin may change them." if self.access.logins else
+                                    "only a browser on the server's machine may change them."))
+        return (gr.update(interactive=allowed), gr.update(interactive=allowed), gr.update(interactive=allowed),
+                gr.update(value=note, visible=not allowed))
+
+    def unload_all(self, request: gr.Request = None):
+        self.access.check_server_action(request, "Unloading models")
         freed = self.engine.unload()
         if freed is None:
             note = "A job is running: the models will be unloaded when it ends."
@@ -214,7 +261,8 @@ class Studio:
             note = f"Unloaded {len(freed)} model unit(s)." if freed else "Nothing to unload."
         return note + "\n\n" + self.models_status()
 
-    def set_budget(self, text):
+    def set_budget(self, text, request: gr.Request = None):
+        self.access.check_server_action(request, "The memory budget")
         try:
             budget, evicted = self.engine.set_memory_budget(text)
         except ValueError as error:

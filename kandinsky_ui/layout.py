@@ -17,7 +17,12 @@ from kandinsky_ui.controls import PRIOR_FIELDS, SHARED_FIELDS
 from kandinsky_ui.handlers import Studio
 from kandinsky_ui.page import Page
 
-GENERATE_LIMIT = 64     # handlers only wait on the Engine, which runs one job at a time
+# Generation handlers are async and only wait on the Engine (which queues, orders and limits jobs per
+# owner), holding no thread; so Gradio hands every request to a handler at once (up to as many as the
+# Engine holds: UIConfig.engine_capacity), and its own queue never holds one the Engine does not know
+# about (Stop, positions and limits see them all). Gradio also runs at most `max_threads` events at
+# once, whatever their limits: app.py launches with OTHER_EVENTS more than that.
+OTHER_EVENTS = 64
 PRIVATE = {"api_visibility": "private"}
 
 CSS = """
@@ -67,14 +72,14 @@ def build_ui(engine, config: UIConfig) -> gr.Blocks:
 
         _guard_inputs(owner, shared, task_tabs, png, models)
         steps_info = _steps_info(demo, page, shared)
-        _generation(studio, owner, shared, task_tabs, out, steps_info)
-        _session(demo, studio, owner, browser_owner, out, models)
+        _generation(studio, config, owner, shared, task_tabs, out, steps_info)
+        _session(demo, studio, config, owner, browser_owner, out, models)
         _gallery(studio, owner, selected, out, tab_set, task_tabs, png)
         _settings_events(page, shared, settings, out)
         _task_events(studio, page, shared, task_tabs)
-        _png_info(page, owner, png, shared, settings, task_tabs, tab_set)
+        _png_info(studio, page, owner, png, shared, settings, task_tabs, tab_set)
         _model_choice(demo, page, shared, settings, task_tabs)
-        _models_panel(studio, models, tab_set)
+        _models_panel(studio, owner, models, tab_set)
     studio.cache = cache.CacheBound(demo).start()
     return demo
 
@@ -94,12 +99,12 @@ def _guard_inputs(owner, shared, task_tabs, png, models) -> None:
             guards.name_errors(component, name)
 
 
-def _generation(studio, owner, shared, task_tabs, out, steps_info) -> None:
+def _generation(studio, config, owner, shared, task_tabs, out, steps_info) -> None:
     outputs = [owner, out.progress, out.preview, out.gallery, out.seeds]
     for task, tab in task_tabs.items():
         controls = {"owner": owner, **tab.inputs, **shared}
         tab.button.click(_api(getattr(studio, task), controls), inputs_kwargs=controls, api_name=task, outputs=outputs,
-                         show_progress="hidden", concurrency_limit=GENERATE_LIMIT, concurrency_id="generate").then(
+                         show_progress="hidden", concurrency_limit=config.engine_capacity, concurrency_id="generate").then(
             **steps_info)  # the job's step times now estimate the next run
         tab.button.click(lambda: "", outputs=[out.stop_note], queue=False, show_progress="hidden", **PRIVATE)
     out.stop.click(studio.stop, inputs=[owner], outputs=[out.stop_note], queue=False, api_name="stop",
@@ -111,26 +116,34 @@ def _api(handler, controls: dict):
     per control, each optional. Gradio reads an endpoint's parameter names and defaults from the
     function's signature, and only a control with an initial value, or a parameter defaulting to
     None, may be left out by a client (an image input has no initial value)."""
-    def generate(**values):
-        yield from handler(**values)
+    async def generate(request: gr.Request, **values):
+        async for update in handler(request=request, **values):
+            yield update
     generate.__name__ = handler.__name__
+    # the request (first, positional) is Gradio's gr.Request: hidden from the API, it tells who sends
+    # (the login, the page's session) and when the server received the call (a Stop after it wins)
     generate.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in controls])
+        [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
+         *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in controls)])
     return generate
 
 
-def _session(demo, studio, owner, browser_owner, out, models) -> None:
+def _session(demo, studio, config, owner, browser_owner, out, models) -> None:
     """Page load: restore this browser's owner id and gallery, re-attach to a running job."""
     outputs = [owner, out.progress, out.preview, out.gallery, out.seeds]
     demo.load(studio.on_load, inputs=[browser_owner], outputs=[owner, browser_owner, out.gallery, out.progress],
               queue=False, **PRIVATE).then(
-        studio.resume, inputs=[owner], outputs=outputs, show_progress="hidden", concurrency_limit=GENERATE_LIMIT,
+        studio.resume, inputs=[owner], outputs=outputs, show_progress="hidden", concurrency_limit=config.engine_capacity,
         concurrency_id="generate", **PRIVATE)
     # an owner id made by a handler (e.g. the first generation) is kept in the browser too
     owner.change(lambda value: value, inputs=[owner], outputs=[browser_owner], queue=False, show_progress="hidden",
                  **PRIVATE)
-    demo.load(studio.models_status, outputs=[models.status], queue=False, api_name="models_status_on_load",
-              **PRIVATE)
+    demo.load(studio.models_status, inputs=[owner], outputs=[models.status], queue=False,
+              api_name="models_status_on_load", **PRIVATE)
+    demo.load(studio.server_actions_view, outputs=[models.unload, models.apply, models.budget, models.note],
+              queue=False, **PRIVATE)
+    # the page's heartbeat ended (closed, killed, reloading): its jobs stop unless it comes back in time
+    demo.unload(studio.session_closed)
 
 
 def _gallery(studio, owner, selected, out, tab_set, task_tabs, png) -> None:
@@ -213,14 +226,14 @@ def _task_events(studio, page, shared, task_tabs) -> None:
                 queue=False, **PRIVATE)
 
 
-def _png_info(page, owner, png, shared, settings, task_tabs, tab_set) -> None:
+def _png_info(studio, page, owner, png, shared, settings, task_tabs, tab_set) -> None:
     png.file.change(page.png_info, inputs=[png.file], outputs=[png.parameters, png.settings], api_name="png_info")
     controls = dict(shared)
     for tab in task_tabs.values():
         controls.update(tab.inputs)
 
-    def apply(owner_id, file):
-        values, task = page.settings_from_png(owner_id, file)
+    def apply(owner_id, file, request: gr.Request):
+        values, task = page.settings_from_png(studio.owner(owner_id, request), file)
         updates = {controls[name]: value for name, value in values.items() if name in controls}
         updates[tab_set] = gr.Tabs(selected=task)
         if "width" in values and "height" in values:
@@ -243,9 +256,11 @@ def _model_choice(demo, page, shared, settings, task_tabs) -> None:
                 show_progress="hidden", **PRIVATE)
 
 
-def _models_panel(studio, models, tab_set) -> None:
-    models.refresh.click(studio.models_status, outputs=[models.status], queue=False, api_name="models_status")
+def _models_panel(studio, owner, models, tab_set) -> None:
+    models.refresh.click(studio.models_status, inputs=[owner], outputs=[models.status], queue=False,
+                         api_name="models_status")
     models.unload.click(studio.unload_all, outputs=[models.status], api_name="unload")
     models.apply.click(studio.set_budget, inputs=[models.budget], outputs=[models.status], api_name="set_memory_budget")
-    tab_set.select(studio.models_status, outputs=[models.status], queue=False, api_name="models_status_on_tab",
+    tab_set.select(studio.models_status, inputs=[owner], outputs=[models.status], queue=False,
+                   api_name="models_status_on_tab",
                    **PRIVATE)

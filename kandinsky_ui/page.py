@@ -14,7 +14,6 @@ from kandinsky_ui import masks, render
 from kandinsky_ui.config import UIConfig
 from kandinsky_ui.controls import PRIOR_FIELDS, controls_from_settings
 from kandinsky_ui.gallery import Gallery
-from kandinsky_ui.handlers import owner_of
 
 
 class Page:
@@ -120,7 +119,7 @@ class Page:
         references = settings.get("input_images")  # field -> "inputs/<hex>.png"; anything else is no reference
         references = {name: reference for name, reference in references.items()
                       if isinstance(name, str) and isinstance(reference, str)} if isinstance(references, dict) else {}
-        images = self.gallery.input_images(owner_of(owner), references)
+        images = self.gallery.input_images(owner, references)
         values, task, skipped = controls_from_settings(settings, images)
         if "model" in values and values["model"] not in self.config.models:
             skipped.append(f"model must be one of {sorted(self.config.models)}; got {values.pop('model')!r}")

@@ -123,13 +123,14 @@ def gallery_items(paths: list[Path], unsaved=()) -> list[tuple]:
     return [(g.image, unsaved_caption(g)) for g in unsaved] + [(str(path), caption(path)) for path in paths]
 
 
-def status_markdown(status: dict) -> str:
-    """The models panel from `Engine.status()`."""
+def status_markdown(status: dict, mine=()) -> str:
+    """The models panel from `Engine.status()`; of the jobs, only the reader's own (`mine`, running
+    first) are named: other users' jobs are counted, not shown."""
     lines = [f"**Device** {status['device']} · **dtype** {status['dtype_note']} · "
              f"**memory in use** {format_bytes(status['used'])} of a {format_bytes(status['budget'])} budget"]
     if status["over_budget"]:
         lines.append("\n⚠️ Over budget: one model folder is larger than the whole budget and was loaded alone.")
-    lines.append(f"\n**Jobs** running: {status['running'] or 'none'} · waiting: {status['waiting']}")
+    lines.append("\n" + jobs_line(status, mine))
     if "workers" in status:  # a Ray cluster (backend/cluster.py): each worker's models, not one engine's
         lines.append(workers_markdown(status["workers"]))
         return "\n".join(lines)
@@ -151,6 +152,18 @@ def status_markdown(status: dict) -> str:
                          f"{format_bytes(size)} | {state if first else ''} |")
         lines.append(f"| | | **total** | **{format_bytes(unit['bytes'])}** | |")
     return "\n".join(lines)
+
+
+def jobs_line(status: dict, mine=()) -> str:
+    mine = list(mine)
+    running_mine = bool(mine) and mine[0].started_at is not None
+    if status["running"] is None:
+        running = "none"
+    else:
+        running = f"yours ({mine[0].request.task})" if running_mine else "another user's job"
+    waiting_mine = len(mine) - running_mine
+    waiting = f"{status['waiting']}" + (f" ({waiting_mine} yours)" if waiting_mine else "")
+    return f"**Jobs** running: {running} · waiting: {waiting}"
 
 
 def seeds_text(seeds: list[int]) -> str:

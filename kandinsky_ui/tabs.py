@@ -151,6 +151,7 @@ def png_info_tab():
 def models_tab(memory_budget: int):
     with gr.Tab("Models", id="models", elem_id="tab-models"):
         status = gr.Markdown(elem_id="models-status")
+        note = gr.Markdown(visible=False, elem_id="models-note")   # why the server-wide actions are off
         with gr.Row():
             refresh = gr.Button("Refresh", elem_id="models-refresh")
             unload = gr.Button("Unload all models", variant="stop", elem_id="models-unload")
@@ -158,7 +159,7 @@ def models_tab(memory_budget: int):
             budget = gr.Textbox(label="Memory budget (e.g. 12GB, 800MB, auto)", value=f"{memory_budget / 1e9:.1f}GB",
                                 elem_id="memory-budget")
             apply = gr.Button("Apply budget", elem_id="apply-budget")
-    return SimpleNamespace(status=status, refresh=refresh, unload=unload, budget=budget, apply=apply)
+    return SimpleNamespace(status=status, note=note, refresh=refresh, unload=unload, budget=budget, apply=apply)
 
 
 def prompts(defaults: dict) -> dict:

@@ -2,6 +2,7 @@
 app.py applies before it serves: no exposure beyond this machine without a login."""
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -206,9 +207,11 @@ def test_step_times_estimate_a_run_against_the_docs_steps(engine):
     model = "kandinsky-2-2-demo"
     args = (model, 20, 64, 64, 4.0, 1, 1, 3, "")
     assert "A time estimate appears" in page.steps_info(*args)["info"]
-    for _ in studio.text2img(OWNER_A, model=model, prompt="timed", width=64, height=64, num_inference_steps=4,
-                             prior_num_inference_steps=3):
-        pass
+    async def run():
+        async for _ in studio.text2img(OWNER_A, model=model, prompt="timed", width=64, height=64,
+                                       num_inference_steps=4, prior_num_inference_steps=3):
+            pass
+    asyncio.run(run())
     assert studio.step_times.measured(model)
     info = page.steps_info(*args)["info"]
     assert info.startswith("≈ ") and "with 20 steps; the docs' 50 steps: " in info and "(saves " in info
@@ -235,6 +238,7 @@ def test_owners_only_ever_get_their_own_images(client, server):
     job = client.submit(owner=OWNER_B, prompt="b's image", **SMALL, api_name="/text2img")
     job.result(timeout=120)
     gallery = final(job)[3]
+    assert isinstance(gallery, list), final(job)
     b_names = {item["image"].rsplit("/", 1)[-1] for item in gallery}
     a_names = {p.name for p in server.owner_images()[OWNER_A]}
     assert b_names and not (b_names & a_names)
@@ -353,10 +357,14 @@ def test_a_waiting_job_nobody_follows_any_more_is_dropped(engine):
     studio = Studio(engine, page_config(engine.models))
     first = engine.submit(Text2ImageRequest(model="kandinsky-2-2-demo", width=64, height=64, num_inference_steps=200,
                                             prior_num_inference_steps=2), OWNER_A)
-    stream = studio.text2img(OWNER_B, prompt="waiting", **SMALL)
-    owner, progress, *_ = next(stream)
-    assert owner == OWNER_B and "1 job ahead" in progress
-    (waiting,) = engine.jobs_of(OWNER_B)
-    stream.close()  # what Gradio does when the browser goes away
+
+    async def follow_then_leave():
+        stream = studio.text2img(OWNER_B, prompt="waiting", **SMALL)
+        owner, progress, *_ = await anext(stream)
+        assert owner == OWNER_B and "1 job ahead" in progress
+        (waiting,) = engine.jobs_of(OWNER_B)
+        await stream.aclose()  # what Gradio does when the client cancels its request
+        return waiting
+    waiting = asyncio.run(follow_then_leave())
     assert isinstance(waiting.wait(5), Cancelled) and engine.jobs_of(OWNER_B) == []
     assert engine.cancel(OWNER_A) == 1 and isinstance(first.wait(30), Cancelled)

@@ -105,14 +105,21 @@ def login():
 @pytest.fixture(scope="module")
 def session(server, client):
     """Files the app must never serve next to its outputs; plain HTTP with the login cookie; one
-    generated image of OWNER."""
+    generated image of the login."""
     (server.workdir / "secret.txt").write_text(SECRET)
     Image.new("RGB", (8, 8), "red").save(server.workdir / "secret.png")
     http = httpx.Client(base_url=server.url, timeout=30)
     assert http.post("login", data={"username": LOGIN[0], "password": LOGIN[1]}).status_code == 200
-    result = client.predict(owner=OWNER, prompt="mine", **TINY, api_name="/text2img")
+    result = client.predict(prompt="mine", **TINY, api_name="/text2img")
     assert 'data-state="done"' in result[1]
     return http
+
+
+@pytest.fixture(scope="module")
+def login_owner(session, client):
+    """The owner the login acts as: made from the user name (kandinsky_ui/sessions.py), the same for
+    every request of that login."""
+    return client.predict(prompt="mine too", **TINY, api_name="/text2img")[0]
 
 
 DATA_ROUTES = [("GET", "config"), ("GET", "gradio_api/info"), ("GET", "gradio_api/openapi.json"),
@@ -138,10 +145,10 @@ def test_every_data_route_needs_the_login(server, session):
     assert session.get("config").status_code == 200 and session.get("gradio_api/info").status_code == 200
 
 
-def traversal_paths(server) -> dict[str, list[str]]:
+def traversal_paths(server, owner) -> dict[str, list[str]]:
     """Requests for files the app must not serve, grouped by target (raw paths: no client normalises them)."""
     work, out = server.workdir, server.outputs
-    own = out / OWNER
+    own = out / owner
     link = own / "link.png"
     if not link.exists():
         link.symlink_to(work / "secret.txt")           # a link planted inside the outputs folder
@@ -180,14 +187,14 @@ def raw_get(server, cookie: str, path: str) -> tuple[int, bytes]:
         connection.close()
 
 
-def test_no_file_outside_the_apps_folders_through_the_file_routes(server, session):
+def test_no_file_outside_the_apps_folders_through_the_file_routes(server, session, login_owner):
     cookie = "; ".join(f"{name}={value}" for name, value in session.cookies.items())
-    mine = server.owner_images()[OWNER][0]
+    mine = server.owner_images()[login_owner][0]
     status, body = raw_get(server, cookie, f"/gradio_api/file={mine}")
     assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"      # the route works for what it should serve
     browser_secret = (server.outputs / ".browser-secret").read_bytes().strip()
     tried = 0
-    for target, paths in traversal_paths(server).items():
+    for target, paths in traversal_paths(server, login_owner).items():
         for path in paths:
             status, body = raw_get(server, cookie, path)
             tried += 1
@@ -205,10 +212,10 @@ def raw_call(server, session, client, api: str, **kwargs):
 
 
 @pytest.mark.parametrize("target", ["secret.png", "outputs/.browser-secret", "other-owner.png", "/etc/passwd"])
-def test_inputs_cannot_name_files_on_the_server(target, server, session, client):
+def test_inputs_cannot_name_files_on_the_server(target, server, session, client, login_owner):
     """A file input must have been uploaded: a path on the server is refused before any handler."""
     if target == "other-owner.png":
-        other = server.owner_images()[OWNER][0]
+        other = server.owner_images()[login_owner][0]
         path = str(other)
     elif target.startswith("/"):
         path = target
@@ -234,16 +241,16 @@ def test_owner_ids_from_clients_never_reach_a_path(owner, server, client):
     assert (server.outputs / given).is_dir()
 
 
-def test_the_app_writes_only_under_outputs_with_names_it_makes(server, client):
+def test_the_app_writes_only_under_outputs_with_names_it_makes(server, client, login_owner):
     """After everything above: the outputs tree holds only generated names; nothing else was written."""
-    job = client.submit(owner=OWNER, prompt="stop me", **dict(TINY, num_inference_steps=200, width=128, height=128,
+    job = client.submit(owner=login_owner, prompt="stop me", **dict(TINY, num_inference_steps=200, width=128, height=128,
                                                                preview="fast"), api_name="/text2img")
     while not any("Denoising: step" in update[1] for update in job.outputs()):
         assert not job.done(), job.outputs()[-1:]
         time.sleep(0.05)
-    client.predict(owner=OWNER, api_name="/stop")
+    client.predict(owner=login_owner, api_name="/stop")
     job.result(timeout=60)
-    assert any(p.name.endswith("-partial.png") for p in server.owner_images()[OWNER])
+    assert any(p.name.endswith("-partial.png") for p in server.owner_images()[login_owner])
     written = sorted(str(p.relative_to(server.outputs)) for p in server.outputs.rglob("*") if p.is_file())
     odd = [name for name in written if name != ".browser-secret" and not NAME_RE.match(name)
            and not name.endswith("link.png")]                 # the link is the test's own

@@ -24,7 +24,7 @@ def free_port() -> int:
 class AppServer:
     """`python app.py --demo` on a free port, with its own outputs and models folders."""
 
-    def __init__(self, workdir: Path, extra_args=(), demo: bool = True):
+    def __init__(self, workdir: Path, extra_args=(), demo: bool = True, env: dict | None = None):
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -33,8 +33,10 @@ class AppServer:
         self.log_path = workdir / "app.log"
         args = [sys.executable, str(ROOT / "app.py"), *(["--demo"] if demo else []), "--port", str(self.port),
                 "--outputs-dir", str(self.outputs), "--models-dir", str(self.models), *extra_args]
+        extra_env = env or {}
         env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         env.pop("KANDINSKY_STUDIO_ARGS", None)
+        env.update(extra_env)
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
