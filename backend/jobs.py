@@ -132,12 +132,10 @@ class Job:
         try:
             while True:
                 try:
-                    batch = [inbox.get(timeout=timeout)]
+                    first = inbox.get(timeout=timeout)
                 except queue.Empty:
                     raise TimeoutError(f"job {self.id}: no event for {timeout} s") from None
-                while not inbox.empty():
-                    batch.append(inbox.get_nowait())
-                for event in _coalesce(batch) if coalesce else batch:
+                for event in _drain(inbox, first, coalesce):
                     yield event
                     if isinstance(event, TERMINAL):
                         return
@@ -159,10 +157,7 @@ class Job:
         self._subscribe(put)
         try:
             while True:
-                batch = [await inbox.get()]
-                while not inbox.empty():
-                    batch.append(inbox.get_nowait())
-                for event in _coalesce(batch) if coalesce else batch:
+                for event in _drain(inbox, await inbox.get(), coalesce):
                     yield event
                     if isinstance(event, TERMINAL):
                         return
@@ -188,6 +183,14 @@ class Job:
             if isinstance(event, TERMINAL):
                 return event
         raise AssertionError("unreachable")  # events() always ends with a terminal event
+
+
+def _drain(inbox, first: Event, coalesce: bool) -> list:
+    """`first` and every event already waiting in `inbox` (a queue.SimpleQueue or an asyncio.Queue)."""
+    batch = [first]
+    while not inbox.empty():
+        batch.append(inbox.get_nowait())
+    return _coalesce(batch) if coalesce else batch
 
 
 def _coalesce(batch: list) -> list:
