@@ -190,3 +190,15 @@ def test_a_request_received_before_a_stop_never_reaches_the_engine(engine):
     assert update[0] == owner and "Stopped before it started." in update[1] and engine.jobs_of(owner) == []
     request.state = argparse.Namespace(**{RECEIVED_AT: time.monotonic()})  # sent after the Stop: it runs
     assert 'data-state="done"' in asyncio.run(generate())[-1][1]
+
+
+def test_the_models_tab_turns_server_actions_off_for_who_may_not(engine):
+    from kandinsky_ui import page_config
+    from kandinsky_ui.handlers import Studio
+
+    studio = Studio(engine, page_config(engine.models, logins=True, admins=("alice",)))
+    unload, apply, budget, note = studio.server_actions_view(FakeRequest("bob"))
+    assert unload["interactive"] is False and apply["interactive"] is False and budget["interactive"] is False
+    assert note["visible"] is True and "only an admin may change them" in note["value"]
+    unload, apply, budget, note = studio.server_actions_view(FakeRequest("alice"))
+    assert unload["interactive"] is True and note["visible"] is False
