@@ -198,7 +198,7 @@ def test_one_owner_may_have_as_many_jobs_on_the_cluster_as_in_process(cluster):
 
 
 def test_a_worker_killed_mid_job_hands_the_job_to_the_other_one_with_the_same_image(cluster, engine):
-    request = Text2ImageRequest(**small(seed=-1, num_inference_steps=60))
+    request = Text2ImageRequest(**small(seed=-1, num_inference_steps=200))
     job = cluster.submit(request, VICTIM)
     victim = denoising_worker(cluster, job)
     ray.kill(victim.handle, no_restart=False)  # Ray restarts it (max_restarts)
@@ -212,7 +212,7 @@ def test_a_worker_killed_mid_job_hands_the_job_to_the_other_one_with_the_same_im
     (image,) = end.images
     assert image.path in cluster.store.list(VICTIM)
     seed = read_settings(image.path)["seed"]
-    reference = engine.submit(Text2ImageRequest(**small(seed=seed, num_inference_steps=60)), VICTIM).wait(120)
+    reference = engine.submit(Text2ImageRequest(**small(seed=seed, num_inference_steps=200)), VICTIM).wait(120)
     assert np.array_equal(pixels(image.image), pixels(reference.images[0].image))
 
     assert cluster.wait_for_workers(timeout=300)
