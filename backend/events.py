@@ -13,8 +13,10 @@ from typing import Optional, Union
 from PIL import Image
 
 # Step phases, in the order a job runs them: the 2.x image prior | Kandinsky 3's T5 text encoder,
-# then the decoder's denoising steps, then the MoVQ decode of each run.
-PHASES = ("prior", "encode", "denoise", "decode")
+# then the decoder's denoising steps, then the MoVQ decode of each run; a text-to-image job with a
+# hi-res pass (hires_scale > 1) then runs, per image, the pass's image-to-image steps ("hires") and
+# another "decode", at the pass's size.
+PHASES = ("prior", "encode", "denoise", "decode", "hires")
 
 
 @dataclass

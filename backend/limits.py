@@ -34,3 +34,6 @@ MAX_MASK_EDIT = 64       # pixels a mask may be grown by, or its edge blurred ov
 MIN_MIX_INPUTS, MAX_MIX_INPUTS = 2, 6   # texts and images one interpolation mixes
 MAX_MIX_WEIGHT = 1.0     # interpolation weights are relative: each in [0, 1], normalised to sum 1
 MAX_WALK_STEPS = 8       # extra images of an interpolation walk
+MAX_HIRES_SCALE = 2      # the hi-res pass's size is the base size times at most this (A1111's hires fix offers 1 to 4;
+                         # each doubling quadruples the pass's UNet steps and decode: 2x of a 768x768 base is 1536x1536)
+MAX_OUTPAINT_BLEND = 128  # pixels of the old image an outpainting mask feathers into

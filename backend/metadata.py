@@ -46,13 +46,18 @@ _A1111_KEYS = (
     ("Sampler", "scheduler", str),
     ("CFG scale", "guidance_scale", float),
     ("Seed", "seed", int),
+    ("Variation seed", "variation_seed", int),              # A1111's names; only with a variation strength
+    ("Variation seed strength", "variation_strength", float),
     ("Size", "size", str),
     ("Model", "model", str),
     ("Task", "task", str),
     ("Prior steps", "prior_num_inference_steps", int),
     ("Prior CFG scale", "prior_guidance_scale", float),
     ("Negative prior prompt", "negative_prior_prompt", str),
-    ("Denoising strength", "strength", float),
+    ("Denoising strength", "strength", float),              # text-to-image: the hi-res pass's, as A1111 writes it
+    ("Hires upscale", "hires_scale", float),                 # only with a hi-res pass
+    ("Hires steps", "hires_steps", int),
+    ("Hires upscaler", "hires_upscaler", str),
     ("Batch size", "batch_size", int),
     ("Batch pos", "batch_position", int),
     ("Mask blur", "mask_blur", int),
@@ -63,6 +68,7 @@ _A1111_KEYS = (
     ("Partial", "partial", str),
 )
 _FIELD_TYPES = {field: kind for _, field, kind in _A1111_KEYS}
+HIRES_UPSCALER = "Lanczos"      # how the hi-res pass upscales (PIL's Lanczos; A1111's "Hires upscaler" key)
 _KEY_TO_FIELD = {key: field for key, field, _ in _A1111_KEYS}
 
 # The A1111 `Key: value` list: values with commas are written JSON-quoted (modules/infotext_utils.py).
@@ -96,12 +102,20 @@ def parameters_text(settings: dict) -> str:
         values["size"] = f"{values['width']}x{values['height']}"
     if values.get("weights") is not None:
         values["weights"] = ", ".join(f"{w:g}" for w in values["weights"])
+    hires = values.get("task") == "text2img" and (values.get("hires_scale") or 1) > 1
+    if hires:
+        values.update(strength=values.get("hires_strength"), hires_upscaler=HIRES_UPSCALER)
+    unused = () if hires else ("hires_scale", "hires_steps")     # A1111 writes these only when they act
+    if not values.get("variation_strength"):
+        unused += ("variation_seed", "variation_strength")
+    for field in unused:
+        values.pop(field, None)
     pairs = []
     for key, field, _ in _A1111_KEYS:
         value = values.get(field)
         if value is None or value == "" or (field == "partial" and not value):
             continue
-        if field in ("strength",) and values.get("task") in ("text2img", "interpolate"):
+        if field in ("strength",) and values.get("task") in ("text2img", "interpolate") and not hires:
             continue
         if field.startswith("mask_") and values.get("task") != "inpaint":
             continue
@@ -147,6 +161,9 @@ def parse_parameters_text(text: str) -> dict:
                 settings[field] = _FIELD_TYPES[field](value)
         except ValueError:
             extra[key] = value
+    if "hires_scale" in settings and "strength" in settings and settings.get("task", "text2img") == "text2img":
+        settings["hires_strength"] = settings.pop("strength")   # A1111's hi-res fix writes its strength so
+    settings.pop("hires_upscaler", None)                         # (always Lanczos here)
     if extra:
         settings["extra"] = extra
     return settings

@@ -28,6 +28,8 @@ class Progress:
         self.started = time.monotonic()
         self.last = self.started
         self._last_load = ("", 0.0)                             # (component, time) of the last Loading event
+        # phase -> (phase, factor): until a step of it is timed, it costs factor x a step of the other
+        self.guesses = {"decode": ("denoise", DECODE_STEPS_GUESS)}
 
     def mark(self) -> None:
         """A phase run starts: its first step is timed from here."""
@@ -65,8 +67,9 @@ class Progress:
         seconds, steps = self.spent.get(phase, (0.0, 0))
         if steps:
             return seconds / steps
-        if phase == "decode" and self.spent["denoise"][1]:
-            return DECODE_STEPS_GUESS * self.per_step("denoise")
+        other, factor = self.guesses.get(phase, (None, 0.0))
+        if other in self.spent and self.spent[other][1]:
+            return factor * self.per_step(other)
         return None
 
     def step_seconds(self) -> dict[str, float]:

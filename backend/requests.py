@@ -15,12 +15,12 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 from PIL import Image
 
-from backend import masks
+from backend import masks, outpaint
 from backend.fields import check_choice, check_float, check_image, check_int, check_text
 from backend.schedulers import SAMPLERS
 from backend.limits import (APP_MAX_BATCH_SIZE, APP_MAX_SIDE, APP_MAX_STEPS, MAX_BATCH_COUNT, MAX_GUIDANCE,
-                            MAX_MASK_EDIT, MAX_MIX_INPUTS, MAX_MIX_WEIGHT, MAX_PREVIEW_EVERY,
-                            MAX_SEED, MAX_WALK_STEPS, MIN_MIX_INPUTS, MIN_PRIOR_STEPS,
+                            MAX_HIRES_SCALE, MAX_MASK_EDIT, MAX_MIX_INPUTS, MAX_MIX_WEIGHT, MAX_OUTPAINT_BLEND,
+                            MAX_PREVIEW_EVERY, MAX_SEED, MAX_WALK_STEPS, MIN_MIX_INPUTS, MIN_PRIOR_STEPS,
                             SIZE_MULTIPLE)
 
 DEFAULT_MODEL = "kandinsky-2-2"
@@ -76,6 +76,21 @@ def strength_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The hi-res pass's (width, height): the base size times `scale`, each side rounded to the nearest
+    multiple of SIZE_MULTIPLE (halves up; e.g. 704 x 1.5 = 1056 -> 1088), at least the base size."""
+    def side(base: int) -> int:
+        return max(base, int(base * scale / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)
+    return side(width), side(height)
+
+
+def _check_seed(name: str, value) -> int:
+    """A seed, or -1 (any negative number) for a random one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        return -1
+    return check_int(name, value, -1, MAX_SEED)
+
+
 # ---------------------------------------------------------------------------------- requests
 
 
@@ -100,6 +115,11 @@ class GenerationRequest:
     batch_size: int = 1                        # images per run
     preview: str = "fast"                      # one of PREVIEW_MODES
     preview_every: int = 1                     # a preview every n-th step
+    # Variations (AUTOMATIC1111's variation seed): each run's noise is slerped this far (0 = none, 1 = all the
+    # way) towards the noise of variation_seed (run b: variation_seed + b, as its seed is seed + b);
+    # backend/random.py VariationGenerator
+    variation_seed: int = -1                   # < 0: a random one when variation_strength > 0, reported back
+    variation_strength: float = 0.0            # in [0, 1]
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range."""
@@ -116,9 +136,9 @@ class GenerationRequest:
         self.guidance_scale = check_float("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE)
         self.prior_guidance_scale = check_float("prior_guidance_scale", self.prior_guidance_scale, 0.0,
                                                 MAX_GUIDANCE)
-        if isinstance(self.seed, (int, float)) and not isinstance(self.seed, bool) and self.seed < 0:
-            self.seed = -1  # any negative seed asks for a random one
-        self.seed = check_int("seed", self.seed, -1, MAX_SEED)
+        self.seed = _check_seed("seed", self.seed)
+        self.variation_seed = _check_seed("variation_seed", self.variation_seed)
+        self.variation_strength = check_float("variation_strength", self.variation_strength, 0, 1)
         self.batch_count = check_int("batch_count", self.batch_count, 1, MAX_BATCH_COUNT)
         self.batch_size = check_int("batch_size", self.batch_size, 1, APP_MAX_BATCH_SIZE)
         self.scheduler = check_sampler("scheduler", self.scheduler)
@@ -151,6 +171,33 @@ class GenerationRequest:
         """The request as the decoder runs it, given the estimated depth of `depth_photo()`."""
         raise NotImplementedError
 
+    def decoded_size(self, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+        """The (width, height) of the job's images for a request of this width x height (default: its own):
+        the size itself, but for a hi-res pass or an outpainted canvas."""
+        return width or self.width, height or self.height
+
+    def largest_decode(self, width: int, height: int, images: int) -> tuple[int, int, int]:
+        """(width, height, images) of the job's largest decoder call for a request of this width x height and
+        batch_size `images` (the memory guard, backend/working_memory.py)."""
+        width, height = self.decoded_size(width, height)
+        return width, height, images
+
+    def memory_fields(self) -> str:
+        """The fields that set the largest decoder call, as a refusal names them."""
+        return "width/height/batch_size"
+
+    def on_canvas(self) -> "GenerationRequest":
+        """The request as the decoder runs it: itself, but for outpainting (the canvas at its size)."""
+        return self
+
+    def hires_pass(self, image: Image.Image) -> "GenerationRequest | None":
+        """The image-to-image request of a hi-res pass over the decoded `image` (None: no hi-res pass)."""
+        return None
+
+    def hires_pass_steps(self) -> int | None:
+        """Denoising steps of the hi-res pass over one image (None: no hi-res pass)."""
+        return None
+
     def finish(self, images: list[Image.Image]) -> list[Image.Image]:
         """The decoder's images -> what is saved."""
         return images
@@ -172,7 +219,61 @@ class GenerationRequest:
 
 @dataclass(kw_only=True)
 class Text2ImageRequest(GenerationRequest):
+    """Text to image; with hires_scale > 1, AUTOMATIC1111's hi-res fix in the same job: the image made at width x
+    height is upscaled (Lanczos) to hires_size and refined by an image-to-image pass there (same model, prompt,
+    negative prompt and seed), whose result is the job's image."""
+
     task: ClassVar[str] = "text2img"
+    hires_scale: float = 1.0                   # 1 = off; up to MAX_HIRES_SCALE (2)
+    hires_strength: float = 0.5                # of the pass's schedule re-run, as image-to-image's strength
+    hires_steps: int = 0                       # the pass's schedule length; 0 = num_inference_steps
+
+    def validate(self) -> None:
+        super().validate()
+        self.hires_scale = check_float("hires_scale", self.hires_scale, 1, MAX_HIRES_SCALE)
+        self.hires_strength = check_float("hires_strength", self.hires_strength, 0, 1)
+        self.hires_steps = check_int("hires_steps", self.hires_steps, 0, APP_MAX_STEPS)
+        width, height = self.decoded_size()
+        if max(width, height) > APP_MAX_SIDE:
+            raise ValueError(f"hires_scale: {self.width}x{self.height} x {self.hires_scale:g} is {width}x{height}; "
+                             f"at most {APP_MAX_SIDE} pixels per side are allowed")
+
+    @property
+    def hires(self) -> bool:
+        return self.hires_scale > 1
+
+    def decoded_size(self, width=None, height=None):
+        width, height = width or self.width, height or self.height
+        return hires_size(width, height, self.hires_scale) if self.hires else (width, height)
+
+    def largest_decode(self, width, height, images):
+        """The base run decodes `images` images at once; the hi-res pass one image at a time, larger."""
+        if not self.hires:
+            return width, height, images
+        hires = (*hires_size(width, height, self.hires_scale), 1)
+        return max((width, height, images), hires, key=lambda call: (call[0] * call[1] * call[2], call[2] == 1))
+
+    def memory_fields(self):
+        return "width/height/hires_scale/batch_size" if self.hires else super().memory_fields()
+
+    def hires_pass(self, image):
+        if not self.hires:
+            return None
+        width, height = self.decoded_size()
+        shared = {f.name: getattr(self, f.name) for f in fields(GenerationRequest)}
+        return Image2ImageRequest(**dict(shared, width=width, height=height,
+                                         num_inference_steps=self.hires_steps or self.num_inference_steps),
+                                  image=image.convert("RGB").resize((width, height), Image.LANCZOS),
+                                  strength=self.hires_strength)
+
+    def hires_pass_steps(self):
+        return strength_steps(self.hires_steps or self.num_inference_steps, self.hires_strength) if self.hires else None
+
+    def settings(self) -> dict:
+        out = super().settings()
+        if self.hires:  # the pass's size (width and height are the base size's)
+            out["hires_width"], out["hires_height"] = self.decoded_size()
+        return out
 
 
 @dataclass(kw_only=True)
@@ -204,14 +305,64 @@ class InpaintRequest(GenerationRequest):
     mask_invert: bool = False                  # repaint what is black instead
     mask_grow: int = 0                         # pixels added around the painted region
     mask_blur: int = 0                         # Gaussian blur radius of the mask edge, pixels
+    # Outpainting: pixels added on each side of the image (taken at width x height); when any is > 0 the new
+    # area is the mask (the painted one is not used), feathered outpaint_blend pixels into the image, and the
+    # canvas is rounded up to multiples of 64 (backend/outpaint.py)
+    outpaint_left: int = 0
+    outpaint_right: int = 0
+    outpaint_top: int = 0
+    outpaint_bottom: int = 0
+    outpaint_blend: int = 16
 
     def validate(self) -> None:
         super().validate()
         check_image("image", self.image)
-        check_image("mask", self.mask)
+        for name in OUTPAINT_SIDES:
+            setattr(self, name, check_int(name, getattr(self, name), 0, APP_MAX_SIDE))
+        self.outpaint_blend = check_int("outpaint_blend", self.outpaint_blend, 0, MAX_OUTPAINT_BLEND)
+        if not self.outpainting:
+            check_image("mask", self.mask)
+        elif self.mask is not None:
+            check_image("mask", self.mask)
         self.mask_invert = bool(self.mask_invert)
         self.mask_grow = check_int("mask_grow", self.mask_grow, 0, MAX_MASK_EDIT)
         self.mask_blur = check_int("mask_blur", self.mask_blur, 0, MAX_MASK_EDIT)
+        width, height = self.decoded_size()
+        if max(width, height) > APP_MAX_SIDE:
+            raise ValueError(f"outpaint_left/outpaint_right/outpaint_top/outpaint_bottom: the canvas would be "
+                             f"{width}x{height}; at most {APP_MAX_SIDE} pixels per side are allowed")
+
+    @property
+    def outpainting(self) -> bool:
+        return any(getattr(self, name) > 0 for name in OUTPAINT_SIDES)
+
+    def decoded_size(self, width=None, height=None):
+        width, height = width or self.width, height or self.height
+        if not self.outpainting:
+            return width, height
+        return outpaint.canvas_size(width, height, self.outpaint_left, self.outpaint_right, self.outpaint_top,
+                                    self.outpaint_bottom)
+
+    def memory_fields(self):
+        if self.outpainting:
+            return "width/height/" + "/".join(name for name in OUTPAINT_SIDES if getattr(self, name)) + "/batch_size"
+        return super().memory_fields()
+
+    def outpainted(self) -> outpaint.Outpaint:
+        """The image at width x height on its extended canvas, and the canvas's feathered mask."""
+        image = self.image.convert("RGB").resize((self.width, self.height), Image.BICUBIC)
+        return outpaint.extend(image, self.outpaint_left, self.outpaint_right, self.outpaint_top,
+                               self.outpaint_bottom, self.outpaint_blend)
+
+    def on_canvas(self) -> "InpaintRequest":
+        """Outpainting: an inpainting request of the canvas at its size, whose mask is the new area and the
+        band's outer half (the pipeline thresholds at 0.5); `finish` blends through the whole ramp."""
+        if not self.outpainting:
+            return self
+        extended = self.outpainted()
+        width, height = extended.size
+        return replace(self, image=extended.canvas, mask=extended.mask, width=width, height=height,
+                       mask_invert=False, mask_grow=0, mask_blur=0, **{name: 0 for name in OUTPAINT_SIDES})
 
     def pipeline_inputs(self) -> dict:
         # one image and mask per image of the run, as diffusers' KandinskyV22InpaintCombinedPipeline
@@ -221,7 +372,11 @@ class InpaintRequest(GenerationRequest):
 
     def finish(self, images):
         """With a blurred edge, the result is pasted over the original through the blurred mask (the
-        pipeline works with a hard mask: diffusers thresholds it at 0.5)."""
+        pipeline works with a hard mask: diffusers thresholds it at 0.5); outpainting pastes it over the
+        canvas through the feathered mask, so the image beyond the band stays as it was."""
+        if self.outpainting:
+            extended = self.outpainted()
+            return [extended.composite(image) for image in images]
         if not self.mask_blur:
             return images
         size = (self.width, self.height)
@@ -230,7 +385,16 @@ class InpaintRequest(GenerationRequest):
         return [Image.composite(image, original, blend) for image in images]
 
     def image_fields(self):
-        return {"image": self.image, "mask": self.mask}
+        return {"image": self.image, "mask": self.mask} if self.mask is not None else {"image": self.image}
+
+    def settings(self) -> dict:
+        out = super().settings()
+        if self.outpainting:  # the result's size (width and height are the image's before the extension)
+            out["canvas_width"], out["canvas_height"] = self.decoded_size()
+        return out
+
+
+OUTPAINT_SIDES = ("outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom")
 
 
 @dataclass(kw_only=True)

@@ -2,11 +2,15 @@
 
 `TaskExecutor` runs each job the JobRunner hands it, as one `Run`:
 1. seeds: seed, seed+1, ... for batch_count runs (a random seed when seed < 0); each run has its
-   own numpy generator, so its noise is what running it alone would draw;
+   own numpy generator, so its noise is what running it alone would draw; with a variation strength,
+   the run's VariationGenerator (backend/random.py) of variation_seed, variation_seed+1, ...;
 2. the family's text stage (backend/families.py) for every run (the 2.x prior samples with the
    run's generator) or once per job (Kandinsky 3's T5), then the decoder for every run: under a
    budget that cannot hold both stages, each loads once per job, not once per run;
 3. every step callback becomes a Step event (with a preview and an ETA) and checks for a stop;
+   a text-to-image job with a hi-res pass then refines each image at the pass's size ("hires" steps,
+   then a "decode"), from the state its generator had after the text stage: the noise an
+   image-to-image job of that seed would draw;
 4. each image is saved with its settings (backend/metadata.py); the job ends with Result, or on a
    stop with Cancelled carrying the last preview of the stopped run, saved and marked partial.
    An image the disk refuses (full, read-only, no permission) does not fail the job: it stays in
@@ -18,6 +22,7 @@ What differs per family is asked of the family, what differs per task of the req
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import logging
@@ -35,6 +40,7 @@ from backend.limits import MAX_SEED
 from backend.manager import ModelManager
 from backend.metadata import OutputStore
 from backend.progress import Progress
+from backend.random import run_generator
 from backend.requests import InterpolateRequest, scheduler_key
 
 logger = logging.getLogger(__name__)
@@ -84,6 +90,12 @@ class Run:
         self.started = time.monotonic()
         seed = r.seed if r.seed >= 0 else secrets.randbelow(MAX_SEED - r.batch_count)
         self.seeds = [(seed + b) % (MAX_SEED + 1) for b in range(r.batch_count)]
+        # variations: run b slerps towards variation_seed + b, as AUTOMATIC1111 pairs subseed + i with seed + i
+        variation = r.variation_seed
+        if r.variation_strength > 0 and variation < 0:
+            variation = secrets.randbelow(MAX_SEED - r.batch_count)
+        self.variation_seeds = [(variation + b) % (MAX_SEED + 1) if variation >= 0 else variation
+                                for b in range(r.batch_count)]
         # an interpolation walk also decodes mixes of input 1 and input 2 alone
         walk = r.walk_steps if isinstance(r, InterpolateRequest) else 0
         self.walk = np.linspace(0.0, 1.0, walk)
@@ -91,10 +103,14 @@ class Run:
                           for item in r.inputs[:2]] if walk else []
         self.depth: Image.Image | None = None           # the depth estimated from the request's photo
         self.progress = Progress(job, self._plan(), r.batch_count)
+        if r.hires_pass_steps() is not None:  # a hi-res step (one image) costs a base step (batch_size images)
+            width, height = r.decoded_size()  # times the ratio of their pixels
+            self.progress.guesses["hires"] = ("denoise", width * height / (r.width * r.height * r.batch_size))
         self.previews = _Previews(r.preview, r.preview_every)
         self.completed: list[GeneratedImage] = []
         self.notes: list[str] = []
         self.current: tuple | None = None              # (seed, batch, step, total) of the decoder run in progress
+        self.current_size = (r.width, r.height)        # the size it decodes at (a partial image's size)
         self._input_refs: dict | None = None
 
     def _plan(self) -> dict[str, int]:
@@ -102,8 +118,13 @@ class Run:
         r, family = self.request, self.family
         text_runs = r.batch_count if family.text_per_run else 1
         decodes = r.batch_count + len(self.walk)
-        return {family.text_phase: text_runs * family.text_steps(r) + sum(map(family.text_steps, self.walk_ends)),
+        plan = {family.text_phase: text_runs * family.text_steps(r) + sum(map(family.text_steps, self.walk_ends)),
                 "denoise": decodes * r.denoise_steps(), "decode": decodes}
+        hires_passes = r.batch_count * r.batch_size if r.hires_pass_steps() is not None else 0
+        if hires_passes:  # one image-to-image pass per image, each decoded
+            plan["hires"] = hires_passes * r.hires_pass_steps()
+            plan["decode"] += hires_passes
+        return plan
 
     # ------------------------------------------------------------------ driver
     def execute(self) -> None:
@@ -115,14 +136,19 @@ class Run:
             self.job.check_cancelled()
         for warning in r.warnings():
             self.notes.append(warning)
-        generators = [np.random.default_rng(seed) for seed in self.seeds]
+        generators = [self._generator(b) for b in range(len(self.seeds))]
         if self.family.text_per_run:
             conditions = [self._condition(r, generator, b) for b, generator in enumerate(generators)]
         else:
             conditions = [self._condition(r, generators[0], 0)] * len(generators)
+        # the hi-res pass draws what an image-to-image job of the seed would: the stream after the text stage
+        after_text = [copy.deepcopy(g) for g in generators] if r.hires_pass_steps() is not None else []
         ends = [self._condition(end, generators[0], 0) for end in self.walk_ends]
         for b, (generator, condition) in enumerate(zip(generators, conditions)):
-            for position, image in enumerate(self._decode(generator, condition, b, self.seeds[b])):
+            images = self._decode(generator, condition, b, self.seeds[b])
+            if after_text:
+                images = self._hires(after_text[b], condition, b, images)
+            for position, image in enumerate(images):
                 self._save(image, self.seeds[b], b, position)
         if ends:
             self._walk(*ends)
@@ -137,9 +163,8 @@ class Run:
         partials = []
         if self.current is not None and self.previews.last:
             seed, batch, step, total = self.current
-            r = self.request
             for position, preview in enumerate(self.previews.last):
-                image = preview.convert("RGB").resize((r.width, r.height), Image.BILINEAR)
+                image = preview.convert("RGB").resize(self.current_size, Image.BILINEAR)
                 settings = self._settings(seed, batch, position, partial=True,
                                           extra={"stopped_at_step": step, "steps_planned": total})
                 partials.append(self._keep(image, settings, partial=True))
@@ -173,8 +198,15 @@ class Run:
             self.notes.append(note)
 
     # ------------------------------------------------------------------ decoder
-    def _decode(self, generator, condition: dict, batch: int, seed: int) -> list[Image.Image]:
+    def _generator(self, batch: int) -> np.random.Generator:
+        """Run `batch`'s generator: its seed's, slerped towards its variation seed's with a variation strength."""
         r = self.request
+        return run_generator(self.seeds[batch], self.variation_seeds[batch], r.variation_strength)
+
+    def _decode(self, generator, condition: dict, batch: int, seed: int, request=None,
+                phase: str = "denoise") -> list[Image.Image]:
+        """One decoder call of `request` (default: the job's), its steps reported as `phase`."""
+        r = request or self.request
         with self.manager.use(self.model.stage(r.decoder_stage), self.progress.loading) as unit:
             pipe = unit.pipeline(scheduler_key(r.scheduler))
             factors = None
@@ -182,24 +214,35 @@ class Run:
                 factors = unit.preview_factors(on_fit=lambda: self.job.emit(
                     Loading("preview colours: fitting the latent -> RGB map", 0, 0)))
             steps = r.denoise_steps()
+            decoder_request = (r.with_depth(self.depth) if self.depth is not None else r).on_canvas()
             self.previews.last, self.current = [], (seed, batch, 0, steps)
+            self.current_size = (decoder_request.width, decoder_request.height)
             self.progress.mark()
             if steps == 0:  # strength 0: no step callback, only the decode
                 self.progress.emit("decode", 1, 1, batch + 1)
-            decoder_request = r.with_depth(self.depth) if self.depth is not None else r
             images = pipe(**condition, **self.family.decoder_arguments(decoder_request), generator=generator,
-                          callback=self._denoise_callback(pipe, factors, batch, seed))[0]
+                          callback=self._denoise_callback(pipe, factors, batch, seed, phase))[0]
             if self.family.decoder_reads_prompt:
                 self._note(self.family.decoder_text_reader, pipe.truncated_text)
             self.progress.record("decode")  # the decode ran since the last step's mark
         self.current = None
         return r.finish(images)
 
-    def _denoise_callback(self, pipe, factors, batch: int, seed: int):
+    def _hires(self, generator, condition: dict, batch: int, images: list[Image.Image]) -> list[Image.Image]:
+        """The hi-res pass over a run's images, one image-to-image call per image (Kandinsky 3's image-to-image
+        takes one image per prompt, and a run's images share one), drawing from `generator` in turn."""
+        out = []
+        for k, image in enumerate(images):
+            one = {name: 1 if name == "num_images_per_prompt" else _row(value, k, len(images))
+                   for name, value in condition.items()}
+            out += self._decode(generator, one, batch, self.seeds[batch], self.request.hires_pass(image), "hires")
+        return out
+
+    def _denoise_callback(self, pipe, factors, batch: int, seed: int, phase: str = "denoise"):
         def callback(i, total, latents, x0):
             preview = self.previews.make(i, total, x0, pipe, factors)
             self.current = (seed, batch, i + 1, total)
-            self.progress.tick("denoise", i + 1, total, batch + 1, preview)
+            self.progress.tick(phase, i + 1, total, batch + 1, preview)
             self.job.check_cancelled()
             if i + 1 == total:
                 self.progress.emit("decode", 1, 1, batch + 1, preview)
@@ -211,7 +254,7 @@ class Run:
         seed = self.seeds[0]
         for index, t in enumerate(self.walk):
             mix = ((1.0 - t) * start["image_embeds"] + t * end["image_embeds"]).astype(np.float32)
-            image = self._decode(np.random.default_rng(seed), dict(start, image_embeds=mix), 0, seed)[0]
+            image = self._decode(self._generator(0), dict(start, image_embeds=mix), 0, seed)[0]
             self._save(image, seed, 0, 0, extra={"walk_index": index, "walk_t": float(t),
                                                  "walk_weights": [float(1 - t), float(t)]})
 
@@ -233,6 +276,8 @@ class Run:
 
     def _settings(self, seed: int, batch: int, position: int, partial: bool = False, extra=None) -> dict:
         settings = self.request.settings()
+        if self.request.variation_strength > 0:  # the variation seed of this run, as `seed` is its seed
+            settings["variation_seed"] = self.variation_seeds[batch]
         settings.update(seed=seed, batch_index=batch, batch_position=position, partial=partial,
                         app=APP_NAME, created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                         repos=self.model.public_repos(), dtype=self.manager.dtype, device=self.manager.device,
@@ -265,6 +310,14 @@ class Run:
             notes.append(f"{what} could not be saved: {reason}. It is shown here and kept in the gallery only "
                          f"until the app restarts: download it from there")
         return tuple(notes)
+
+
+def _row(value, k: int, images: int):
+    """Image k's part of a conditioning argument of a run of `images` images: row k of an array or list with one
+    row per image (2.x embeddings, 2.1's prompts), anything else as it is (Kandinsky 3's one prompt's T5 states)."""
+    if images > 1 and isinstance(value, (np.ndarray, list)) and len(value) == images:
+        return value[k:k + 1]
+    return value
 
 
 def _label(generated: GeneratedImage) -> str:

@@ -125,9 +125,10 @@ class WorkingMemory:
 
     def estimate(self, model: ModelSpec, request: GenerationRequest, width: int | None = None,
                  height: int | None = None, images: int | None = None) -> MemoryEstimate:
-        """The estimate of `request` on `model` (or at another size or batch, for the suggestions)."""
-        width, height = width or request.width, height or request.height
-        images = images or request.batch_size
+        """The estimate of `request` on `model` (or at another size or batch, for the suggestions), at its largest
+        decoder call (request.largest_decode: a hi-res pass's or an outpainted canvas's size)."""
+        width, height, images = request.largest_decode(width or request.width, height or request.height,
+                                                       images or request.batch_size)
         shape = self.shape(model, request.decoder_stage)
         pixels = width * height
         guided = 2 if request.guidance_scale > 1.0 else 1   # diffusers' classifier-free guidance rule
@@ -144,13 +145,15 @@ class WorkingMemory:
             return estimate
         w, h, n = estimate.width, estimate.height, estimate.images
         what = f"{_images(n)} of {w}x{h} decoded at once need" if n > 1 else f"1 image of {w}x{h} needs"
-        message = (f"width/height/batch_size: {what} about {_gb(estimate.working)} of working memory "
+        message = (f"{request.memory_fields()}: {what} about {_gb(estimate.working)} of working memory "
                    f"({estimate.largest_call}) on top of the {_gb(estimate.weights)} of weights of {model.label} "
                    f"and the app's {_gb(estimate.baseline)}; {estimate.limit_name} is {_gb(estimate.limit)}, which "
                    f"leaves about {_gb(max(0, estimate.room))} for it.")
         fitting = self.what_fits(model, request)
         if fitting:
             message += " What fits: " + ", or ".join(fitting) + "."
+            if request.decoded_size() != (request.width, request.height):
+                message = message[:-1] + " (width x height, before the hi-res pass or the outpainting)."
         else:
             message += (f" Not even 1 image of {SIZE_MULTIPLE}x{SIZE_MULTIPLE} fits; --dtype float16 or bfloat16 "
                         f"halves the weights.")
