@@ -121,7 +121,7 @@ class StepTimes:
     def estimate(self, request, text_steps: int, denoise_steps: int | None = None) -> float | None:
         """Seconds `request` would take: `text_steps` text-stage steps for the whole job, then each run's
         denoising steps (`denoise_steps` instead of the request's own: the docs' count, to compare) and
-        decode; None before a job of its model has finished."""
+        decode, and its images' hi-res passes; None before a job of its model has finished."""
         with self._lock:
             record = self._by_model.get(request.model)
         if record is None:
@@ -131,4 +131,11 @@ class StepTimes:
         text = sum(seconds.get(phase, 0.0) for phase in ("prior", "encode")) * text_steps
         denoise = seconds["denoise"] * steps * decoder_work(request) / work
         decode = seconds.get("decode", 0.0) * request.width * request.height * request.batch_size / pixels
+        hires_steps = request.hires_pass_steps()
+        if hires_steps is not None:  # then each image's hi-res pass: its steps and decode at the pass's size
+            width, height = request.decoded_size()
+            guided = 2 if request.guidance_scale > 1.0 else 1
+            one_pass = (seconds["denoise"] * hires_steps * width * height * guided / work
+                        + seconds.get("decode", 0.0) * width * height / pixels)
+            decode += request.batch_size * one_pass
         return text + request.batch_count * (denoise + decode)

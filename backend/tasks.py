@@ -111,6 +111,7 @@ class Run:
         self.notes: list[str] = []
         self.current: tuple | None = None              # (seed, batch, step, total) of the decoder run in progress
         self.current_size = (r.width, r.height)        # the size it decodes at (a partial image's size)
+        self.current_position = 0                      # its first image's place in the run (a hi-res pass: one)
         self._input_refs: dict | None = None
 
     def _plan(self) -> dict[str, int]:
@@ -163,7 +164,7 @@ class Run:
         partials = []
         if self.current is not None and self.previews.last:
             seed, batch, step, total = self.current
-            for position, preview in enumerate(self.previews.last):
+            for position, preview in enumerate(self.previews.last, self.current_position):
                 image = preview.convert("RGB").resize(self.current_size, Image.BILINEAR)
                 settings = self._settings(seed, batch, position, partial=True,
                                           extra={"stopped_at_step": step, "steps_planned": total})
@@ -204,8 +205,9 @@ class Run:
         return run_generator(self.seeds[batch], self.variation_seeds[batch], r.variation_strength)
 
     def _decode(self, generator, condition: dict, batch: int, seed: int, request=None,
-                phase: str = "denoise") -> list[Image.Image]:
-        """One decoder call of `request` (default: the job's), its steps reported as `phase`."""
+                phase: str = "denoise", position: int = 0) -> list[Image.Image]:
+        """One decoder call of `request` (default: the job's), its steps reported as `phase`; `position`: its
+        first image's place in the run."""
         r = request or self.request
         with self.manager.use(self.model.stage(r.decoder_stage), self.progress.loading) as unit:
             pipe = unit.pipeline(scheduler_key(r.scheduler))
@@ -217,6 +219,7 @@ class Run:
             decoder_request = (r.with_depth(self.depth) if self.depth is not None else r).on_canvas()
             self.previews.last, self.current = [], (seed, batch, 0, steps)
             self.current_size = (decoder_request.width, decoder_request.height)
+            self.current_position = position
             self.progress.mark()
             if steps == 0:  # strength 0: no step callback, only the decode
                 self.progress.emit("decode", 1, 1, batch + 1)
@@ -235,7 +238,7 @@ class Run:
         for k, image in enumerate(images):
             one = {name: 1 if name == "num_images_per_prompt" else _row(value, k, len(images))
                    for name, value in condition.items()}
-            out += self._decode(generator, one, batch, self.seeds[batch], self.request.hires_pass(image), "hires")
+            out += self._decode(generator, one, batch, self.seeds[batch], self.request.hires_pass(image), "hires", k)
         return out
 
     def _denoise_callback(self, pipe, factors, batch: int, seed: int, phase: str = "denoise"):

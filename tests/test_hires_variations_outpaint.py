@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from backend import outpaint
-from backend.events import Result, Step
+from backend.events import Cancelled, Result, Step
 from backend.families import CATALOGUE
 from backend.metadata import parameters_text, parse_parameters_text, read_settings
+from backend.progress import StepTimes
 from backend.random import VariationGenerator, randn, slerp
 from backend.requests import Image2ImageRequest, InpaintRequest, Text2ImageRequest, hires_size
 from backend.working_memory import WorkingMemory
@@ -161,6 +162,22 @@ def test_hires_scale_1_is_today_s_image_and_the_png_records_the_pass(engine):
     assert (back["hires_scale"], back["hires_strength"]) == (1.5, 0.5) and "strength" not in back
 
 
+def test_a_stop_in_the_hires_pass_keeps_its_preview_at_the_pass_s_size(engine):
+    job = engine.submit(Text2ImageRequest(**small(batch_size=2, hires_scale=2.0, hires_strength=1.0,
+                                                  hires_steps=30)), OWNER)
+    passes = 0
+    for event in job.events(timeout=180):
+        if isinstance(event, Step) and event.phase == "hires" and event.step == 2:
+            passes += 1
+            if passes == 2:  # the second image's pass
+                job.cancel()
+                break
+    end = job.wait(timeout=60)
+    assert isinstance(end, Cancelled) and [p.image.size for p in end.partials] == [(128, 128)]
+    settings = end.partials[0].settings
+    assert (settings["batch_position"], settings["steps_planned"]) == (1, 30) and 2 <= settings["stopped_at_step"] < 30
+
+
 @pytest.mark.parametrize("model", ("kandinsky-2-1-demo", "kandinsky-3-demo"))
 def test_a_batch_s_images_each_get_their_pass(engine, model):
     """One image-to-image call per image: 2.x's embeddings and 2.1's prompts give each image its row, Kandinsky
@@ -168,6 +185,16 @@ def test_a_batch_s_images_each_get_their_pass(engine, model):
     _, result = run(engine, Text2ImageRequest(**small(model, batch_size=2, hires_scale=2.0, hires_steps=2)))
     first, second = (image.image for image in result.images)
     assert first.size == second.size == (128, 128) and not np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_a_run_s_time_estimate_adds_the_hires_pass():
+    times = StepTimes()
+    times.record(Text2ImageRequest(**small()), {"prior": 0.1, "denoise": 1.0, "decode": 2.0})
+    plain = times.estimate(Text2ImageRequest(**small()), 3)
+    assert plain == pytest.approx(0.3 + 4 * 1.0 + 2.0)
+    # 4 steps at strength 0.5 on 4x the pixels, and a decode of 4x the pixels, per image
+    hires = times.estimate(Text2ImageRequest(**small(hires_scale=2.0, batch_size=2)), 3)
+    assert hires == pytest.approx(0.3 + 2 * (4 * 1.0 + 2.0) + 2 * (2 * 4 * 1.0 + 4 * 2.0))
 
 
 def test_the_memory_guard_estimates_the_hires_pass_at_its_size(engine):
