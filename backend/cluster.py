@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
 import itertools
 import logging
 import secrets
@@ -38,7 +37,7 @@ from pathlib import Path
 from backend.engine import EngineConfig
 from backend.events import TERMINAL, Cancelled, Failed, Queued
 from backend.fields import check_image, check_owner
-from backend.jobs import Job, OwnerLimit
+from backend.jobs import Job, OwnerLimit, fair_order
 from backend.limits import MAX_SEED
 from backend.memory import parse_memory
 from backend.metadata import OutputStore
@@ -207,23 +206,10 @@ class ClusterEngine:
         return {model.stage(model.family.text_stage).source, model.stage(request.decoder_stage).source}
 
     def _run_order_locked(self) -> list[_Dispatch]:
-        """The waiting jobs in the order they will start, by backend/jobs.py JobRunner's rule: round-robin
-        over owners, the owner whose last job started longest ago (or never) first, ties by the time sent,
-        each owner's jobs in the order sent; a job whose worker died goes first (it was started before)."""
-        mine: dict[str, collections.deque[_Dispatch]] = {}
-        for dispatch in sorted(self._waiting, key=lambda d: (not d.tried, d.sent)):
-            mine.setdefault(dispatch.job.owner, collections.deque()).append(dispatch)
-        turns = [(-1 if jobs[0].tried else self._last_start.get(owner, -1), jobs[0].sent, owner)
-                 for owner, jobs in mine.items()]
-        heapq.heapify(turns)
-        order, tick = [], self._started
-        while turns:
-            _, _, owner = heapq.heappop(turns)
-            order.append(mine[owner].popleft())
-            tick += 1
-            if mine[owner]:
-                heapq.heappush(turns, (tick, mine[owner][0].sent, owner))
-        return order
+        """The waiting jobs in the order they will start, by the JobRunner's rule (backend/jobs.py
+        fair_order); a job whose worker died goes first (it was started before)."""
+        return fair_order(self._waiting, lambda d: d.job.owner, lambda d: d.sent, self._last_start, self._started,
+                          first_of=lambda d: d.tried)
 
     def _announce_locked(self) -> None:
         """Tell every waiting job its place: the jobs running on the cluster, then those before it."""

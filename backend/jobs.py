@@ -317,22 +317,9 @@ class JobRunner:
         job.emit(Cancelled(latency_s=0.0))
 
     def _run_order(self) -> list[Job]:
-        """The waiting jobs in the order they will start (caller holds the lock): round-robin over
-        owners, the owner whose last job started longest ago (or never) first, ties by the time
-        sent; each owner's own jobs in the order sent."""
-        mine: dict[str, collections.deque[Job]] = {}
-        for job in self._waiting:
-            mine.setdefault(job.owner, collections.deque()).append(job)
-        turns = [(self._last_start.get(owner, -1), jobs[0].sent, owner) for owner, jobs in mine.items()]
-        heapq.heapify(turns)
-        order, tick = [], self._started
-        while turns:
-            _, _, owner = heapq.heappop(turns)
-            order.append(mine[owner].popleft())
-            tick += 1
-            if mine[owner]:
-                heapq.heappush(turns, (tick, mine[owner][0].sent, owner))
-        return order
+        """The waiting jobs in the order they will start (caller holds the lock)."""
+        return fair_order(self._waiting, lambda job: job.owner, lambda job: job.sent, self._last_start,
+                          self._started)
 
     def _announce_positions(self) -> None:
         """Tell every waiting job its true place in line (caller holds the lock)."""
@@ -383,6 +370,27 @@ class JobRunner:
         else:
             if not job.done:
                 job.emit(Failed("the job ended without a result"))
+
+
+def fair_order(waiting: list, owner_of, sent_of, last_start: dict, started: int, first_of=lambda item: False) -> list:
+    """`waiting` in the order they will start: round-robin over owners, the owner whose last job started
+    longest ago (`last_start[owner]`, a count of starts up to `started`), or never, first, ties by the time
+    sent; each owner's own items in the order sent. Items `first_of` says must go first (backend/cluster.py:
+    a job whose worker died had started) lead their owner's and give it the first turn."""
+    mine: dict[str, collections.deque] = {}
+    for item in sorted(waiting, key=lambda item: (not first_of(item), sent_of(item))):
+        mine.setdefault(owner_of(item), collections.deque()).append(item)
+    turns = [(-1 if first_of(items[0]) else last_start.get(owner, -1), sent_of(items[0]), owner)
+             for owner, items in mine.items()]
+    heapq.heapify(turns)
+    order, tick = [], started
+    while turns:
+        _, _, owner = heapq.heappop(turns)
+        order.append(mine[owner].popleft())
+        tick += 1
+        if mine[owner]:
+            heapq.heappush(turns, (tick, sent_of(mine[owner][0]), owner))
+    return order
 
 
 def _run_into(future: concurrent.futures.Future, fn, args, kwargs) -> None:
