@@ -147,7 +147,7 @@ class Run:
         ends = [self._condition(end, generators[0], 0) for end in self.walk_ends]
         for b, (generator, condition) in enumerate(zip(generators, conditions)):
             images = self._decode(generator, condition, b, self.seeds[b])
-            if after_text:
+            if after_text:  # each image saved when its pass ends: a stop in the next one keeps it
                 images = self._hires(after_text[b], condition, b, images)
             for position, image in enumerate(images):
                 self._save(image, self.seeds[b], b, position)
@@ -231,15 +231,15 @@ class Run:
         self.current = None
         return r.finish(images)
 
-    def _hires(self, generator, condition: dict, batch: int, images: list[Image.Image]) -> list[Image.Image]:
+    def _hires(self, generator, condition: dict, batch: int, images: list[Image.Image]):
         """The hi-res pass over a run's images, one image-to-image call per image (Kandinsky 3's image-to-image
-        takes one image per prompt, and a run's images share one), drawing from `generator` in turn."""
-        out = []
+        takes one image per prompt, and a run's images share one), drawing from `generator` in turn; yields
+        each refined image."""
         for k, image in enumerate(images):
             one = {name: 1 if name == "num_images_per_prompt" else _row(value, k, len(images))
                    for name, value in condition.items()}
-            out += self._decode(generator, one, batch, self.seeds[batch], self.request.hires_pass(image), "hires", k)
-        return out
+            yield from self._decode(generator, one, batch, self.seeds[batch], self.request.hires_pass(image),
+                                    "hires", k)
 
     def _denoise_callback(self, pipe, factors, batch: int, seed: int, phase: str = "denoise"):
         def callback(i, total, latents, x0):

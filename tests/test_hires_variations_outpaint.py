@@ -176,6 +176,8 @@ def test_a_stop_in_the_hires_pass_keeps_its_preview_at_the_pass_s_size(engine):
     assert isinstance(end, Cancelled) and [p.image.size for p in end.partials] == [(128, 128)]
     settings = end.partials[0].settings
     assert (settings["batch_position"], settings["steps_planned"]) == (1, 30) and 2 <= settings["stopped_at_step"] < 30
+    # the first image's pass had ended: its hi-res image is kept
+    assert [(i.image.size, i.settings["batch_position"]) for i in end.images] == [((128, 128), 0)]
 
 
 @pytest.mark.parametrize("model", ("kandinsky-2-1-demo", "kandinsky-3-demo"))
