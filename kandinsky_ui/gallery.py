@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from backend.metadata import OutputStore, settings_texts
+from backend.metadata import OutputStore, read_settings, settings_texts
 from kandinsky_ui import render
 
 
@@ -82,6 +82,18 @@ class Gallery:
             raise gr.Error("Select one of your images in the gallery first.")
         with Image.open(selected) as image:
             return image.convert("RGB")
+
+    def selected_settings(self, owner: str, selected) -> dict | None:
+        """The settings of the owner's selected image (its PNG's, or an unsaved image's), None if not theirs."""
+        if self.is_unsaved(selected):
+            token = selected[len(UNSAVED):]
+            return next((g.settings for kept, g, _ in self._unsaved_of(owner) if kept == token), None)
+        if not selected or not self.store.owns(owner, selected) or not Path(selected).is_file():
+            return None
+        try:
+            return read_settings(selected)
+        except (OSError, ValueError):
+            return None
 
     def input_images(self, owner: str, references: dict) -> dict:
         """The owner's stored input images named by a PNG's settings (field -> image); others are skipped."""

@@ -30,6 +30,19 @@ from kandinsky_ui.sessions import CANCELLED, Access, Followers, StopBook, receiv
 
 logger = logging.getLogger(__name__)
 
+# task -> request field -> where the page takes that image (a request's "<field> is required: an image" names
+# the field only)
+IMAGE_PLACES = {"img2img": {"image": "upload the Start image on the Image to image tab"},
+                "controlnet": {"hint": "upload a photo or depth map on the ControlNet depth tab",
+                               "image": "upload the Start image on the ControlNet depth tab (Image to image mode)"}}
+
+
+def where_on_the_page(task: str, message: str) -> str:
+    """A request's message, with where on the page to give a missing image."""
+    field, _, rest = message.partition(" is required: an image")
+    place = IMAGE_PLACES.get(task, {}).get(field)
+    return f"{field} is required: {place}{rest}" if place and _ else message
+
 
 class Studio:
     def __init__(self, engine, config: UIConfig):
@@ -51,12 +64,16 @@ class Studio:
         items = self.gallery.items(owner)
         if self.engine.jobs_of(owner):
             text = render.progress_html("Your job from before the reload is still running…", None, "running")
-        elif items:
-            text = render.progress_html(f"{len(items)} earlier image(s) of this browser are in the gallery.",
-                                        None, "idle")
         else:
-            text = render.progress_html("Ready.", None, "idle")
+            text = self._idle_text(items)
         return owner, owner, items, text
+
+    @staticmethod
+    def _idle_text(items) -> str:
+        if items:
+            return render.progress_html(f"{len(items)} earlier image(s) of this browser are in the gallery.",
+                                        None, "idle")
+        return render.progress_html("Ready.", None, "idle")
 
     async def resume(self, owner, request: gr.Request):
         """After a reload: follow this browser's running job again, if there is one."""
@@ -65,8 +82,8 @@ class Studio:
         if jobs:
             async for update in self._follow(owner, jobs[0], request):
                 yield update
-        else:  # a generator that yields nothing would blank every output
-            yield (gr.skip(),) * 5
+        else:  # (a generator that yields nothing would blank every output) the page may have shown "running"
+            yield gr.skip(), self._idle_text(self.gallery.items(owner)), gr.skip(), gr.skip(), gr.skip()
 
     def session_closed(self, request: gr.Request):
         """Gradio's unload: the page's heartbeat ended (a closed tab, a killed client, or a reload)."""
@@ -74,11 +91,11 @@ class Studio:
 
     # ------------------------------------------------------------------ generation
     async def text2img(self, owner="", request=None, **values):
-        async for update in self._generate(request, owner, lambda: self._request("text2img", values)):
+        async for update in self._generate(request, owner, lambda: self._request("text2img", values), "text2img"):
             yield update
 
     async def img2img(self, owner="", request=None, **values):
-        async for update in self._generate(request, owner, lambda: self._request("img2img", values)):
+        async for update in self._generate(request, owner, lambda: self._request("img2img", values), "img2img"):
             yield update
 
     async def inpaint(self, owner="", request=None, **values):
@@ -91,7 +108,7 @@ class Studio:
             if mask.getextrema()[1] == 0 and not values.get("mask_invert"):
                 raise ValueError("mask is empty: paint over the part of the image to repaint")
             return self._request("inpaint", dict(values, mask_upload=mask))
-        async for update in self._generate(request, owner, build):
+        async for update in self._generate(request, owner, build, "inpaint"):
             yield update
 
     async def interpolate(self, owner="", request=None, input_count=2, **values):
@@ -102,11 +119,11 @@ class Studio:
         def build():
             inputs, weights = mix_from_rows(input_count, rows)
             return self._request("interpolate", dict(values, inputs=inputs, weights=weights))
-        async for update in self._generate(request, owner, build):
+        async for update in self._generate(request, owner, build, "interpolate"):
             yield update
 
     async def controlnet(self, owner="", request=None, **values):
-        async for update in self._generate(request, owner, lambda: self._request("controlnet", values)):
+        async for update in self._generate(request, owner, lambda: self._request("controlnet", values), "controlnet"):
             yield update
 
     # ------------------------------------------------------------------ ControlNet hint
@@ -146,7 +163,7 @@ class Studio:
     def _request(self, task: str, values: dict):
         return request_from_controls(task, values, self.config.defaults)
 
-    async def _generate(self, request, owner, build):
+    async def _generate(self, request, owner, build, task: str):
         owner = self.owner(owner, request)
         if self.stops.stopped(owner, received_at(request)):  # Stop was pressed after this was sent
             yield owner, render.progress_html("Stopped before it started.", None, "stopped"), *(gr.skip(),) * 3
@@ -155,7 +172,7 @@ class Studio:
             # decoding and checking the inputs (images, masks) off the event loop
             job = self.engine.submit(await anyio.to_thread.run_sync(build), owner)
         except (ValueError, TypeError, RuntimeError) as error:
-            raise gr.Error(str(error)) from None
+            raise gr.Error(where_on_the_page(task, str(error))) from None
         if self.stops.stopped(owner, received_at(request)):  # a Stop came while the inputs were read
             job.cancel()
         async for update in self._follow(owner, job, request):
@@ -219,23 +236,43 @@ class Studio:
     def select(self, owner, evt: gr.SelectData, request: gr.Request):
         return self.gallery.select(self.owner(owner, request), evt.index)
 
+    # A send with nothing (usable) selected changes nothing and says why in a warning toast: an error
+    # raised here would mark every output red, and an unqueued event's message never reaches the page.
     def send_to_img2img(self, owner, selected, request: gr.Request):
-        return self.gallery.selected_image(self.owner(owner, request), selected), gr.Tabs(selected="img2img")
+        image = self._selected(owner, selected, request)
+        if image is None:
+            return gr.skip(), gr.skip()
+        return image, gr.Tabs(selected="img2img")
 
     def send_to_inpaint(self, owner, selected, request: gr.Request):
-        image = self.gallery.selected_image(self.owner(owner, request), selected)
-        return {"background": image, "layers": [], "composite": image}, gr.Tabs(selected="inpaint")
+        image = self._selected(owner, selected, request)
+        if image is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        # the overlay is set with the image (no red yet) rather than waiting for the editor's change event
+        return {"background": image, "layers": [], "composite": image}, image, gr.Tabs(selected="inpaint")
 
     def send_to_controlnet(self, owner, selected, request: gr.Request):
-        return (self.gallery.selected_image(self.owner(owner, request), selected), "Image to image",
-                gr.Tabs(selected="controlnet"))
+        image = self._selected(owner, selected, request)
+        if image is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return image, "Image to image", gr.Tabs(selected="controlnet")
 
     def send_to_png_info(self, owner, selected, request: gr.Request):
         if self.gallery.is_unsaved(selected):
-            raise gr.Error("This image was not saved (see the note of its job), so there is no PNG file here to "
-                           "read. Download it from the gallery (that PNG carries its settings) and drop it on PNG info.")
-        self.gallery.selected_image(self.owner(owner, request), selected)
+            gr.Warning("This image was not saved (see the note of its job), so there is no PNG file here to "
+                       "read. Download it from the gallery (that PNG carries its settings) and drop it on PNG info.")
+            return gr.skip(), gr.skip()
+        if self._selected(owner, selected, request) is None:
+            return gr.skip(), gr.skip()
         return selected, gr.Tabs(selected="pnginfo")
+
+    def _selected(self, owner, selected, request):
+        """The selected image, or None after a warning saying what to do."""
+        try:
+            return self.gallery.selected_image(self.owner(owner, request), selected)
+        except gr.Error as error:
+            gr.Warning(str(error.message))
+            return None
 
     # ------------------------------------------------------------------ models panel
     def models_status(self, owner=None, request: gr.Request = None) -> str:

@@ -1,5 +1,6 @@
 """Handlers that only serve the page, no job: what the model choice changes, PNG info, the mask
-overlay, the ControlNet hint, sizes, seeds and weights."""
+overlay, the ControlNet hint, sizes, seeds and weights; and what the browser keeps (the controls' values,
+recent prompts, styles: checked here when they come back, since a browser may store anything)."""
 from __future__ import annotations
 
 import json
@@ -25,19 +26,22 @@ class Page:
     def model_view(self, model):
         """What the page shows for a model: per tab a note when it cannot run there (and its Generate
         button off), the prior's controls off where there is no prior, the scheduler the repo ships.
-        Returns (notes per task, buttons per task, prior controls, scheduler) updates, in that order."""
+        Returns (tab labels per task, notes per task, buttons per task, prior controls, scheduler) updates, in
+        that order."""
         spec = self.config.models.get(model)
         if spec is None:
-            return (gr.skip(),) * (2 * len(TASKS) + len(PRIOR_FIELDS) + 1)
-        notes, buttons = [], []
+            return (gr.skip(),) * (3 * len(TASKS) + len(PRIOR_FIELDS) + 1)
+        from kandinsky_ui.tabs import tab_label  # tabs.py builds on this module
+        labels, notes, buttons = [], [], []
         for task in TASKS:
             reason = spec.unsupported_reason(task)
+            labels.append(gr.Tab(label=tab_label(spec, task)))
             notes.append(gr.Markdown(unavailable_text(spec, task), visible=bool(reason)))
             buttons.append(gr.Button(interactive=not reason))
         family = spec.family
         info = None if family.has_prior else f"{family.label} has no prior: not used"
         prior = [gr.update(interactive=family.has_prior, info=info) for _ in PRIOR_FIELDS]
-        return (*notes, *buttons, *prior, gr.Dropdown(choices=scheduler_choices(family)))
+        return (*labels, *notes, *buttons, *prior, gr.Dropdown(choices=scheduler_choices(family)))
 
     def model_defaults(self, model):
         """The settings a family's docs use, applied when the user picks a model (demo models keep
@@ -149,10 +153,12 @@ class Page:
 
     @staticmethod
     def clear_mask(editor):
+        """(the editor without paint, the overlay without red): both at once, so the overlay never shows
+        a mask that is gone."""
         image = masks.editor_background(editor)
         if image is None:
-            return None
-        return {"background": image, "layers": [], "composite": image}
+            return None, None
+        return {"background": image, "layers": [], "composite": image}, image
 
     def size_from_preset(self, preset):
         sizes = dict(self.config.size_presets)
@@ -166,10 +172,115 @@ class Page:
                 return label
         return "Custom"
 
-    @staticmethod
-    def reuse_seed(seeds):
+    def reuse_seed(self, owner, selected, seeds):
+        """The selected image's seed (from its PNG settings); without a selection, the last run's first."""
+        settings = self.gallery.selected_settings(owner, selected) if selected else None
+        if settings and isinstance(settings.get("seed"), int):
+            return settings["seed"]
         first = str(seeds or "").split(",")[0].strip()
-        return int(first) if first.isdigit() else -1
+        if not first.isdigit():
+            gr.Warning("Select an image in the gallery (or generate one) to reuse its seed.")
+            return gr.skip()
+        return int(first)
+
+
+# Browser storage (localStorage, kandinsky_ui/layout.py): the controls' values, the recent prompts, the user's styles.
+SETTINGS_KEY, HISTORY_KEY, STYLES_KEY = "kandinsky-studio-settings", "kandinsky-studio-history", "kandinsky-studio-styles"
+HISTORY_KEPT = 20
+MAX_STORED_TEXT = 4000
+# Named styles: a prompt template ("{prompt}" is the prompt typed) and a negative prompt.
+STYLES = {
+    "Photograph": ("{prompt}, photograph, 35mm, natural light, sharp focus, highly detailed",
+                   "painting, drawing, cartoon, lowres, blurry"),
+    "Oil painting": ("{prompt}, oil painting on canvas, visible brush strokes, rich colours",
+                     "photo, 3d render, lowres, text, watermark"),
+    "Watercolour": ("{prompt}, watercolour painting, soft washes, paper texture", "photo, harsh lines, lowres"),
+    "Anime": ("{prompt}, anime style, clean line art, vibrant colours", "photo, realistic, lowres, blurry"),
+    "Cinematic": ("{prompt}, cinematic still, dramatic lighting, shallow depth of field, film grain",
+                  "cartoon, flat lighting, lowres, text"),
+}
+
+
+def loads_json(text, kind):
+    """`text` parsed as JSON if it is a `kind` (dict or list), else an empty one."""
+    try:
+        value = json.loads(text or "null")
+    except (TypeError, ValueError):
+        return kind()
+    return value if isinstance(value, kind) else kind()
+
+
+def stored_value(component, value):
+    """`value` from the browser's storage if `component` takes it as it is now (choices, range, type), else None:
+    a stored value may be from an older page, or anything."""
+    if isinstance(component, (gr.Dropdown, gr.Radio)):
+        choices = [choice[1] if isinstance(choice, (tuple, list)) else choice for choice in component.choices]
+        return value if value in choices else None
+    if isinstance(component, gr.Checkbox):
+        return value if isinstance(value, bool) else None
+    if isinstance(component, (gr.Slider, gr.Number)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            return None
+        low, high = getattr(component, "minimum", None), getattr(component, "maximum", None)
+        if (low is not None and value < low) or (high is not None and value > high):
+            return None
+        return value
+    if isinstance(component, gr.Textbox):
+        return value[:MAX_STORED_TEXT] if isinstance(value, str) else None
+    return None
+
+
+def restore(components: dict, stored: str):
+    """Updates for `components` (name -> component) from the browser's stored values (a JSON object); what is
+    not stored, or no longer allowed, is left alone."""
+    values = loads_json(stored, dict)
+    updates = []
+    for name, component in components.items():
+        value = stored_value(component, values.get(name)) if name in values else None
+        updates.append(gr.skip() if value is None else value)
+    return updates
+
+
+def history_choices(stored: str):
+    """The recent-prompts menu from the browser's list (newest first)."""
+    prompts = [p[:MAX_STORED_TEXT] for p in loads_json(stored, list) if isinstance(p, str) and p.strip()]
+    return gr.Dropdown(choices=list(dict.fromkeys(prompts))[:HISTORY_KEPT], value=None)
+
+
+def user_styles(stored: str) -> dict:
+    styles = {}
+    for name, style in loads_json(stored, dict).items():
+        if isinstance(name, str) and name.strip() and isinstance(style, dict) and name not in STYLES:
+            styles[name.strip()[:80]] = (str(style.get("prompt") or "")[:MAX_STORED_TEXT],
+                                         str(style.get("negative_prompt") or "")[:MAX_STORED_TEXT])
+    return styles
+
+
+def style_choices(stored: str, value=None):
+    return gr.Dropdown(choices=[*STYLES, *user_styles(stored)], value=value)
+
+
+def apply_style(name, prompt, negative, stored):
+    """(prompt, negative prompt) with the style: its template around the prompt typed ("{prompt}"), or, for a
+    template without one (a saved prompt), the template itself; the style's negative prompt."""
+    styles = {**STYLES, **user_styles(stored)}
+    if name not in styles:
+        return gr.skip(), gr.skip()
+    template, style_negative = styles[name]
+    text = template.replace("{prompt}", (prompt or "").strip()) if "{prompt}" in template else template
+    return text.strip(" ,"), style_negative or negative
+
+
+def save_style(name, prompt, negative, stored):
+    """The style menu after the browser saved the current prompts as style `name` (the page's JS stores it)."""
+    name = (name or "").strip()
+    if not name:
+        gr.Warning("Name the style first (the box beside Save style).")
+        return gr.skip(), gr.skip()
+    if name in STYLES:
+        gr.Warning(f"{name!r} is a built-in style: choose another name.")
+        return gr.skip(), gr.skip()
+    return style_choices(stored, name), ""
 
 
 def unavailable_text(spec, task: str) -> str:

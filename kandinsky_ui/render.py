@@ -1,12 +1,14 @@
 """Events and status -> what the page shows (HTML, Markdown, gallery items). No Gradio here."""
 from __future__ import annotations
 
+import functools
 import html
 import re
 from pathlib import Path
 
 from backend.events import Cancelled, Failed, Loading, Queued, Result, Step
 from backend.memory import format_bytes
+from backend.metadata import read_settings
 
 # backend/events.py PHASES
 PHASE_NAMES = {"prior": "Prior (text → image embedding)", "encode": "Encoding the prompt (T5)",
@@ -67,12 +69,15 @@ def event_html(event) -> str:
         return progress_html(f"Loading {event.component}…", None, "loading")
     if isinstance(event, Step):
         run = f" · run {event.batch}/{event.batch_count}" if event.batch_count > 1 else ""
+        # one bar for the whole job: the runs of a batch fill it one after another (it never restarts)
+        runs = max(1, event.batch_count)
+        done_runs = min(max(0, event.batch - 1), runs - 1)
         if event.phase == "decode":
             text = f"{PHASE_NAMES['decode']}{run} · ETA {_duration(event.eta_s)}"
-            return progress_html(text, 1.0, "running")
+            return progress_html(text, (done_runs + 1) / runs, "running")
         text = (f"{PHASE_NAMES.get(event.phase, event.phase)}: step {event.step}/{event.total}{run}"
                 f" · ETA {_duration(event.eta_s)}")
-        return progress_html(text, event.step / max(1, event.total), "running")
+        return progress_html(text, (done_runs + event.step / max(1, event.total)) / runs, "running")
     if isinstance(event, Result):
         count = len(event.images)
         share = 100 * event.preview_s / event.elapsed_s if event.elapsed_s else 0.0
@@ -104,18 +109,56 @@ _NAME_RE = re.compile(r"-(\d+)(-partial)?\.png$")
 
 
 def caption(path: Path) -> str:
-    """Gallery caption from the file name (written by OutputStore.save): the seed, and partial."""
-    match = _NAME_RE.search(path.name)
-    if not match:
+    """Gallery caption: the seed, the image's place in its job (batch position "2/4" or walk frame
+    "frame 3/8", from its PNG settings) and partial."""
+    try:
+        stat = path.stat()
+        return _caption(str(path), stat.st_mtime_ns, stat.st_size)
+    except OSError:
         return path.name
-    text = f"seed {match.group(1)}"
-    return text + " · partial" if match.group(2) else text
+
+
+@functools.lru_cache(maxsize=4096)
+def _caption(path: str, mtime_ns: int, size: int) -> str:  # the file's identity: a rewritten file is read again
+    try:
+        settings = read_settings(path)
+    except (OSError, ValueError):
+        settings = {}
+    if not settings:
+        match = _NAME_RE.search(path)
+        if not match:
+            return Path(path).name
+        settings = {"seed": match.group(1), "partial": bool(match.group(2))}
+    return settings_caption(settings)
+
+
+def settings_caption(settings: dict) -> str:
+    parts = [f"seed {settings.get('seed')}"]
+    place = _place(settings)
+    if place:
+        parts.append(place)
+    if settings.get("partial"):
+        parts.append("partial")
+    return " · ".join(parts)
+
+
+def _place(settings: dict) -> str:
+    """ "frame 3/8" for a walk's image, "2/4" for an image of a batch of several, else ""."""
+    try:
+        if settings.get("walk_index") is not None:
+            return f"frame {int(settings['walk_index']) + 1}/{int(settings.get('walk_steps') or 0)}"
+        size, count = int(settings.get("batch_size") or 1), int(settings.get("batch_count") or 1)
+        if size * count > 1 and settings.get("batch_index") is not None:
+            index = int(settings["batch_index"]) * size + int(settings.get("batch_position") or 0) + 1
+            return f"{index}/{size * count}"
+    except (TypeError, ValueError):
+        pass
+    return ""
 
 
 def unsaved_caption(generated) -> str:
     """Gallery caption of an image the outputs folder could not take (a GeneratedImage without a path)."""
-    text = f"seed {generated.settings.get('seed')}" + (" · partial" if generated.partial else "")
-    return text + " · not saved"
+    return settings_caption(generated.settings) + " · not saved"
 
 
 def gallery_items(paths: list[Path], unsaved=()) -> list[tuple]:

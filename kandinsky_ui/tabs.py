@@ -31,20 +31,32 @@ def _unavailable_note(spec, task: str):
                        elem_classes="ks-unavailable")
 
 
+TAB_LABELS = {"text2img": "Text to image", "img2img": "Image to image", "inpaint": "Inpaint",
+              "interpolate": "Interpolate", "controlnet": "ControlNet depth"}
+
+
+def tab_label(spec, task: str) -> str:
+    """A task tab's label, which says up front when the selected model cannot run it."""
+    return TAB_LABELS[task] + ("" if spec.supports(task) else " (off)")
+
+
 def _generate_button(spec, task: str):
-    return gr.Button("Generate", variant="primary", elem_id=f"generate-{task}", interactive=spec.supports(task))
+    """The tab's own Generate: its click is the task's API event. Hidden: the action bar's Generate clicks the
+    selected tab's (kandinsky_ui/page.js); off when the model cannot run the task."""
+    return gr.Button("Generate", variant="primary", elem_id=f"generate-{task}", interactive=spec.supports(task),
+                     elem_classes=["ks-task-button"])
 
 
 def text2img_tab(spec):
-    with gr.Tab("Text to image", id="text2img", elem_id="tab-text2img"):
+    with gr.Tab(tab_label(spec, "text2img"), id="text2img", elem_id="tab-text2img") as tab:
         note = _unavailable_note(spec, "text2img")
         gr.Markdown("Generate from the prompt.")
         button = _generate_button(spec, "text2img")
-    return SimpleNamespace(note=note, button=button, inputs={})
+    return SimpleNamespace(tab=tab, note=note, button=button, inputs={})
 
 
 def img2img_tab(spec):
-    with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
+    with gr.Tab(tab_label(spec, "img2img"), id="img2img", elem_id="tab-img2img") as tab:
         note = _unavailable_note(spec, "img2img")
         image = gr.Image(label="Start image", type="pil", image_mode=None, elem_id="img2img-image",
                          sources=["upload", "clipboard"])
@@ -53,11 +65,11 @@ def img2img_tab(spec):
         gr.Examples([[str(SAMPLES / "landscape.png")], [str(SAMPLES / "portrait.png")]], inputs=[image],
                     label="Sample images")
         button = _generate_button(spec, "img2img")
-    return SimpleNamespace(note=note, button=button, inputs={"image": image, "strength": strength})
+    return SimpleNamespace(tab=tab, note=note, button=button, inputs={"image": image, "strength": strength})
 
 
 def inpaint_tab(spec):
-    with gr.Tab("Inpaint", id="inpaint", elem_id="tab-inpaint"):
+    with gr.Tab(tab_label(spec, "inpaint"), id="inpaint", elem_id="tab-inpaint") as tab:
         note = _unavailable_note(spec, "inpaint")
         gr.Markdown("Upload an image, pick the brush and paint over what to repaint "
                     "(white = repaint in an uploaded mask).")
@@ -78,13 +90,13 @@ def inpaint_tab(spec):
             upload = gr.Image(label="Mask (white = repaint)", type="pil", image_mode=None, elem_id="mask-upload")
         gr.Examples([[str(SAMPLES / "landscape.png")]], inputs=[editor], label="Sample image")
         button = _generate_button(spec, "inpaint")
-    return SimpleNamespace(note=note, button=button, overlay=overlay, clear=clear, editor=editor,
+    return SimpleNamespace(tab=tab, note=note, button=button, overlay=overlay, clear=clear, editor=editor,
                            inputs={"editor": editor, "mask_upload": upload, "mask_invert": invert, "mask_grow": grow,
                                    "mask_blur": blur})
 
 
 def interpolate_tab(spec):
-    with gr.Tab("Interpolate", id="interpolate", elem_id="tab-interpolate"):
+    with gr.Tab(tab_label(spec, "interpolate"), id="interpolate", elem_id="tab-interpolate") as tab:
         note = _unavailable_note(spec, "interpolate")
         gr.Markdown(f"Mix {limits.MIN_MIX_INPUTS} to {limits.MAX_MIX_INPUTS} texts and images; the weights are "
                     f"normalised to sum to 1. The prompt above is not used here.")
@@ -105,15 +117,16 @@ def interpolate_tab(spec):
             rows.append(row)
         normalized = gr.Markdown(Page.normalized_weights(2, *[0.5] * limits.MAX_MIX_INPUTS),
                                  elem_id="normalized-weights")
-        inputs["walk_steps"] = gr.Slider(0, limits.MAX_WALK_STEPS, value=0, step=1, elem_id="walk-steps",
-                                         label=f"Walk: extra images from input 1 to input 2 (0 = off, "
-                                               f"2-{limits.MAX_WALK_STEPS})")
+        # the values the request allows: 0 (off) or 2..MAX_WALK_STEPS (backend/requests.py InterpolateRequest)
+        inputs["walk_steps"] = gr.Dropdown([("Off", 0)] + [(str(n), n) for n in range(2, limits.MAX_WALK_STEPS + 1)],
+                                           value=0, elem_id="walk-steps",
+                                           label="Walk: extra images from input 1 to input 2")
         button = _generate_button(spec, "interpolate")
-    return SimpleNamespace(note=note, button=button, rows=rows, normalized=normalized, inputs=inputs)
+    return SimpleNamespace(tab=tab, note=note, button=button, rows=rows, normalized=normalized, inputs=inputs)
 
 
 def controlnet_tab(spec):
-    with gr.Tab("ControlNet depth", id="controlnet", elem_id="tab-controlnet"):
+    with gr.Tab(tab_label(spec, "controlnet"), id="controlnet", elem_id="tab-controlnet") as tab:
         note = _unavailable_note(spec, "controlnet")
         source = gr.Radio(list(HINT_LABELS), value="Estimate depth from this photo", label="Hint",
                           elem_id="hint-source")
@@ -132,7 +145,7 @@ def controlnet_tab(spec):
             strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Strength", elem_id="controlnet-strength")
         button = _generate_button(spec, "controlnet")
         estimate = gr.Button(visible=False)   # the /estimate_depth endpoint's trigger (API only)
-    return SimpleNamespace(note=note, button=button, hint=hint, hint_note=hint_note, img2img_row=img2img_row,
+    return SimpleNamespace(tab=tab, note=note, button=button, hint=hint, hint_note=hint_note, img2img_row=img2img_row,
                            estimate=estimate,
                            inputs={"depth": depth, "hint_source": source, "controlnet_mode": mode,
                                    "controlnet_image": image, "controlnet_strength": strength})
@@ -155,22 +168,49 @@ def models_tab(memory_budget: int):
         with gr.Row():
             refresh = gr.Button("Refresh", elem_id="models-refresh")
             unload = gr.Button("Unload all models", variant="stop", elem_id="models-unload")
+        # unloading affects every user of the server: a second, explicit click does it
+        with gr.Row(visible=False, elem_id="unload-confirm-row") as confirm_row:
+            gr.Markdown("Unload every loaded model? Jobs of every user then load them again.")
+            confirm = gr.Button("Yes, unload all models", variant="stop", size="sm", elem_id="models-unload-confirm")
+            cancel = gr.Button("Cancel", size="sm", elem_id="models-unload-cancel")
         with gr.Row():
             budget = gr.Textbox(label="Memory budget (e.g. 12GB, 800MB, auto)", value=f"{memory_budget / 1e9:.1f}GB",
                                 elem_id="memory-budget")
             apply = gr.Button("Apply budget", elem_id="apply-budget")
-    return SimpleNamespace(status=status, note=note, refresh=refresh, unload=unload, budget=budget, apply=apply)
+    return SimpleNamespace(status=status, note=note, refresh=refresh, unload=unload, confirm_row=confirm_row,
+                           confirm=confirm, cancel=cancel, budget=budget, apply=apply)
 
 
-def prompts(defaults: dict) -> dict:
-    prompt = gr.Textbox(label="Prompt", lines=2, value=defaults["prompt"], elem_id="prompt",
-                        placeholder="a red fox in a snowy forest, oil painting")
-    with gr.Row():
-        negative = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt",
-                              placeholder="what the image should not look like")
-        negative_prior = gr.Textbox(label="Negative prior prompt", value="", elem_id="negative-prior-prompt",
-                                    placeholder="lowres, text, watermark")
-    return {"prompt": prompt, "negative_prompt": negative, "negative_prior_prompt": negative_prior}
+def prompts(defaults: dict):
+    """The prompts and, beside them, the action bar (the same on every tab): Generate (Ctrl+Enter), which
+    becomes Stop while this browser's job runs, the note that says why a click did nothing, and the opt-in
+    notification. Returns (prompt controls by field, action bar)."""
+    with gr.Row(elem_id="prompt-row", equal_height=False):
+        with gr.Column(scale=5, min_width=280, elem_id="prompt-col"):
+            prompt = gr.Textbox(label="Prompt (Ctrl+Enter generates)", lines=2, value=defaults["prompt"],
+                                elem_id="prompt", placeholder="a red fox in a snowy forest, oil painting")
+            with gr.Row():
+                negative = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt",
+                                      placeholder="what the image should not look like")
+                negative_prior = gr.Textbox(label="Negative prior prompt", value="", elem_id="negative-prior-prompt",
+                                            placeholder="lowres, text, watermark")
+            with gr.Row(elem_id="prompt-tools"):
+                history = gr.Dropdown([], value=None, label="Recent prompts (this browser)", elem_id="prompt-history",
+                                      scale=3)
+                style = gr.Dropdown([], value=None, label="Style (wraps the prompt)", elem_id="style", scale=2)
+                style_name = gr.Textbox(label="Save as style", placeholder="style name", elem_id="style-name",
+                                        scale=2, min_width=120)
+                save_style = gr.Button("Save style", size="sm", elem_id="save-style", scale=1, min_width=90)
+        with gr.Column(scale=1, min_width=170, elem_id="action-bar"):
+            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            note = gr.Markdown("", elem_id="action-note")
+            notify = gr.Checkbox(False, label="Notify me when a job ends", elem_id="notify", container=False)
+    fields = {"prompt": prompt, "negative_prompt": negative, "negative_prior_prompt": negative_prior}
+    # what the page's JS reads from the browser's storage, handed to a handler (never shown)
+    store = gr.Textbox("", visible="hidden", elem_id="ks-store")
+    return fields, SimpleNamespace(generate=generate, stop=stop, note=note, notify=notify, history=history,
+                                   style=style, style_name=style_name, save_style=save_style, store=store)
 
 
 def settings(config, page: Page):
@@ -183,9 +223,9 @@ def settings(config, page: Page):
             # custom values reach the request, which refuses an unknown name with the list (the API may send
             # any case, or "default")
             scheduler = gr.Dropdown(scheduler_choices(config.models[d["model"]].family), value=d["scheduler"],
-                                    label="Sampler", elem_id="scheduler", allow_custom_value=True)
+                                    label="Sampler", elem_id="scheduler", allow_custom_value=True, min_width=230)
             preview = gr.Dropdown([(PREVIEW_LABELS[mode], mode) for mode in PREVIEW_MODES], value=d["preview"],
-                                  label="Previews", elem_id="preview-mode")
+                                  label="Previews", elem_id="preview-mode", min_width=300)
             preview_every = gr.Slider(1, limits.MAX_PREVIEW_EVERY, value=d["preview_every"], step=1,
                                       label="A preview every N steps", elem_id="preview-every")
         with gr.Row():
@@ -214,7 +254,7 @@ def settings(config, page: Page):
         with gr.Row():
             seed = gr.Number(value=d["seed"], precision=0, label="Seed (-1 = random)", elem_id="seed")
             random_seed = gr.Button("Random seed", size="sm", elem_id="random-seed")
-            reuse_seed = gr.Button("Reuse last seed", size="sm", elem_id="reuse-seed")
+            reuse_seed = gr.Button("Reuse seed", size="sm", elem_id="reuse-seed")
             batch_count = gr.Slider(1, limits.MAX_BATCH_COUNT, value=d["batch_count"], step=1,
                                     label="Batch count (runs)", elem_id="batch-count")
             batch_size = gr.Slider(1, limits.APP_MAX_BATCH_SIZE, value=d["batch_size"], step=1,
@@ -230,11 +270,7 @@ def settings(config, page: Page):
 def outputs():
     progress = gr.HTML(elem_id="progress")
     preview = gr.Image(label="Preview", interactive=False, elem_id="preview", format="png", height=384)
-    with gr.Row():
-        with gr.Column(min_width=120):
-            stop = gr.Button("Stop", variant="stop", elem_id="stop")
-            stop_note = gr.Markdown("", elem_id="stop-note")
-        seeds = gr.Textbox(label="Seed(s) used", interactive=False, elem_id="seeds")
+    seeds = gr.Textbox(label="Seed(s) used", interactive=False, elem_id="seeds")
     gallery = gr.Gallery(label="Your images (newest first)", columns=4, height=420, fit_columns=False,
                          elem_id="gallery", format="png", interactive=False)
     selected = gr.Markdown("Select an image to reuse it.", elem_id="selected")
@@ -243,5 +279,5 @@ def outputs():
                 "inpaint": gr.Button("→ Inpaint", size="sm", elem_id="send-inpaint"),
                 "controlnet": gr.Button("→ ControlNet", size="sm", elem_id="send-controlnet"),
                 "pnginfo": gr.Button("→ PNG info", size="sm", elem_id="send-pnginfo")}
-    return SimpleNamespace(progress=progress, preview=preview, stop=stop, stop_note=stop_note, seeds=seeds,
+    return SimpleNamespace(progress=progress, preview=preview, seeds=seeds,
                            gallery=gallery, selected=selected, send=send)

@@ -135,7 +135,7 @@ def test_a_page_of_the_apps_origin_can_frame_it_and_another_origin_cannot(server
 
             page.goto(f"http://127.0.0.1:{port}/embed-test.html")
             frame = page.frame_locator("#app")
-            frame.locator("#generate-text2img").wait_for()          # the app runs in the frame
+            frame.locator("#generate").wait_for()          # the app runs in the frame
 
             failures, console = [], []
             page.on("requestfailed", lambda request: failures.append((request.url, request.failure)))

@@ -23,8 +23,8 @@ def app_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def browser():
+@pytest.fixture(scope="module")   # stopped after each module: Playwright's loop would stay marked running and
+def browser():                    # break asyncio.run() in the tests after tests/ui (tests/test_app_api.py)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -39,6 +39,6 @@ def page(browser, app_server):
     page = context.new_page()
     page.set_default_timeout(60_000)
     page.goto(app_server.url)
-    page.wait_for_selector("#generate-text2img")
+    page.wait_for_selector("#generate")
     yield page
     context.close()

@@ -74,7 +74,9 @@ def generate(page, task: str, timeout: float = 120_000) -> list:
     """Click Generate on a tab, wait for the new image; returns the page's event log."""
     before = gallery_count(page)
     page.evaluate(WATCH_JS)
-    page.click(f"#generate-{task}")
+    # the action bar's Generate runs the selected tab's task (its hidden button carries the API event)
+    assert page.locator(f"#tab-{task}").is_visible(), f"the {task} tab is not the selected one"
+    page.click("#generate")
     page.wait_for_function("""n => document.querySelectorAll('#gallery .gallery-item').length > n
                                || document.querySelector('#progress [data-state=failed]')
                                || document.querySelector('.toast-body')""", arg=before, timeout=timeout)
@@ -280,7 +282,7 @@ def test_controlnet_depth_text_and_image_modes(page, app_server):
 def test_stop_ends_the_run_early_and_keeps_a_partial_image(page, app_server):
     small_run(page, steps=200, width=256, height=256)
     page.evaluate(WATCH_JS)
-    page.click("#generate-text2img")
+    page.click("#generate")
     page.wait_for_function("() => /Denoising: step ([3-9]|\\d\\d)/.test(document.querySelector('#progress').innerText)")
     page.click("#stop")
     try:
@@ -305,10 +307,14 @@ def test_stop_ends_the_run_early_and_keeps_a_partial_image(page, app_server):
 
 def test_a_reload_during_a_run_reattaches_to_it(page, app_server):
     small_run(page, steps=200, width=256, height=256)
-    page.click("#generate-text2img")
+    page.fill("#prompt textarea", "a reattached fox")
+    page.click("#generate")
     page.wait_for_function("() => /Denoising: step/.test(document.querySelector('#progress').innerText)")
     page.reload()
-    page.wait_for_selector("#generate-text2img")
+    page.wait_for_selector("#stop")
+    # the controls come back with the job (before: a blank prompt)
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'a reattached fox'")
+    assert page.locator("#steps input[type=number]").input_value() == "200"
     # the new page follows the same job: its steps keep coming, and Stop still reaches it
     page.wait_for_function("() => /Denoising: step/.test(document.querySelector('#progress').innerText)")
     page.click("#stop")
@@ -391,7 +397,7 @@ def test_two_browser_contexts_never_see_each_others_images(browser, app_server):
         page = context.new_page()
         page.set_default_timeout(60_000)
         page.goto(app_server.url)
-        page.wait_for_selector("#generate-text2img")
+        page.wait_for_selector("#generate")
         return context, page
 
     context_a, a = open_page()
@@ -432,12 +438,12 @@ def test_several_sessions_at_once_all_finish_and_see_their_place_in_line(browser
             page = context.new_page()
             page.set_default_timeout(120_000)
             page.goto(app_server.url)
-            page.wait_for_selector("#generate-text2img")
+            page.wait_for_selector("#generate")
             small_run(page, steps=20)
             page.evaluate(WATCH_JS)
             contexts.append(context), pages.append(page)
         for page in pages:
-            page.click("#generate-text2img")
+            page.click("#generate")
         for page in pages:
             page.wait_for_selector("#progress [data-state=done]")
             assert gallery_count(page) == 1
@@ -455,7 +461,14 @@ def test_models_panel_shows_loaded_components_and_unloads(page, app_server):
     status = page.locator("#models-status").inner_text()
     assert "Device CPU" in status and "float32" in status and "movq" in status
     screenshot(page, "models")
+    # two steps: the first click only asks (before: any click unloaded every user's models at once)
     page.click("#models-unload")
+    page.locator("#models-unload-confirm").wait_for(state="visible")
+    assert "unet" in page.locator("#models-status").inner_text()
+    page.click("#models-unload-cancel")
+    page.locator("#models-unload-confirm").wait_for(state="hidden")
+    page.click("#models-unload")
+    page.click("#models-unload-confirm")
     page.wait_for_function("() => document.querySelector('#models-status').innerText.includes('No model loaded')")
 
 
