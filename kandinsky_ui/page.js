@@ -58,9 +58,16 @@
     say("");
     sentAt = Date.now();
     guardUntil = sentAt + SWAP_GUARD_MS;
+    const toasts = document.querySelectorAll(".toast-body").length;
     button.click();
     refresh();
-    setTimeout(refresh, SENT_WINDOW_MS + 100);   // no answer (e.g. a refused request): Generate comes back
+    // a request refused with a message (a toast, no progress) gives Generate back at once; no answer at all,
+    // after SENT_WINDOW_MS
+    const watch = setInterval(() => {
+      if (!sentAt || document.querySelectorAll(".toast-body").length > toasts) { sentAt = 0; clearInterval(watch); }
+      refresh();
+    }, 200);
+    setTimeout(() => { clearInterval(watch); refresh(); }, SENT_WINDOW_MS + 100);
     return true;
   };
   window.ksGenerate = generate;

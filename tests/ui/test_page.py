@@ -239,6 +239,7 @@ def test_a_missing_image_is_named_as_the_page_names_it(page):
     page.click("#generate")
     message = wait_toast(page, "is required")
     assert "image is required: upload the Start image on the Image to image tab" in message
+    page.locator("#generate").wait_for(state="visible", timeout=2_000)  # refused: Generate is back at once
 
 
 def test_tabs_say_up_front_when_the_model_cannot_run_them(page):
