@@ -349,7 +349,8 @@ def test_a_full_disk_keeps_every_image_and_the_job_ends_with_its_result(engine, 
     gallery.remember(owner, end.images)
     gallery.remember(owner, end.images)  # a second follower of the same job
     items = gallery.items(owner)
-    assert [caption for _, caption in items] == ["seed 21 · not saved", "seed 22"]
+    # captions name the batch position (issue 17): runs 1 and 2 of batch_count 2
+    assert [caption for _, caption in items] == ["seed 21 · 1/2 · not saved", "seed 22 · 2/2"]
     assert np.array_equal(np.asarray(items[0][0]), np.asarray(lost.image))
     # what a download from the gallery gives: a PNG that carries the image's settings
     import gradio as gr
