@@ -105,8 +105,9 @@ class Studio:
                 raise ValueError("image is required: upload an image in the Inpaint tab")
             upload = values.get("mask_upload")
             mask = masks.uploaded_mask(upload, image.size) if upload is not None else masks.painted_mask(values["editor"])
-            if mask.getextrema()[1] == 0 and not values.get("mask_invert"):
-                raise ValueError("mask is empty: paint over the part of the image to repaint")
+            outpainting = any(values.get(f"outpaint_{side}") for side in ("left", "right", "top", "bottom"))
+            if mask.getextrema()[1] == 0 and not values.get("mask_invert") and not outpainting:
+                raise ValueError("mask is empty: paint over the part of the image to repaint, or outpaint")
             return self._request("inpaint", dict(values, mask_upload=mask))
         async for update in self._generate(request, owner, build, "inpaint"):
             yield update

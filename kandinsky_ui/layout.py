@@ -140,7 +140,9 @@ def _guard_inputs(owner, shared, task_tabs, png, models) -> None:
 def _generation(studio, config, owner, shared, task_tabs, out, action, steps_info) -> None:
     outputs = [owner, out.progress, out.preview, out.gallery, out.seeds]
     for task, tab in task_tabs.items():
-        controls = {"owner": owner, **tab.inputs, **shared}
+        late = getattr(tab, "late", ())  # controls added later come last (tabs.py LATE_INPUTS)
+        controls = {"owner": owner, **{name: c for name, c in tab.inputs.items() if name not in late}, **shared,
+                    **{name: tab.inputs[name] for name in late}}
         tab.button.click(_api(getattr(studio, task), controls), inputs_kwargs=controls, api_name=task, outputs=outputs,
                          show_progress="hidden", concurrency_limit=config.engine_capacity, concurrency_id="generate").then(
             **steps_info)  # the job's step times now estimate the next run

@@ -47,12 +47,30 @@ def _generate_button(spec, task: str):
                      elem_classes=["ks-task-button"])
 
 
+# A task's controls added after its API was published: the API lists them after the shared ones, so a
+# client passing the older parameters by position still reaches the same ones (layout.py _generation).
+LATE_INPUTS = {"text2img": ("hires_scale", "hires_strength", "hires_steps"),
+               "inpaint": ("outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom", "outpaint_blend")}
+
+
 def text2img_tab(spec):
     with gr.Tab(tab_label(spec, "text2img"), id="text2img", elem_id="tab-text2img") as tab:
         note = _unavailable_note(spec, "text2img")
         gr.Markdown("Generate from the prompt.")
+        with gr.Accordion("Hi-res pass (AUTOMATIC1111's hi-res fix)", open=False, elem_id="hires"):
+            gr.Markdown("Generate at the size in Settings, upscale (Lanczos), then refine by image to image at "
+                        "the larger size: one job, both phases in the progress.")
+            with gr.Row():
+                hires_scale = gr.Slider(1, limits.MAX_HIRES_SCALE, value=1, step=0.25, label="Upscale by (1 = off)",
+                                        elem_id="hires-scale")
+                hires_strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Hi-res strength",
+                                           elem_id="hires-strength")
+                hires_steps = gr.Slider(0, limits.APP_MAX_STEPS, value=0, step=1,
+                                        label="Hi-res steps (0 = the decoder steps)", elem_id="hires-steps")
         button = _generate_button(spec, "text2img")
-    return SimpleNamespace(tab=tab, note=note, button=button, inputs={})
+    return SimpleNamespace(tab=tab, note=note, button=button,
+                           inputs={"hires_scale": hires_scale, "hires_strength": hires_strength,
+                                   "hires_steps": hires_steps}, late=LATE_INPUTS["text2img"])
 
 
 def img2img_tab(spec):
@@ -88,11 +106,21 @@ def inpaint_tab(spec):
             clear = gr.Button("Clear mask", elem_id="clear-mask", size="sm")
         with gr.Accordion("Or upload a mask image", open=False):
             upload = gr.Image(label="Mask (white = repaint)", type="pil", image_mode=None, elem_id="mask-upload")
+        with gr.Accordion("Outpaint: extend the canvas (no mask needed)", open=False, elem_id="outpaint"):
+            gr.Markdown("The image (at the Settings size) gets this many new pixels on each side, filled by the "
+                        "inpainting model; the canvas is rounded up to multiples of 64.")
+            with gr.Row():
+                sides = {side: gr.Slider(0, limits.APP_MAX_SIDE // 2, value=0, step=limits.SIZE_MULTIPLE,
+                                         label=f"{side.capitalize()} (px)", elem_id=f"outpaint-{side}")
+                         for side in ("left", "right", "top", "bottom")}
+                blend = gr.Slider(0, limits.MAX_OUTPAINT_BLEND, value=16, step=1, label="Blend into the image (px)",
+                                  elem_id="outpaint-blend")
         gr.Examples([[str(SAMPLES / "landscape.png")]], inputs=[editor], label="Sample image")
         button = _generate_button(spec, "inpaint")
     return SimpleNamespace(tab=tab, note=note, button=button, overlay=overlay, clear=clear, editor=editor,
                            inputs={"editor": editor, "mask_upload": upload, "mask_invert": invert, "mask_grow": grow,
-                                   "mask_blur": blur})
+                                   "mask_blur": blur, **{f"outpaint_{side}": slider for side, slider in sides.items()},
+                                   "outpaint_blend": blend}, late=LATE_INPUTS["inpaint"])
 
 
 def interpolate_tab(spec):
@@ -259,10 +287,16 @@ def settings(config, page: Page):
                                     label="Batch count (runs)", elem_id="batch-count")
             batch_size = gr.Slider(1, limits.APP_MAX_BATCH_SIZE, value=d["batch_size"], step=1,
                                    label="Batch size (images per run)", elem_id="batch-size")
+        with gr.Row():  # AUTOMATIC1111's variation seed: the seed's noise slerped towards another seed's
+            variation_seed = gr.Number(value=d["variation_seed"], precision=0, label="Variation seed (-1 = random)",
+                                       elem_id="variation-seed")
+            variation_strength = gr.Slider(0, 1, value=d["variation_strength"], step=0.05,
+                                           label="Variation strength (0 = off)", elem_id="variation-strength")
     fields = {"model": model, "width": width, "height": height, "num_inference_steps": steps,
               "prior_num_inference_steps": prior_steps, "guidance_scale": guidance,
               "prior_guidance_scale": prior_guidance, "scheduler": scheduler, "seed": seed, "batch_count": batch_count,
-              "batch_size": batch_size, "preview": preview, "preview_every": preview_every}
+              "batch_size": batch_size, "preview": preview, "preview_every": preview_every,
+              "variation_seed": variation_seed, "variation_strength": variation_strength}
     return SimpleNamespace(fields=fields, size_preset=size_preset, random_seed=random_seed, reuse_seed=reuse_seed,
                            docs_preset=docs_preset, fast_preset=fast_preset)
 

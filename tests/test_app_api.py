@@ -91,6 +91,48 @@ def test_image_tasks_through_the_api(client, server, tmp_path):
     assert settings["task"] == "controlnet" and settings["hint_source"] == "depth map"
 
 
+def test_hires_pass_variations_and_outpainting_through_the_api(client, server):
+    """Issue 17, items 4-6, as a client reaches them: the page's controls are the API's parameters."""
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = {name: {p["parameter_name"] for p in endpoints[name]["parameters"]} for name in ("/text2img", "/inpaint")}
+    assert {"hires_scale", "hires_strength", "hires_steps", "variation_seed", "variation_strength"} <= names["/text2img"]
+    assert {f"outpaint_{side}" for side in ("left", "right", "top", "bottom")} | {"outpaint_blend"} <= names["/inpaint"]
+
+    job = client.submit(owner=OWNER_A, prompt="hi-res", seed=5, hires_scale=2, hires_strength=0.5, hires_steps=4,
+                        **SMALL, api_name="/text2img")
+    job.result(timeout=120)
+    progress = [update[1] for update in job.outputs()]
+    assert 'data-state="done"' in progress[-1]
+    assert any("Hi-res" in text or "hires" in text for text in progress), progress[-3:]
+    newest = server.owner_images()[OWNER_A][0]
+    assert Image.open(newest).size == (128, 128)
+    settings = read_settings(newest)
+    assert (settings["width"], settings["hires_width"], settings["hires_scale"]) == (64, 128, 2)
+
+    seeds = []
+    for strength in (0.0, 1.0):
+        result = client.predict(owner=OWNER_A, prompt="vary", seed=5, variation_seed=9, variation_strength=strength,
+                                **SMALL, api_name="/text2img")
+        assert 'data-state="done"' in result[1]
+        seeds.append(read_settings(server.owner_images()[OWNER_A][0]))
+    assert seeds[1]["variation_seed"] == 9 and seeds[1]["variation_strength"] == 1.0
+    plain = client.predict(owner=OWNER_A, prompt="vary", seed=9, **SMALL, api_name="/text2img")
+    assert 'data-state="done"' in plain[1]
+    # strength 1 is the variation seed's own image
+    images = server.owner_images()[OWNER_A]
+    assert Image.open(images[0]).tobytes() == Image.open(images[1]).tobytes()
+
+    landscape = handle_file(str(SAMPLES / "landscape.png"))
+    editor = {"background": landscape, "layers": [], "composite": None}
+    job = client.submit(owner=OWNER_A, prompt="wider", editor=editor, outpaint_right=64, outpaint_blend=8, **SMALL,
+                        api_name="/inpaint")  # no mask painted: the new area is the mask
+    job.result(timeout=120)
+    assert 'data-state="done"' in final(job)[1]
+    newest = server.owner_images()[OWNER_A][0]
+    assert Image.open(newest).size == (128, 64)
+    assert read_settings(newest)["outpaint_right"] == 64
+
+
 def test_estimate_depth_returns_the_photos_depth_and_controlnet_takes_a_photo_or_a_map(client, server):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert [p["parameter_name"] for p in endpoints["/estimate_depth"]["parameters"]] == ["image", "model"]
