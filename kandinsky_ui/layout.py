@@ -246,6 +246,10 @@ def _task_events(studio, page, shared, task_tabs) -> None:
     gr.on([editor.change, upload.change, invert.change, grow.change, blur.change], page.mask_overlay,
           inputs=[editor, upload, invert, grow, blur], outputs=[inpaint.overlay], trigger_mode="always_last",
           show_progress="hidden", **PRIVATE)
+    sides = [inpaint.inputs[f"outpaint_{side}"] for side in ("left", "right", "top", "bottom")]
+    inpaint.outpaint_aspect.input(page.outpaint_to_aspect, inputs=[inpaint.outpaint_aspect, shared["width"],
+                                                                   shared["height"]], outputs=sides, queue=False,
+                                  show_progress="hidden", **PRIVATE)
     inpaint.clear.click(page.clear_mask, inputs=[inpaint.editor], outputs=[inpaint.editor, inpaint.overlay],
                         show_progress="hidden", **PRIVATE)
 

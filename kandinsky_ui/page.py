@@ -7,7 +7,7 @@ import json
 
 import gradio as gr
 
-from backend import metadata
+from backend import limits, metadata, outpaint
 from backend.families import FAST_SETTINGS
 from backend.progress import StepTimes
 from backend.requests import REPOSITORY_DEFAULT, SAMPLER_NAMES, TASKS, Text2ImageRequest
@@ -150,6 +150,17 @@ class Page:
             return None
         mask = masks.uploaded_mask(mask_upload, image.size) if mask_upload is not None else masks.painted_mask(editor)
         return masks.overlay(image, mask, bool(mask_invert), int(mask_grow or 0), int(mask_blur or 0))
+
+    @staticmethod
+    def outpaint_to_aspect(ratio, width, height):
+        """The outpaint sides (left, right, top, bottom) that take a width x height image to `ratio` ("16:9"),
+        centred, each rounded up to the sliders' step (the canvas is rounded to it anyway)."""
+        if not ratio:
+            return (gr.skip(),) * 4
+        across, down = (int(part) for part in str(ratio).split(":"))
+        step = limits.SIZE_MULTIPLE
+        return tuple(-(-side // step) * step
+                     for side in outpaint.extension_for_aspect(int(width), int(height), across / down))
 
     @staticmethod
     def clear_mask(editor):

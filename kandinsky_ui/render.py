@@ -12,7 +12,7 @@ from backend.metadata import read_settings
 
 # backend/events.py PHASES
 PHASE_NAMES = {"prior": "Prior (text → image embedding)", "encode": "Encoding the prompt (T5)",
-               "denoise": "Denoising", "decode": "Decoding the image"}
+               "denoise": "Denoising", "decode": "Decoding the image", "hires": "Hi-res pass"}
 
 
 def _duration(seconds: float | None) -> str:

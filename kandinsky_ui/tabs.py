@@ -53,6 +53,9 @@ LATE_INPUTS = {"text2img": ("hires_scale", "hires_strength", "hires_steps"),
                "inpaint": ("outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom", "outpaint_blend")}
 
 
+OUTPAINT_ASPECTS = ["16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16"]
+
+
 def text2img_tab(spec):
     with gr.Tab(tab_label(spec, "text2img"), id="text2img", elem_id="tab-text2img") as tab:
         note = _unavailable_note(spec, "text2img")
@@ -115,12 +118,14 @@ def inpaint_tab(spec):
                          for side in ("left", "right", "top", "bottom")}
                 blend = gr.Slider(0, limits.MAX_OUTPAINT_BLEND, value=16, step=1, label="Blend into the image (px)",
                                   elem_id="outpaint-blend")
+            aspect = gr.Dropdown(OUTPAINT_ASPECTS, value=None, label="Or extend to an aspect ratio (sets the sides)",
+                                 elem_id="outpaint-aspect")
         gr.Examples([[str(SAMPLES / "landscape.png")]], inputs=[editor], label="Sample image")
         button = _generate_button(spec, "inpaint")
     return SimpleNamespace(tab=tab, note=note, button=button, overlay=overlay, clear=clear, editor=editor,
                            inputs={"editor": editor, "mask_upload": upload, "mask_invert": invert, "mask_grow": grow,
                                    "mask_blur": blur, **{f"outpaint_{side}": slider for side, slider in sides.items()},
-                                   "outpaint_blend": blend}, late=LATE_INPUTS["inpaint"])
+                                   "outpaint_blend": blend}, late=LATE_INPUTS["inpaint"], outpaint_aspect=aspect)
 
 
 def interpolate_tab(spec):
