@@ -8,8 +8,8 @@ A case is FAMILY:TASK@SIZE[xBATCH] (TASK text2img or img2img; SIZE the side of a
 the request's batch_size, default 1), on the demo models (tiny random weights, backend/demo.py; built
 once under --cache). Each case runs in a fresh process: an Engine with that family's demo model runs
 the job once at 64x64 (every unit loads, the preview colours are fitted), then RSS is read
-("resident"), then the job runs at the case's size, 1 decoder step, and the process's peak RSS
-(ru_maxrss) is read: working = peak - resident. The demo models' parameters are a few MB, so the
+("resident") and the process's peak RSS is reset to it, then the job runs at the case's size, 1 decoder
+step, and the peak RSS (VmHWM) is read: working = peak - resident. The demo models' parameters are a few MB, so the
 rise is the activations: the MoVQ decode at full resolution (the estimate's figure).
 """
 from __future__ import annotations
@@ -26,6 +26,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = re.compile(r"(?P<family>[\d.]+):(?P<task>text2img|img2img)@(?P<size>\d+)(x(?P<batch>\d+))?")
+
+
+def peak_rss() -> int:
+    """Bytes: the peak resident set size since the last reset (VmHWM of /proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024   # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(case: str, cache: str) -> dict:
@@ -63,9 +71,12 @@ def measure(case: str, cache: str) -> dict:
 
     try:
         run(64, 1)
+        # the process's peak so far (building the demo models, loading) is not the job's: Linux resets the
+        # peak RSS (VmHWM) to the current RSS when "5" is written to clear_refs
+        Path("/proc/self/clear_refs").write_text("5")
         resident = psutil.Process().memory_info().rss
         seconds = run(size, batch)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kB on Linux
+        peak = peak_rss()
         estimate = engine.estimate_memory(request(size, batch))
     finally:
         engine.shutdown()
