@@ -320,9 +320,7 @@ class InpaintRequest(GenerationRequest):
         for name in OUTPAINT_SIDES:
             setattr(self, name, check_int(name, getattr(self, name), 0, APP_MAX_SIDE))
         self.outpaint_blend = check_int("outpaint_blend", self.outpaint_blend, 0, MAX_OUTPAINT_BLEND)
-        if not self.outpainting:
-            check_image("mask", self.mask)
-        elif self.mask is not None:
+        if not self.outpainting or self.mask is not None:  # outpainting makes its own mask
             check_image("mask", self.mask)
         self.mask_invert = bool(self.mask_invert)
         self.mask_grow = check_int("mask_grow", self.mask_grow, 0, MAX_MASK_EDIT)
